@@ -1,0 +1,39 @@
+// switch-sample: generates text from a trained run. CLI wiring only.
+#include <iostream>
+
+#include <CLI/CLI.hpp>
+
+#include "sample/sampler.h"
+#include "train/trainer.h"
+#include "util/error.h"
+
+int main(int argc, char** argv) {
+  CLI::App app{"Generate text from a run trained by switch-train."};
+  std::string run_dir;
+  sw::SampleOptions opt;
+  int64_t threads = 0;
+  app.add_option("--run", run_dir, "run directory written by switch-train")->required();
+  app.add_option("--prompt", opt.prompt, "text to continue (default a newline)");
+  app.add_option("--chars", opt.chars, "characters to generate")->capture_default_str();
+  app.add_option("--temperature", opt.temperature, "softmax temperature; 0 picks the argmax")
+      ->capture_default_str();
+  app.add_option("--top-k", opt.top_k, "sample among the k most likely characters (0: all)")
+      ->capture_default_str();
+  app.add_option("--seed", opt.seed, "sampling seed")->capture_default_str();
+  app.add_option("--threads", threads, "intra-op threads (0: all cores)")->capture_default_str();
+  CLI11_PARSE(app, argc, argv);
+
+  try {
+    sw::configure_threads(threads);
+    sw::Sampler sampler(run_dir);
+    sampler.generate(opt, [](const std::string& piece) { std::cout << piece << std::flush; });
+    std::cout << std::endl;
+  } catch (const sw::Error& e) {
+    std::cerr << "switch-sample: error: " << e.what() << std::endl;
+    return 1;
+  } catch (const std::exception& e) {
+    std::cerr << "switch-sample: internal error: " << e.what() << std::endl;
+    return 3;
+  }
+  return 0;
+}

@@ -1,0 +1,102 @@
+// switch-train: trains a Switch Transformer language model. CLI wiring only.
+#include <filesystem>
+#include <iostream>
+
+#include <CLI/CLI.hpp>
+#include <fmt/format.h>
+
+#include "config/config.h"
+#include "train/trainer.h"
+#include "util/error.h"
+
+namespace {
+
+// Keys a resumed run may change: they steer the loop, not the model or the data.
+const std::vector<std::string> kResumableKeys = {
+    "train.steps",           "train.log_every",        "train.eval_every",
+    "train.checkpoint_every", "train.keep_checkpoints", "train.threads"};
+
+std::string list_keys() {
+  const nlohmann::json defaults = sw::to_json(sw::Config{});
+  std::string out;
+  for (const auto& k : sw::config_keys()) {
+    std::string ptr = "/" + k.key;
+    std::replace(ptr.begin(), ptr.end(), '.', '/');
+    out += fmt::format("{:<24} {:<26} {}\n", k.key,
+                       defaults[nlohmann::json::json_pointer(ptr)].dump(), k.help);
+  }
+  return out;
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  CLI::App app{"Train a Switch Transformer (sparse mixture-of-experts) character-level "
+               "language model."};
+  std::string config_file, out_dir;
+  std::vector<std::string> overrides;
+  bool resume = false, quiet = false, print_config = false, keys = false;
+  app.add_option("--config", config_file, "JSON config file applied over the defaults")
+      ->check(CLI::ExistingFile);
+  app.add_option("--set", overrides, "override one key: --set moe.n_experts=8 (repeatable)")
+      ->type_name("KEY=VALUE");
+  app.add_option("--out", out_dir, "run directory (default runs/<timestamp>)");
+  app.add_flag("--resume", resume, "continue the run in --out from its newest checkpoint");
+  app.add_flag("-q,--quiet", quiet, "print nothing but errors");
+  app.add_flag("--print-config", print_config, "print the resolved config as JSON and exit");
+  app.add_flag("--list-keys", keys, "list every config key with its default and exit");
+  app.footer("Config keys are dotted (model.d_model, moe.n_experts, train.steps, ...); "
+             "see --list-keys.");
+  CLI11_PARSE(app, argc, argv);
+
+  if (keys) {
+    std::cout << list_keys();
+    return 0;
+  }
+
+  sw::Config cfg;
+  sw::TrainOptions opt;
+  opt.quiet = quiet;
+  try {
+    if (resume) {
+      if (out_dir.empty()) throw sw::Error("--resume needs --out DIR naming the run to continue");
+      if (!config_file.empty())
+        throw sw::Error("--resume takes the run's own config.json; drop --config");
+      cfg = sw::resume_config(out_dir);
+      for (const auto& o : overrides) {
+        const std::string key = o.substr(0, o.find('='));
+        if (std::find(kResumableKeys.begin(), kResumableKeys.end(), key) == kResumableKeys.end())
+          throw sw::Error(fmt::format("--resume: '{}' cannot change in a resumed run (allowed: {})",
+                                      key, fmt::join(kResumableKeys, ", ")));
+        sw::apply_override(cfg, o);
+      }
+    } else {
+      if (!config_file.empty()) sw::apply_file(cfg, config_file);
+      for (const auto& o : overrides) sw::apply_override(cfg, o);
+    }
+    sw::validate(cfg);
+  } catch (const sw::Error& e) {
+    std::cerr << "switch-train: error: " << e.what() << std::endl;
+    return 2;
+  }
+
+  if (print_config) {
+    std::cout << sw::to_json(cfg).dump(2) << std::endl;
+    return 0;
+  }
+
+  opt.out_dir = out_dir.empty() ? sw::default_run_dir() : out_dir;
+  opt.resume = resume;
+  try {
+    if (resume && !overrides.empty())
+      sw::write_config_file(opt.out_dir, cfg);
+    sw::train(cfg, opt);
+  } catch (const sw::Error& e) {
+    std::cerr << "switch-train: error: " << e.what() << std::endl;
+    return 1;
+  } catch (const std::exception& e) {
+    std::cerr << "switch-train: internal error: " << e.what() << std::endl;
+    return 3;
+  }
+  return 0;
+}

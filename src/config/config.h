@@ -1,0 +1,104 @@
+// The run configuration: plain structs that own the defaults, and a table of dotted keys
+// ("model.d_model", "moe.n_experts", ...) through which config files and --set overrides
+// reach them. Precedence: compiled-in defaults < config file < --set. Every key is typed
+// and range-checked here; nothing else in the project parses configuration.
+#pragma once
+
+#include <cstdint>
+#include <string>
+#include <vector>
+
+#include <nlohmann/json.hpp>
+
+namespace sw {
+
+struct DataConfig {
+  std::string path = "data/tinyshakespeare.txt";  // UTF-8 text file
+  double val_fraction = 0.1;                      // the last 10 % of characters
+};
+
+struct ModelConfig {
+  int64_t d_model = 128;
+  int64_t n_layers = 4;
+  int64_t n_heads = 4;
+  int64_t d_ff = 512;      // hidden width of a dense FFN and of each expert
+  int64_t seq_len = 64;    // context length in characters
+  double dropout = 0.0;
+  bool pos_emb = true;     // learned position embedding (labml's Switch has none)
+  std::string activation = "gelu";  // gelu | relu
+};
+
+struct MoeConfig {
+  int64_t n_experts = 4;
+  int64_t every = 1;  // 0: no MoE layer (dense); k: layers k-1, 2k-1, ... are MoE layers
+  double capacity_factor = 1.25;
+  bool drop_tokens = true;
+  bool is_scale_prob = true;
+  std::string dropped = "pass";  // what a dropped token outputs: pass (its input) | zero
+  std::string strategy = "loop";
+  double alpha = 0.01;  // weight of the load-balancing loss
+};
+
+struct TrainConfig {
+  int64_t steps = 3000;
+  int64_t batch_size = 16;
+  double lr = 2e-3;
+  double min_lr = 2e-4;
+  int64_t warmup = 100;
+  double beta1 = 0.9;
+  double beta2 = 0.99;
+  double weight_decay = 0.1;
+  double grad_clip = 1.0;  // 0 disables clipping
+  int64_t eval_every = 250;
+  int64_t eval_batches = 20;
+  int64_t log_every = 10;
+  int64_t checkpoint_every = 500;
+  int64_t keep_checkpoints = 2;
+  int64_t seed = 1337;
+  int64_t threads = 0;  // 0: all cores
+};
+
+struct Config {
+  DataConfig data;
+  ModelConfig model;
+  MoeConfig moe;
+  TrainConfig train;
+
+  // True when layer i (0-based) has a SwitchFeedForward instead of a dense one.
+  bool is_moe_layer(int64_t i) const { return moe.every > 0 && i % moe.every == moe.every - 1; }
+  int64_t n_moe_layers() const;
+};
+
+enum class Kind { Int, Float, Bool, String };
+
+// One configurable key: its dotted name, type, help text and the default it has in Config{}.
+struct KeyInfo {
+  std::string key;
+  Kind kind;
+  std::string help;
+};
+const std::vector<KeyInfo>& config_keys();
+
+// Nested JSON ({"model": {"d_model": 128}, ...}) with every key.
+nlohmann::json to_json(const Config& c);
+
+// Applies a (nested) JSON object on top of `c`. `source` names where it came from for
+// error messages. Throws sw::Error on unknown keys (with a did-you-mean), wrong types.
+void apply_json(Config& c, const nlohmann::json& j, const std::string& source);
+
+// Reads a JSON config file and applies it; malformed JSON is reported with line and column.
+void apply_file(Config& c, const std::string& path);
+
+// Applies one "key=value" override, the value parsed according to the key's type.
+void apply_override(Config& c, const std::string& assignment);
+
+// Range and consistency checks; throws sw::Error naming the key and what is accepted.
+void validate(const Config& c);
+
+// Parses a JSON text, turning a parse error into sw::Error with "source:line:col".
+nlohmann::json parse_json_text(const std::string& text, const std::string& source);
+
+// The closest known key to `key`, or "" when none is close.
+std::string closest_key(const std::string& key);
+
+}  // namespace sw

@@ -1,0 +1,107 @@
+#include "model/transformer.h"
+
+#include <cmath>
+
+namespace sw {
+
+BlockImpl::BlockImpl(const Config& c, bool moe) {
+  const int64_t D = c.model.d_model;
+  ln_attn = register_module("ln_attn", torch::nn::LayerNorm(torch::nn::LayerNormOptions({D})));
+  attn = register_module("attn", CausalSelfAttention(D, c.model.n_heads, c.model.seq_len,
+                                                     c.model.dropout));
+  ln_ffn = register_module("ln_ffn", torch::nn::LayerNorm(torch::nn::LayerNormOptions({D})));
+  const Activation act = parse_activation(c.model.activation);
+  if (moe)
+    switch_ = register_module("ffn", SwitchFFN(D, c.model.d_ff, c.moe, act));
+  else
+    dense = register_module("ffn", DenseFFN(D, c.model.d_ff, act));
+  ffn_drop = register_module("ffn_drop", torch::nn::Dropout(c.model.dropout));
+}
+
+torch::Tensor BlockImpl::forward(const torch::Tensor& x_BSD, std::vector<MoeStats>& stats) {
+  torch::Tensor x = x_BSD + attn(ln_attn(x_BSD));
+  torch::Tensor h = ln_ffn(x);
+  if (switch_) {
+    SwitchFFNOutput o = switch_(h);
+    stats.push_back(std::move(o.stats));
+    return x + ffn_drop(o.y);
+  }
+  return x + ffn_drop(dense(h));
+}
+
+TransformerImpl::TransformerImpl(const Config& c, int64_t vocab_size) : cfg(c) {
+  const int64_t D = c.model.d_model;
+  tok_emb = register_module("tok_emb", torch::nn::Embedding(vocab_size, D));
+  if (c.model.pos_emb)
+    pos_emb = register_module("pos_emb", torch::nn::Embedding(c.model.seq_len, D));
+  emb_drop = register_module("emb_drop", torch::nn::Dropout(c.model.dropout));
+  blocks = register_module("blocks", torch::nn::ModuleList());
+  for (int64_t i = 0; i < c.model.n_layers; ++i) {
+    block_list.push_back(Block(c, c.is_moe_layer(i)));
+    blocks->push_back(block_list.back());
+  }
+  ln_f = register_module("ln_f", torch::nn::LayerNorm(torch::nn::LayerNormOptions({D})));
+  head = register_module("head", torch::nn::Linear(D, vocab_size));
+
+  // GPT-2 style init: N(0, 0.02), biases zero, residual projections scaled by 1/sqrt(2L).
+  torch::NoGradGuard no_grad;
+  const double resid_std = 0.02 / std::sqrt(2.0 * static_cast<double>(c.model.n_layers));
+  for (auto& item : named_parameters()) {
+    const std::string& name = item.key();
+    torch::Tensor& p = item.value();
+    auto ends_with = [&](const std::string& s) {
+      return name.size() >= s.size() && name.compare(name.size() - s.size(), s.size(), s) == 0;
+    };
+    if (name.find("ln_") != std::string::npos) continue;  // LayerNorm keeps ones / zeros
+    if (ends_with("bias") || ends_with("b_in") || ends_with("b_out")) {
+      p.zero_();
+    } else if (ends_with("attn.proj.weight") || ends_with("fc_out.weight") ||
+               ends_with("w_out")) {
+      p.normal_(0.0, resid_std);
+    } else {
+      p.normal_(0.0, 0.02);
+    }
+  }
+}
+
+ModelOutput TransformerImpl::forward(const torch::Tensor& idx_BS) {
+  const int64_t S = idx_BS.size(1);
+  torch::Tensor x = tok_emb(idx_BS);
+  if (pos_emb) x = x + pos_emb(torch::arange(S, idx_BS.options()));
+  x = emb_drop(x);
+  ModelOutput out;
+  for (size_t i = 0; i < block_list.size(); ++i) {
+    const size_t before = out.moe.size();
+    x = block_list[i]->forward(x, out.moe);
+    if (out.moe.size() > before) out.moe.back().layer = static_cast<int64_t>(i);
+  }
+  out.logits_BSV = head(ln_f(x));
+  return out;
+}
+
+int64_t TransformerImpl::n_params() const {
+  int64_t n = 0;
+  for (const auto& p : parameters()) n += p.numel();
+  return n;
+}
+
+int64_t TransformerImpl::n_active_params() const {
+  int64_t n = n_params();
+  for (const auto& b : block_list) {
+    if (!b->switch_) continue;
+    const auto& ex = b->switch_->experts;
+    const int64_t per_expert = ex->w_in.numel() / ex->n_experts + ex->b_in.numel() / ex->n_experts +
+                               ex->w_out.numel() / ex->n_experts +
+                               ex->b_out.numel() / ex->n_experts;
+    n -= per_expert * (ex->n_experts - 1);  // top-1: one expert per token
+  }
+  return n;
+}
+
+torch::Tensor total_lb_loss(const std::vector<MoeStats>& stats) {
+  torch::Tensor sum = torch::zeros({}, torch::kFloat32);
+  for (const auto& s : stats) sum = sum + s.lb_loss;
+  return sum;
+}
+
+}  // namespace sw

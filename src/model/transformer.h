@@ -1,0 +1,56 @@
+// The language model: token (+ optional position) embedding, n_layers pre-LayerNorm blocks
+// of causal self-attention and a feed-forward that is dense or a SwitchFeedForward
+// (moe.every), a final LayerNorm and a linear head. Forward returns the logits and the
+// routing statistics of every MoE layer; the trainer turns those into losses and metrics.
+#pragma once
+
+#include <vector>
+
+#include <torch/torch.h>
+
+#include "config/config.h"
+#include "model/attention.h"
+#include "model/ffn.h"
+#include "model/switch_ffn.h"
+
+namespace sw {
+
+struct BlockImpl : torch::nn::Module {
+  BlockImpl(const Config& c, bool moe);
+  torch::Tensor forward(const torch::Tensor& x_BSD, std::vector<MoeStats>& stats);
+
+  torch::nn::LayerNorm ln_attn{nullptr}, ln_ffn{nullptr};
+  CausalSelfAttention attn{nullptr};
+  DenseFFN dense{nullptr};    // registered as "ffn" when the block is dense
+  SwitchFFN switch_{nullptr};  // registered as "ffn" when the block is an MoE block
+  torch::nn::Dropout ffn_drop{nullptr};
+};
+TORCH_MODULE(Block);
+
+struct ModelOutput {
+  torch::Tensor logits_BSV;
+  std::vector<MoeStats> moe;  // one entry per MoE layer, in layer order
+};
+
+struct TransformerImpl : torch::nn::Module {
+  TransformerImpl(const Config& c, int64_t vocab_size);
+  ModelOutput forward(const torch::Tensor& idx_BS);
+
+  int64_t n_params() const;
+  // Parameters one token uses: all but the experts it is not routed to.
+  int64_t n_active_params() const;
+
+  Config cfg;
+  torch::nn::Embedding tok_emb{nullptr}, pos_emb{nullptr};
+  torch::nn::Dropout emb_drop{nullptr};
+  torch::nn::ModuleList blocks{nullptr};
+  std::vector<Block> block_list;
+  torch::nn::LayerNorm ln_f{nullptr};
+  torch::nn::Linear head{nullptr};
+};
+TORCH_MODULE(Transformer);
+
+// Sum over MoE layers of E * sum_i f_i P_i (the load-balancing loss before alpha).
+torch::Tensor total_lb_loss(const std::vector<MoeStats>& stats);
+
+}  // namespace sw

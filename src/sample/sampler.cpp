@@ -1,0 +1,81 @@
+#include "sample/sampler.h"
+
+#include <filesystem>
+
+#include <fmt/format.h>
+
+#include "train/checkpoint.h"
+#include "util/error.h"
+
+namespace sw {
+
+Sampler::Sampler(const std::string& run_dir) {
+  if (!std::filesystem::is_directory(run_dir))
+    throw Error(fmt::format("--run '{}' is not a directory", run_dir));
+  auto dir = newest_checkpoint(run_dir);
+  if (!dir)
+    throw Error(fmt::format("run directory '{}' has no complete checkpoint (ckpt-*/) to sample "
+                            "from; train it first with 'switch-train --out {}'",
+                            run_dir, run_dir));
+  CheckpointMeta meta = read_checkpoint_meta(*dir);
+  cfg_ = meta.config;
+  // Generation routes every token to its expert: a capacity computed from one short
+  // sequence would drop most tokens (capacity is a training-time device).
+  cfg_.moe.drop_tokens = false;
+  vocab_ = meta.vocab;
+  ckpt_dir_ = *dir;
+  model_ = Transformer(cfg_, vocab_.size());
+  load_weights(ckpt_dir_, *model_);
+  model_->eval();
+}
+
+std::string Sampler::generate(const SampleOptions& opt,
+                              const std::function<void(const std::string&)>& emit) {
+  if (opt.temperature < 0)
+    throw Error(fmt::format("--temperature {}: must be >= 0", opt.temperature));
+  if (opt.top_k < 0) throw Error(fmt::format("--top-k {}: must be >= 0", opt.top_k));
+  if (opt.chars < 0) throw Error(fmt::format("--chars {}: must be >= 0", opt.chars));
+  const std::u32string prompt = utf8_decode(opt.prompt, "--prompt");
+  if (prompt.empty()) throw Error("--prompt is empty; give at least one character");
+  std::vector<int64_t> ids;
+  for (size_t i = 0; i < prompt.size(); ++i) {
+    if (!vocab_.contains(prompt[i]))
+      throw Error(fmt::format("--prompt: character {} at position {} is not in the model's "
+                              "vocabulary of {} characters",
+                              describe_char(prompt[i]), i, vocab_.size()));
+    ids.push_back(vocab_.id(prompt[i]));
+  }
+
+  if (emit) emit(opt.prompt);
+
+  torch::NoGradGuard no_grad;
+  at::Generator gen = at::detail::createCPUGenerator(opt.seed);
+  const int64_t ctx = cfg_.model.seq_len;
+  std::string out;
+  for (int64_t n = 0; n < opt.chars; ++n) {
+    const int64_t start = std::max<int64_t>(0, static_cast<int64_t>(ids.size()) - ctx);
+    torch::Tensor idx_BS =
+        torch::tensor(std::vector<int64_t>(ids.begin() + start, ids.end()), torch::kInt64)
+            .unsqueeze(0);
+    torch::Tensor logits_V = model_->forward(idx_BS).logits_BSV[0][-1].to(torch::kFloat32);
+    int64_t next;
+    if (opt.temperature == 0) {
+      next = logits_V.argmax().item<int64_t>();
+    } else {
+      logits_V = logits_V / opt.temperature;
+      if (opt.top_k > 0 && opt.top_k < logits_V.size(0)) {
+        const double kth = std::get<0>(logits_V.topk(opt.top_k))[-1].item<double>();
+        logits_V = logits_V.masked_fill(logits_V < kth, -std::numeric_limits<float>::infinity());
+      }
+      torch::Tensor probs_V = torch::softmax(logits_V, -1);
+      next = torch::multinomial(probs_V, 1, /*replacement=*/false, gen).item<int64_t>();
+    }
+    ids.push_back(next);
+    const std::string piece = utf8_encode(vocab_.chr(next));
+    out += piece;
+    if (emit) emit(piece);
+  }
+  return out;
+}
+
+}  // namespace sw

@@ -1,0 +1,58 @@
+// Checkpoints: one directory per checkpoint, ckpt-<step>/, holding
+//   model.pt   the weights as a plain {name: tensor} dict (torch.load reads it in Python),
+//   optim.pt   the AdamW state,
+//   rng.pt     the torch CPU generator state,
+//   state.json format version, step, wall time, data-sampler state, vocabulary, config.
+// A checkpoint is written into ckpt-<step>.tmp/, every file flushed, then the directory is
+// renamed: a crash leaves either the whole checkpoint or none of it.
+#pragma once
+
+#include <array>
+#include <optional>
+#include <string>
+
+#include <torch/torch.h>
+
+#include "config/config.h"
+#include "data/vocab.h"
+
+namespace sw {
+
+constexpr int kCheckpointFormat = 1;
+
+struct TrainState {
+  int64_t step = 0;  // completed optimizer steps
+  double time_s = 0;  // wall seconds of training so far
+  std::array<uint64_t, 4> data_rng{};
+  double best_val_loss = std::numeric_limits<double>::infinity();
+};
+
+struct CheckpointMeta {
+  std::string dir;
+  Config config;
+  Vocab vocab;
+  TrainState state;
+};
+
+void save_checkpoint(const std::string& run_dir, const Config& cfg, const Vocab& vocab,
+                     const torch::nn::Module& model, torch::optim::Optimizer& opt,
+                     const TrainState& state);
+
+// The newest complete checkpoint directory of a run, if any.
+std::optional<std::string> newest_checkpoint(const std::string& run_dir);
+
+// Reads state.json; a missing or malformed file or another format version is an error.
+CheckpointMeta read_checkpoint_meta(const std::string& ckpt_dir);
+
+// Loads weights into a model built from the checkpoint's config: a missing, extra or
+// mis-shaped tensor is an error that names it.
+void load_weights(const std::string& ckpt_dir, torch::nn::Module& model);
+void load_optimizer_and_rng(const std::string& ckpt_dir, torch::optim::Optimizer& opt);
+
+// Deletes all but the newest `keep` complete checkpoints, and stale *.tmp directories.
+void prune_checkpoints(const std::string& run_dir, int64_t keep);
+
+// The weights as a name -> tensor dict, the format of model.pt.
+c10::Dict<std::string, at::Tensor> state_dict(const torch::nn::Module& model);
+
+}  // namespace sw

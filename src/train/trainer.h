@@ -1,0 +1,35 @@
+// The training loop: data, model, AdamW with warmup + cosine, gradient clipping, periodic
+// evaluation on fixed batches, metrics.jsonl, atomic checkpoints, resume and summary.json.
+#pragma once
+
+#include <string>
+
+#include <nlohmann/json.hpp>
+
+#include "config/config.h"
+
+namespace sw {
+
+struct TrainOptions {
+  std::string out_dir;  // the run directory
+  bool resume = false;  // continue from the run's newest complete checkpoint
+  bool quiet = false;   // no progress output
+};
+
+// Trains and returns the summary (also written to <out_dir>/summary.json). For a resumed
+// run `cfg` must be the run's own config (see resume_config).
+nlohmann::ordered_json train(const Config& cfg, const TrainOptions& opt);
+
+// The config of an existing run directory (its config.json), for --resume.
+Config resume_config(const std::string& run_dir);
+
+// Writes <run_dir>/config.json (atomically).
+void write_config_file(const std::string& run_dir, const Config& cfg);
+
+// Sets LibTorch's intra-op thread count (0: all cores) and returns the count in use.
+int64_t configure_threads(int64_t requested);
+
+// A default run directory name: runs/<YYYYmmdd-HHMMSS>.
+std::string default_run_dir();
+
+}  // namespace sw
