@@ -1,2 +1,124 @@
+// The binaries as a user meets them: bad input exits non-zero with a message naming the
+// problem, and loses nothing.
 #include <doctest/doctest.h>
-TEST_CASE("placeholder") { CHECK(1 == 1); }
+
+#include "helpers.h"
+
+namespace {
+
+const std::string kTrain = SWITCH_TRAIN_BIN;
+const std::string kSample = SWITCH_SAMPLE_BIN;
+
+std::string tiny_args(const std::string& out) {
+  return " --config " + test::source_path("configs/tiny.json") +
+         " --set data.path=" + test::data_path() + " --out " + out;
+}
+
+}  // namespace
+
+TEST_CASE("switch-train: a tiny run from the command line, then resume and sample it") {
+  const std::string dir = test::scratch_dir("cli_run") + "/run";
+  test::CmdResult r = test::run(kTrain + tiny_args(dir) + " --set train.steps=30");
+  INFO(r.output);
+  REQUIRE(r.rc == 0);
+  CHECK(test::contains(r.output, "threads: 2"));
+  CHECK(test::contains(r.output, "step 30/30 | loss"));
+  CHECK(test::contains(r.output, "tok/s"));
+
+  r = test::run(kTrain + " --out " + dir + " --resume --set train.steps=40 -q");
+  INFO(r.output);
+  REQUIRE(r.rc == 0);
+  CHECK(r.output.empty());  // quiet
+  CHECK(test::contains(test::read_file(dir + "/config.json"), "\"steps\": 40"));
+  CHECK(test::fs::exists(dir + "/ckpt-000040"));
+
+  r = test::run(kSample + " --run " + dir + " --chars 40 --seed 3 --prompt 'KING:'");
+  INFO(r.output);
+  REQUIRE(r.rc == 0);
+  CHECK(r.output.rfind("KING:", 0) == 0);
+  CHECK(r.output.size() == 5 + 40 + 1);
+  CHECK(test::run(kSample + " --run " + dir + " --chars 40 --seed 3 --prompt 'KING:'").output ==
+        r.output);
+
+  r = test::run(kSample + " --run " + dir + " --prompt 'Ω'");
+  CHECK(r.rc != 0);
+  CHECK(test::contains(r.output, "U+03A9"));
+  CHECK(test::contains(r.output, "not in the model's vocabulary"));
+
+  r = test::run(kTrain + " --out " + dir + " --resume --set model.d_model=64");
+  CHECK(r.rc != 0);
+  CHECK(test::contains(r.output, "'model.d_model' cannot change in a resumed run"));
+}
+
+TEST_CASE("switch-train: bad keys, values and files exit non-zero naming the problem") {
+  const std::string dir = test::scratch_dir("cli_errors");
+  struct Case {
+    std::string args, expect;
+    int rc;  // 2: bad command line or config; 1: an error while running
+  };
+  test::write_file(dir + "/bad.json", "{\n  \"model\": {\"d_model\": 64,}\n}\n");
+  test::write_file(dir + "/typo.json", R"({"moe": {"num_experts": 8}})");
+  test::write_file(dir + "/short.txt", "To be, or not to be: that is the question.\n");
+  const std::vector<Case> cases = {
+      {"--set moe.n_expert=4", "did you mean 'moe.n_experts'", 2},
+      {"--set model.d_model=abc", "--set model.d_model: 'abc' is not an integer", 2},
+      {"--set moe.capacity_factor=0", "moe.capacity_factor = 0: must be in (0, inf)", 2},
+      {"--set moe.n_experts=0", "moe.n_experts = 0: must be >= 1", 2},
+      {"--set model.n_heads=5", "must be divisible by model.n_heads = 5", 2},
+      {"--set moe.drop_tokens=perhaps", "is not true or false", 2},
+      {"--config " + dir + "/bad.json", "bad.json:2:", 2},
+      {"--config " + dir + "/typo.json", "unknown config key 'moe.num_experts'", 2},
+      {"--config " + dir + "/missing.json", "missing.json", 2},
+      {"--set data.path=" + dir + "/nope.txt --out " + dir + "/r1", "nope.txt' does not exist", 1},
+      {"--set data.path=" + dir + "/short.txt --out " + dir + "/r2", "model.seq_len = 64", 1},
+      {"--resume", "--resume needs --out", 2},
+      {"--out " + dir + "/never --resume", "is not a run directory", 2},
+      {"--bogus-flag", "bogus", 2},
+  };
+  for (const auto& c : cases) {
+    CAPTURE(c.args);
+    test::CmdResult r = test::run(kTrain + " " + c.args + " -q");
+    INFO(r.output);
+    CHECK(r.rc == c.rc);
+    CHECK(test::contains(r.output, c.expect));
+  }
+  // Runs that failed on their data left no run directory behind to trip over.
+  CHECK_FALSE(test::fs::exists(dir + "/r1"));
+  CHECK_FALSE(test::fs::exists(dir + "/r2"));
+}
+
+TEST_CASE("switch-train: an existing run is not overwritten") {
+  const std::string dir = test::scratch_dir("cli_existing") + "/run";
+  REQUIRE(test::run(kTrain + tiny_args(dir) + " --set train.steps=10 -q").rc == 0);
+  const std::string before = test::read_file(dir + "/metrics.jsonl");
+  test::CmdResult r = test::run(kTrain + tiny_args(dir) + " --set train.steps=10 -q");
+  CHECK(r.rc != 0);
+  CHECK(test::contains(r.output, "already holds a run"));
+  CHECK(test::read_file(dir + "/metrics.jsonl") == before);
+}
+
+TEST_CASE("switch-train: --list-keys and --print-config") {
+  test::CmdResult r = test::run(kTrain + " --list-keys");
+  REQUIRE(r.rc == 0);
+  for (const auto& k : sw::config_keys())
+    CHECK_MESSAGE(test::contains(r.output, k.key), k.key);
+  r = test::run(kTrain + " --print-config");
+  REQUIRE(r.rc == 0);
+  CHECK(nlohmann::json::parse(r.output) ==
+        nlohmann::json::parse(test::read_file(test::source_path("configs/default.json"))));
+  r = test::run(kTrain + " --print-config --set moe.n_experts=8");
+  CHECK(nlohmann::json::parse(r.output)["moe"]["n_experts"] == 8);
+}
+
+TEST_CASE("switch-sample: bad runs and options") {
+  const std::string dir = test::scratch_dir("cli_sample");
+  test::CmdResult r = test::run(kSample + " --run " + dir + "/none");
+  CHECK(r.rc != 0);
+  CHECK(test::contains(r.output, "is not a directory"));
+  r = test::run(kSample + " --run " + dir);
+  CHECK(r.rc != 0);
+  CHECK(test::contains(r.output, "has no complete checkpoint"));
+  r = test::run(kSample);
+  CHECK(r.rc != 0);
+  CHECK(test::contains(r.output, "--run"));
+}

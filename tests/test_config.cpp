@@ -1,2 +1,193 @@
+// Config keys: defaults, files, overrides, round trips and every kind of bad value.
 #include <doctest/doctest.h>
-TEST_CASE("placeholder") { CHECK(1 == 1); }
+
+#include "config/config.h"
+#include "helpers.h"
+#include "util/error.h"
+
+using sw::Config;
+
+namespace {
+
+// Runs `f` and returns the sw::Error message it throws (fails the test if it does not).
+template <typename F>
+std::string error_of(F f) {
+  try {
+    f();
+  } catch (const sw::Error& e) {
+    return e.what();
+  }
+  FAIL("expected an sw::Error");
+  return "";
+}
+
+std::string validate_error(const std::string& assignment) {
+  Config c;
+  sw::apply_override(c, assignment);
+  return error_of([&] { sw::validate(c); });
+}
+
+}  // namespace
+
+TEST_CASE("the compiled-in defaults are valid and equal configs/default.json") {
+  Config c;
+  CHECK_NOTHROW(sw::validate(c));
+  Config from_file;
+  sw::apply_file(from_file, test::source_path("configs/default.json"));
+  CHECK(sw::to_json(from_file) == sw::to_json(Config{}));
+  // And the file spells out every key, so it documents the defaults completely.
+  nlohmann::json file =
+      nlohmann::json::parse(test::read_file(test::source_path("configs/default.json")));
+  CHECK(file == sw::to_json(Config{}));
+}
+
+TEST_CASE("configs/tiny.json is valid") {
+  Config c;
+  sw::apply_file(c, test::source_path("configs/tiny.json"));
+  CHECK_NOTHROW(sw::validate(c));
+  CHECK(c.model.d_model == 32);
+}
+
+TEST_CASE("JSON round trip keeps every value") {
+  Config c;
+  c.model.d_model = 96;
+  c.model.pos_emb = false;
+  c.moe.capacity_factor = 1.7;
+  c.moe.dropped = "zero";
+  c.train.lr = 3e-4;
+  c.data.path = "elsewhere/text.txt";
+  Config back;
+  sw::apply_json(back, sw::to_json(c), "round trip");
+  CHECK(sw::to_json(back) == sw::to_json(c));
+  CHECK(back.moe.capacity_factor == doctest::Approx(1.7));
+  CHECK(back.data.path == "elsewhere/text.txt");
+  CHECK_FALSE(back.model.pos_emb);
+}
+
+TEST_CASE("dotted keys and nested sections both work in files") {
+  Config c;
+  sw::apply_json(c, nlohmann::json::parse(R"({"moe.n_experts": 8, "model": {"n_layers": 3}})"),
+                 "inline");
+  CHECK(c.moe.n_experts == 8);
+  CHECK(c.model.n_layers == 3);
+}
+
+TEST_CASE("--set parses each type") {
+  Config c;
+  sw::apply_override(c, "moe.n_experts=16");
+  sw::apply_override(c, "moe.capacity_factor=2.5");
+  sw::apply_override(c, "moe.drop_tokens=false");
+  sw::apply_override(c, "model.activation=relu");
+  sw::apply_override(c, "train.lr=1e-4");
+  CHECK(c.moe.n_experts == 16);
+  CHECK(c.moe.capacity_factor == doctest::Approx(2.5));
+  CHECK_FALSE(c.moe.drop_tokens);
+  CHECK(c.model.activation == "relu");
+  CHECK(c.train.lr == doctest::Approx(1e-4));
+}
+
+TEST_CASE("--set errors name the key and what is accepted") {
+  Config c;
+  std::string e = error_of([&] { sw::apply_override(c, "moe.n_expert=4"); });
+  CHECK(test::contains(e, "unknown config key 'moe.n_expert'"));
+  CHECK(test::contains(e, "did you mean 'moe.n_experts'"));
+  e = error_of([&] { sw::apply_override(c, "n_experts=4"); });
+  CHECK(test::contains(e, "did you mean 'moe.n_experts'"));
+  e = error_of([&] { sw::apply_override(c, "model.d_model=abc"); });
+  CHECK(test::contains(e, "model.d_model"));
+  CHECK(test::contains(e, "not an integer"));
+  e = error_of([&] { sw::apply_override(c, "model.d_model=12x"); });
+  CHECK(test::contains(e, "not an integer"));
+  e = error_of([&] { sw::apply_override(c, "moe.drop_tokens=maybe"); });
+  CHECK(test::contains(e, "true or false"));
+  e = error_of([&] { sw::apply_override(c, "train.lr=fast"); });
+  CHECK(test::contains(e, "train.lr"));
+  e = error_of([&] { sw::apply_override(c, "moe.n_experts"); });
+  CHECK(test::contains(e, "expected key=value"));
+}
+
+TEST_CASE("config files: wrong types, unknown keys, malformed JSON") {
+  Config c;
+  std::string e = error_of([&] {
+    sw::apply_json(c, nlohmann::json::parse(R"({"model": {"d_model": "wide"}})"), "f.json");
+  });
+  CHECK(test::contains(e, "f.json: model.d_model must be an integer, got \"wide\""));
+  e = error_of([&] {
+    sw::apply_json(c, nlohmann::json::parse(R"({"model": {"d_model": 1.5}})"), "f.json");
+  });
+  CHECK(test::contains(e, "model.d_model must be an integer"));
+  e = error_of(
+      [&] { sw::apply_json(c, nlohmann::json::parse(R"({"moe": {"capacity": 1.0}})"), "f.json"); });
+  CHECK(test::contains(e, "unknown config key 'moe.capacity'"));
+  e = error_of(
+      [&] { sw::apply_json(c, nlohmann::json::parse(R"({"optim": {"lr": 1}})"), "f.json"); });
+  CHECK(test::contains(e, "unknown config key 'optim'"));
+  e = error_of([&] { sw::apply_json(c, nlohmann::json::parse("[1, 2]"), "f.json"); });
+  CHECK(test::contains(e, "must be a JSON object"));
+  e = error_of(
+      [&] { sw::parse_json_text("{\n  \"model\": {\n    \"d_model\": 12,,\n", "bad.json"); });
+  CHECK(test::contains(e, "bad.json:3:"));
+  CHECK(test::contains(e, "malformed JSON"));
+  e = error_of([&] { sw::apply_file(c, "no/such/config.json"); });
+  CHECK(test::contains(e, "no/such/config.json"));
+}
+
+TEST_CASE("validation: every out-of-range value names its key") {
+  CHECK(test::contains(validate_error("moe.n_experts=0"), "moe.n_experts = 0: must be >= 1"));
+  CHECK(test::contains(validate_error("moe.capacity_factor=0"), "moe.capacity_factor"));
+  CHECK(test::contains(validate_error("moe.capacity_factor=-1"), "moe.capacity_factor"));
+  CHECK(test::contains(validate_error("model.n_heads=3"), "divisible by model.n_heads = 3"));
+  CHECK(test::contains(validate_error("model.d_model=0"), "model.d_model"));
+  CHECK(test::contains(validate_error("model.n_layers=0"), "model.n_layers"));
+  CHECK(test::contains(validate_error("model.d_ff=0"), "model.d_ff"));
+  CHECK(test::contains(validate_error("model.seq_len=0"), "model.seq_len"));
+  CHECK(test::contains(validate_error("model.dropout=1"), "model.dropout"));
+  CHECK(test::contains(validate_error("model.activation=tanh"), "gelu | relu"));
+  CHECK(test::contains(validate_error("moe.dropped=skip"), "pass | zero"));
+  CHECK(test::contains(validate_error("moe.strategy=magic"), "moe.strategy"));
+  CHECK(test::contains(validate_error("moe.every=-1"), "moe.every"));
+  CHECK(test::contains(validate_error("moe.every=9"), "leaves no MoE layer"));
+  CHECK(test::contains(validate_error("moe.alpha=-0.1"), "moe.alpha"));
+  CHECK(test::contains(validate_error("data.val_fraction=0"), "data.val_fraction"));
+  CHECK(test::contains(validate_error("data.val_fraction=1"), "data.val_fraction"));
+  CHECK(test::contains(validate_error("data.path="), "data.path"));
+  CHECK(test::contains(validate_error("train.steps=0"), "train.steps"));
+  CHECK(test::contains(validate_error("train.batch_size=0"), "train.batch_size"));
+  CHECK(test::contains(validate_error("train.lr=0"), "train.lr"));
+  CHECK(test::contains(validate_error("train.min_lr=1"), "train.min_lr"));
+  CHECK(test::contains(validate_error("train.warmup=-5"), "train.warmup"));
+  CHECK(test::contains(validate_error("train.beta1=1"), "train.beta1"));
+  CHECK(test::contains(validate_error("train.beta2=-0.1"), "train.beta2"));
+  CHECK(test::contains(validate_error("train.weight_decay=-1"), "train.weight_decay"));
+  CHECK(test::contains(validate_error("train.grad_clip=-1"), "train.grad_clip"));
+  CHECK(test::contains(validate_error("train.eval_every=0"), "train.eval_every"));
+  CHECK(test::contains(validate_error("train.eval_batches=0"), "train.eval_batches"));
+  CHECK(test::contains(validate_error("train.log_every=0"), "train.log_every"));
+  CHECK(test::contains(validate_error("train.checkpoint_every=0"), "train.checkpoint_every"));
+  CHECK(test::contains(validate_error("train.keep_checkpoints=0"), "train.keep_checkpoints"));
+  CHECK(test::contains(validate_error("train.seed=-1"), "train.seed"));
+  CHECK(test::contains(validate_error("train.threads=-2"), "train.threads"));
+}
+
+TEST_CASE("moe.every picks the MoE layers") {
+  Config c;
+  c.model.n_layers = 4;
+  c.moe.every = 1;
+  CHECK(c.n_moe_layers() == 4);
+  c.moe.every = 2;
+  CHECK_FALSE(c.is_moe_layer(0));
+  CHECK(c.is_moe_layer(1));
+  CHECK_FALSE(c.is_moe_layer(2));
+  CHECK(c.is_moe_layer(3));
+  c.moe.every = 0;
+  CHECK(c.n_moe_layers() == 0);
+}
+
+TEST_CASE("every key has a help text and a unique name") {
+  std::set<std::string> seen;
+  for (const auto& k : sw::config_keys()) {
+    CHECK_FALSE(k.help.empty());
+    CHECK(seen.insert(k.key).second);
+  }
+  CHECK(seen.size() == sw::config_keys().size());
+}

@@ -21,7 +21,12 @@ int main(int argc, char** argv) {
       ->capture_default_str();
   app.add_option("--seed", opt.seed, "sampling seed")->capture_default_str();
   app.add_option("--threads", threads, "intra-op threads (0: all cores)")->capture_default_str();
-  CLI11_PARSE(app, argc, argv);
+  try {
+    app.parse(argc, argv);
+  } catch (const CLI::ParseError& e) {
+    const int rc = app.exit(e);  // prints help, or the parse error and a hint
+    return rc == 0 ? 0 : 2;
+  }
 
   try {
     sw::configure_threads(threads);

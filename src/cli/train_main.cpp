@@ -2,8 +2,8 @@
 #include <filesystem>
 #include <iostream>
 
-#include <CLI/CLI.hpp>
 #include <fmt/format.h>
+#include <CLI/CLI.hpp>
 
 #include "config/config.h"
 #include "train/trainer.h"
@@ -12,9 +12,12 @@
 namespace {
 
 // Keys a resumed run may change: they steer the loop, not the model or the data.
-const std::vector<std::string> kResumableKeys = {
-    "train.steps",           "train.log_every",        "train.eval_every",
-    "train.checkpoint_every", "train.keep_checkpoints", "train.threads"};
+const std::vector<std::string> kResumableKeys = {"train.steps",
+                                                 "train.log_every",
+                                                 "train.eval_every",
+                                                 "train.checkpoint_every",
+                                                 "train.keep_checkpoints",
+                                                 "train.threads"};
 
 std::string list_keys() {
   const nlohmann::json defaults = sw::to_json(sw::Config{});
@@ -31,8 +34,9 @@ std::string list_keys() {
 }  // namespace
 
 int main(int argc, char** argv) {
-  CLI::App app{"Train a Switch Transformer (sparse mixture-of-experts) character-level "
-               "language model."};
+  CLI::App app{
+      "Train a Switch Transformer (sparse mixture-of-experts) character-level "
+      "language model."};
   std::string config_file, out_dir;
   std::vector<std::string> overrides;
   bool resume = false, quiet = false, print_config = false, keys = false;
@@ -45,9 +49,15 @@ int main(int argc, char** argv) {
   app.add_flag("-q,--quiet", quiet, "print nothing but errors");
   app.add_flag("--print-config", print_config, "print the resolved config as JSON and exit");
   app.add_flag("--list-keys", keys, "list every config key with its default and exit");
-  app.footer("Config keys are dotted (model.d_model, moe.n_experts, train.steps, ...); "
-             "see --list-keys.");
-  CLI11_PARSE(app, argc, argv);
+  app.footer(
+      "Config keys are dotted (model.d_model, moe.n_experts, train.steps, ...); "
+      "see --list-keys.");
+  try {
+    app.parse(argc, argv);
+  } catch (const CLI::ParseError& e) {
+    const int rc = app.exit(e);  // prints help, or the parse error and a hint
+    return rc == 0 ? 0 : 2;
+  }
 
   if (keys) {
     std::cout << list_keys();
@@ -72,7 +82,8 @@ int main(int argc, char** argv) {
       }
     } else {
       if (!config_file.empty()) sw::apply_file(cfg, config_file);
-      for (const auto& o : overrides) sw::apply_override(cfg, o);
+      for (const auto& o : overrides)
+        sw::apply_override(cfg, o);
     }
     sw::validate(cfg);
   } catch (const sw::Error& e) {
@@ -88,8 +99,7 @@ int main(int argc, char** argv) {
   opt.out_dir = out_dir.empty() ? sw::default_run_dir() : out_dir;
   opt.resume = resume;
   try {
-    if (resume && !overrides.empty())
-      sw::write_config_file(opt.out_dir, cfg);
+    if (resume && !overrides.empty()) sw::write_config_file(opt.out_dir, cfg);
     sw::train(cfg, opt);
   } catch (const sw::Error& e) {
     std::cerr << "switch-train: error: " << e.what() << std::endl;

@@ -114,7 +114,8 @@ const char* kind_name(Kind k) {
 
 size_t edit_distance(const std::string& a, const std::string& b) {
   std::vector<size_t> row(b.size() + 1);
-  for (size_t j = 0; j <= b.size(); ++j) row[j] = j;
+  for (size_t j = 0; j <= b.size(); ++j)
+    row[j] = j;
   for (size_t i = 1; i <= a.size(); ++i) {
     size_t diag = row[0];
     row[0] = i;
@@ -191,14 +192,16 @@ void apply_object(Config& c, const nlohmann::json& obj, const std::string& prefi
 
 int64_t Config::n_moe_layers() const {
   int64_t n = 0;
-  for (int64_t i = 0; i < model.n_layers; ++i) n += is_moe_layer(i) ? 1 : 0;
+  for (int64_t i = 0; i < model.n_layers; ++i)
+    n += is_moe_layer(i) ? 1 : 0;
   return n;
 }
 
 const std::vector<KeyInfo>& config_keys() {
   static const std::vector<KeyInfo> keys = [] {
     std::vector<KeyInfo> out;
-    for (const auto& b : bindings()) out.push_back(b.info);
+    for (const auto& b : bindings())
+      out.push_back(b.info);
     return out;
   }();
   return keys;
@@ -281,8 +284,8 @@ void apply_file(Config& c, const std::string& path) {
 void apply_override(Config& c, const std::string& assignment) {
   size_t eq = assignment.find('=');
   if (eq == std::string::npos || eq == 0)
-    throw Error(fmt::format("--set '{}': expected key=value, e.g. --set moe.n_experts=8",
-                            assignment));
+    throw Error(
+        fmt::format("--set '{}': expected key=value, e.g. --set moe.n_experts=8", assignment));
   std::string key = assignment.substr(0, eq);
   std::string text = assignment.substr(eq + 1);
   const Binding* b = find_binding(key);
@@ -349,7 +352,8 @@ void validate(const Config& c) {
                     const std::vector<std::string>& choices) {
     if (std::find(choices.begin(), choices.end(), v) == choices.end()) {
       std::string list;
-      for (const auto& ch : choices) list += (list.empty() ? "" : " | ") + ch;
+      for (const auto& ch : choices)
+        list += (list.empty() ? "" : " | ") + ch;
       fail(key, "'" + v + "'", "must be one of " + list);
     }
   };

@@ -21,10 +21,10 @@ struct ModelConfig {
   int64_t d_model = 128;
   int64_t n_layers = 4;
   int64_t n_heads = 4;
-  int64_t d_ff = 512;      // hidden width of a dense FFN and of each expert
-  int64_t seq_len = 64;    // context length in characters
+  int64_t d_ff = 512;    // hidden width of a dense FFN and of each expert
+  int64_t seq_len = 64;  // context length in characters
   double dropout = 0.0;
-  bool pos_emb = true;     // learned position embedding (labml's Switch has none)
+  bool pos_emb = true;              // learned position embedding (labml's Switch has none)
   std::string activation = "gelu";  // gelu | relu
 };
 

@@ -27,18 +27,18 @@ void Dataset::init(const std::u32string& text, double val_fraction, const std::s
   const int64_t n_train = static_cast<int64_t>(static_cast<double>(n) * (1.0 - val_fraction));
   const int64_t window = seq_len_ + 1;
   if (n_train < window || n - n_train < window)
-    throw Error(fmt::format(
-        "{}: {} characters give a train split of {} and a validation split of {}, but "
-        "model.seq_len = {} needs at least {} in each; use a longer text or a shorter "
-        "model.seq_len",
-        source, n, n_train, n - n_train, seq_len_, window));
+    throw Error(
+        fmt::format("{}: {} characters give a train split of {} and a validation split of {}, but "
+                    "model.seq_len = {} needs at least {} in each; use a longer text or a shorter "
+                    "model.seq_len",
+                    source, n, n_train, n - n_train, seq_len_, window));
   torch::Tensor all = torch::empty({n}, torch::kInt64);
   int64_t* p = all.data_ptr<int64_t>();
   for (int64_t i = 0; i < n; ++i) {
     char32_t c = text[static_cast<size_t>(i)];
     if (!vocab_.contains(c))
-      throw Error(fmt::format("{}: character {} at position {} is not in the vocabulary",
-                              source, describe_char(c), i));
+      throw Error(fmt::format("{}: character {} at position {} is not in the vocabulary", source,
+                              describe_char(c), i));
     p[i] = vocab_.id(c);
   }
   train_ = all.slice(0, 0, n_train).clone();
@@ -48,9 +48,10 @@ void Dataset::init(const std::u32string& text, double val_fraction, const std::s
 std::u32string Dataset::read_text(const std::string& path) {
   std::ifstream in(path, std::ios::binary);
   if (!in)
-    throw Error(fmt::format("data file '{}' does not exist or cannot be read (tools/setup.sh "
-                            "fetches Tiny Shakespeare into data/; or set data.path)",
-                            path));
+    throw Error(
+        fmt::format("data file '{}' does not exist or cannot be read (tools/setup.sh "
+                    "fetches Tiny Shakespeare into data/; or set data.path)",
+                    path));
   std::ostringstream ss;
   ss << in.rdbuf();
   if (in.bad()) throw Error(fmt::format("data file '{}': read error", path));

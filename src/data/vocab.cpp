@@ -77,7 +77,8 @@ std::string utf8_encode(char32_t c) {
 std::string utf8_encode(const std::u32string& text) {
   std::string out;
   out.reserve(text.size());
-  for (char32_t c : text) out += utf8_encode(c);
+  for (char32_t c : text)
+    out += utf8_encode(c);
   return out;
 }
 
@@ -100,10 +101,13 @@ std::string describe_char(char32_t c) {
 Vocab::Vocab(std::u32string chars) : chars_(std::move(chars)) {
   std::sort(chars_.begin(), chars_.end());
   chars_.erase(std::unique(chars_.begin(), chars_.end()), chars_.end());
-  for (size_t i = 0; i < chars_.size(); ++i) index_[chars_[i]] = static_cast<int64_t>(i);
+  for (size_t i = 0; i < chars_.size(); ++i)
+    index_[chars_[i]] = static_cast<int64_t>(i);
 }
 
-Vocab Vocab::from_text(const std::u32string& text) { return Vocab(text); }
+Vocab Vocab::from_text(const std::u32string& text) {
+  return Vocab(text);
+}
 
 int64_t Vocab::id(char32_t c) const {
   auto it = index_.find(c);
@@ -116,14 +120,16 @@ int64_t Vocab::id(char32_t c) const {
 std::vector<int64_t> Vocab::encode(const std::u32string& text) const {
   std::vector<int64_t> ids;
   ids.reserve(text.size());
-  for (char32_t c : text) ids.push_back(id(c));
+  for (char32_t c : text)
+    ids.push_back(id(c));
   return ids;
 }
 
 std::string Vocab::decode(const std::vector<int64_t>& ids) const {
   std::u32string text;
   text.reserve(ids.size());
-  for (int64_t i : ids) text.push_back(chr(i));
+  for (int64_t i : ids)
+    text.push_back(chr(i));
   return utf8_encode(text);
 }
 

@@ -4,8 +4,8 @@
 
 namespace sw {
 
-CausalSelfAttentionImpl::CausalSelfAttentionImpl(int64_t d_model, int64_t n_heads_,
-                                                 int64_t max_len, double dropout)
+CausalSelfAttentionImpl::CausalSelfAttentionImpl(int64_t d_model, int64_t n_heads_, int64_t max_len,
+                                                 double dropout)
     : n_heads(n_heads_) {
   qkv = register_module("qkv", torch::nn::Linear(d_model, 3 * d_model));
   proj = register_module("proj", torch::nn::Linear(d_model, d_model));

@@ -7,8 +7,8 @@ namespace sw {
 BlockImpl::BlockImpl(const Config& c, bool moe) {
   const int64_t D = c.model.d_model;
   ln_attn = register_module("ln_attn", torch::nn::LayerNorm(torch::nn::LayerNormOptions({D})));
-  attn = register_module("attn", CausalSelfAttention(D, c.model.n_heads, c.model.seq_len,
-                                                     c.model.dropout));
+  attn = register_module("attn",
+                         CausalSelfAttention(D, c.model.n_heads, c.model.seq_len, c.model.dropout));
   ln_ffn = register_module("ln_ffn", torch::nn::LayerNorm(torch::nn::LayerNormOptions({D})));
   const Activation act = parse_activation(c.model.activation);
   if (moe)
@@ -55,8 +55,7 @@ TransformerImpl::TransformerImpl(const Config& c, int64_t vocab_size) : cfg(c) {
     if (name.find("ln_") != std::string::npos) continue;  // LayerNorm keeps ones / zeros
     if (ends_with("bias") || ends_with("b_in") || ends_with("b_out")) {
       p.zero_();
-    } else if (ends_with("attn.proj.weight") || ends_with("fc_out.weight") ||
-               ends_with("w_out")) {
+    } else if (ends_with("attn.proj.weight") || ends_with("fc_out.weight") || ends_with("w_out")) {
       p.normal_(0.0, resid_std);
     } else {
       p.normal_(0.0, 0.02);
@@ -81,7 +80,8 @@ ModelOutput TransformerImpl::forward(const torch::Tensor& idx_BS) {
 
 int64_t TransformerImpl::n_params() const {
   int64_t n = 0;
-  for (const auto& p : parameters()) n += p.numel();
+  for (const auto& p : parameters())
+    n += p.numel();
   return n;
 }
 
@@ -100,7 +100,8 @@ int64_t TransformerImpl::n_active_params() const {
 
 torch::Tensor total_lb_loss(const std::vector<MoeStats>& stats) {
   torch::Tensor sum = torch::zeros({}, torch::kFloat32);
-  for (const auto& s : stats) sum = sum + s.lb_loss;
+  for (const auto& s : stats)
+    sum = sum + s.lb_loss;
   return sum;
 }
 

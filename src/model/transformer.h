@@ -21,7 +21,7 @@ struct BlockImpl : torch::nn::Module {
 
   torch::nn::LayerNorm ln_attn{nullptr}, ln_ffn{nullptr};
   CausalSelfAttention attn{nullptr};
-  DenseFFN dense{nullptr};    // registered as "ffn" when the block is dense
+  DenseFFN dense{nullptr};     // registered as "ffn" when the block is dense
   SwitchFFN switch_{nullptr};  // registered as "ffn" when the block is an MoE block
   torch::nn::Dropout ffn_drop{nullptr};
 };

@@ -14,9 +14,10 @@ Sampler::Sampler(const std::string& run_dir) {
     throw Error(fmt::format("--run '{}' is not a directory", run_dir));
   auto dir = newest_checkpoint(run_dir);
   if (!dir)
-    throw Error(fmt::format("run directory '{}' has no complete checkpoint (ckpt-*/) to sample "
-                            "from; train it first with 'switch-train --out {}'",
-                            run_dir, run_dir));
+    throw Error(
+        fmt::format("run directory '{}' has no complete checkpoint (ckpt-*/) to sample "
+                    "from; train it first with 'switch-train --out {}'",
+                    run_dir, run_dir));
   CheckpointMeta meta = read_checkpoint_meta(*dir);
   cfg_ = meta.config;
   // Generation routes every token to its expert: a capacity computed from one short
@@ -40,9 +41,10 @@ std::string Sampler::generate(const SampleOptions& opt,
   std::vector<int64_t> ids;
   for (size_t i = 0; i < prompt.size(); ++i) {
     if (!vocab_.contains(prompt[i]))
-      throw Error(fmt::format("--prompt: character {} at position {} is not in the model's "
-                              "vocabulary of {} characters",
-                              describe_char(prompt[i]), i, vocab_.size()));
+      throw Error(
+          fmt::format("--prompt: character {} at position {} is not in the model's "
+                      "vocabulary of {} characters",
+                      describe_char(prompt[i]), i, vocab_.size()));
     ids.push_back(vocab_.id(prompt[i]));
   }
 

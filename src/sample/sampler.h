@@ -29,7 +29,8 @@ class Sampler {
   const std::string& checkpoint_dir() const { return ckpt_dir_; }
 
   // Generates opt.chars characters after opt.prompt and returns them. `emit`, if given, is
-  // called with the prompt once it is validated, then with each new character (UTF-8). A prompt character outside the vocabulary is an error naming it.
+  // called with the prompt once it is validated, then with each new character (UTF-8). A prompt
+  // character outside the vocabulary is an error naming it.
   std::string generate(const SampleOptions& opt,
                        const std::function<void(const std::string&)>& emit = nullptr);
 

@@ -17,7 +17,9 @@ namespace {
 
 const std::regex kCkptName(R"(ckpt-(\d{6,}))");
 
-std::string ckpt_name(int64_t step) { return fmt::format("ckpt-{:06d}", step); }
+std::string ckpt_name(int64_t step) {
+  return fmt::format("ckpt-{:06d}", step);
+}
 
 std::vector<std::pair<int64_t, std::string>> complete_checkpoints(const std::string& run_dir) {
   std::vector<std::pair<int64_t, std::string>> out;
@@ -37,8 +39,10 @@ std::vector<std::pair<int64_t, std::string>> complete_checkpoints(const std::str
 
 c10::Dict<std::string, at::Tensor> state_dict(const torch::nn::Module& model) {
   c10::Dict<std::string, at::Tensor> dict;
-  for (const auto& item : model.named_parameters()) dict.insert(item.key(), item.value().detach());
-  for (const auto& item : model.named_buffers()) dict.insert(item.key(), item.value().detach());
+  for (const auto& item : model.named_parameters())
+    dict.insert(item.key(), item.value().detach());
+  for (const auto& item : model.named_buffers())
+    dict.insert(item.key(), item.value().detach());
   return dict;
 }
 
@@ -84,8 +88,8 @@ void save_checkpoint(const std::string& run_dir, const Config& cfg, const Vocab&
   fs::remove_all(final_dir, ec);  // a checkpoint of the same step from an abandoned attempt
   fs::rename(tmp_dir, final_dir, ec);
   if (ec)
-    throw Error(fmt::format("cannot rename '{}' to '{}': {}", tmp_dir.string(),
-                            final_dir.string(), ec.message()));
+    throw Error(fmt::format("cannot rename '{}' to '{}': {}", tmp_dir.string(), final_dir.string(),
+                            ec.message()));
   fsync_path(run_dir);
 }
 
@@ -103,9 +107,10 @@ CheckpointMeta read_checkpoint_meta(const std::string& ckpt_dir) {
   try {
     const int version = j.at("format_version").get<int>();
     if (version != kCheckpointFormat)
-      throw Error(fmt::format("{}: checkpoint format version {} is not supported (this build "
-                              "reads version {})",
-                              path, version, kCheckpointFormat));
+      throw Error(
+          fmt::format("{}: checkpoint format version {} is not supported (this build "
+                      "reads version {})",
+                      path, version, kCheckpointFormat));
     m.state.step = j.at("step").get<int64_t>();
     m.state.time_s = j.at("time_s").get<double>();
     m.state.data_rng = j.at("data_rng").get<std::array<uint64_t, 4>>();
@@ -125,8 +130,8 @@ void load_weights(const std::string& ckpt_dir, torch::nn::Module& model) {
   try {
     dict = torch::pickle_load(std::vector<char>(bytes.begin(), bytes.end())).toGenericDict();
   } catch (const c10::Error& e) {
-    throw Error(fmt::format("{}: not a readable weights file (truncated or corrupted?): {}",
-                            path, e.what_without_backtrace()));
+    throw Error(fmt::format("{}: not a readable weights file (truncated or corrupted?): {}", path,
+                            e.what_without_backtrace()));
   }
   torch::NoGradGuard no_grad;
   auto params = model.named_parameters();
@@ -135,9 +140,10 @@ void load_weights(const std::string& ckpt_dir, torch::nn::Module& model) {
   auto load_one = [&](const std::string& name, torch::Tensor& dst) {
     auto it = dict.find(name);
     if (it == dict.end())
-      throw Error(fmt::format("{}: has no tensor '{}' that this model needs (a checkpoint of "
-                              "another architecture?)",
-                              path, name));
+      throw Error(
+          fmt::format("{}: has no tensor '{}' that this model needs (a checkpoint of "
+                      "another architecture?)",
+                      path, name));
     const at::Tensor src = it->value().toTensor();
     if (src.sizes() != dst.sizes())
       throw Error(fmt::format("{}: tensor '{}' has shape {} but the model expects {}", path, name,
@@ -145,8 +151,10 @@ void load_weights(const std::string& ckpt_dir, torch::nn::Module& model) {
     dst.copy_(src);
     ++matched;
   };
-  for (auto& item : params) load_one(item.key(), item.value());
-  for (auto& item : buffers) load_one(item.key(), item.value());
+  for (auto& item : params)
+    load_one(item.key(), item.value());
+  for (auto& item : buffers)
+    load_one(item.key(), item.value());
   if (matched != dict.size()) {
     for (const auto& entry : dict) {
       const std::string name = entry.key().toStringRef();
@@ -173,8 +181,8 @@ void load_optimizer_and_rng(const std::string& ckpt_dir, torch::optim::Optimizer
     at::Generator gen = at::detail::getDefaultCPUGenerator();
     gen.set_state(dict.at("torch_cpu").toTensor());
   } catch (const c10::Error& e) {
-    throw Error(fmt::format("{}: cannot load the RNG state: {}", rng_path,
-                            e.what_without_backtrace()));
+    throw Error(
+        fmt::format("{}: cannot load the RNG state: {}", rng_path, e.what_without_backtrace()));
   }
 }
 

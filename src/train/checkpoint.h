@@ -21,7 +21,7 @@ namespace sw {
 constexpr int kCheckpointFormat = 1;
 
 struct TrainState {
-  int64_t step = 0;  // completed optimizer steps
+  int64_t step = 0;   // completed optimizer steps
   double time_s = 0;  // wall seconds of training so far
   std::array<uint64_t, 4> data_rng{};
   double best_val_loss = std::numeric_limits<double>::infinity();

@@ -67,13 +67,13 @@ nlohmann::ordered_json RoutingAccumulator::to_json() const {
     const Layer& l = layers_[i];
     if (!l.counts_E.defined()) continue;
     torch::Tensor c = l.counts_E.contiguous(), p = l.prob_sum_E.to(torch::kFloat64).contiguous();
-    arr.push_back({{"layer", l.layer},
-                   {"tokens", l.tokens},
-                   {"counts", std::vector<int64_t>(c.data_ptr<int64_t>(),
-                                                   c.data_ptr<int64_t>() + c.numel())},
-                   {"dropped", l.dropped},
-                   {"prob_sum", std::vector<double>(p.data_ptr<double>(),
-                                                    p.data_ptr<double>() + p.numel())}});
+    arr.push_back(
+        {{"layer", l.layer},
+         {"tokens", l.tokens},
+         {"counts", std::vector<int64_t>(c.data_ptr<int64_t>(), c.data_ptr<int64_t>() + c.numel())},
+         {"dropped", l.dropped},
+         {"prob_sum",
+          std::vector<double>(p.data_ptr<double>(), p.data_ptr<double>() + p.numel())}});
   }
   return arr;
 }

@@ -7,8 +7,8 @@
 #include <string>
 #include <vector>
 
-#include <nlohmann/json.hpp>
 #include <torch/torch.h>
+#include <nlohmann/json.hpp>
 
 #include "model/switch_ffn.h"
 
@@ -40,7 +40,7 @@ class RoutingAccumulator {
  public:
   void add(const std::vector<MoeStats>& stats);
   nlohmann::ordered_json to_json() const;  // [{layer, tokens, counts, dropped, prob_sum}, ...]
-  double drop_fraction() const;    // dropped / routed over all MoE layers
+  double drop_fraction() const;            // dropped / routed over all MoE layers
   void reset() { layers_.clear(); }
 
  private:

@@ -64,15 +64,17 @@ std::vector<Batch> fixed_batches(const Dataset& data, Split split, const TrainCo
                                  uint64_t salt) {
   Rng rng(static_cast<uint64_t>(t.seed) ^ salt);
   std::vector<Batch> out;
-  for (int64_t i = 0; i < t.eval_batches; ++i) out.push_back(data.sample(split, t.batch_size, rng));
+  for (int64_t i = 0; i < t.eval_batches; ++i)
+    out.push_back(data.sample(split, t.batch_size, rng));
   return out;
 }
 
 void check_fresh_run_dir(const std::string& dir) {
   if (fs::exists(fs::path(dir) / "config.json") || fs::exists(fs::path(dir) / "metrics.jsonl"))
-    throw Error(fmt::format("run directory '{}' already holds a run; continue it with "
-                            "'switch-train --out {} --resume' or choose another --out",
-                            dir, dir));
+    throw Error(
+        fmt::format("run directory '{}' already holds a run; continue it with "
+                    "'switch-train --out {} --resume' or choose another --out",
+                    dir, dir));
   std::error_code ec;
   fs::create_directories(dir, ec);
   if (ec || !fs::is_directory(dir))
@@ -119,7 +121,7 @@ nlohmann::ordered_json train(const Config& cfg, const TrainOptions& opt) {
   const int64_t threads = configure_threads(cfg.train.threads);
   say(fmt::format("threads: {} (intra-op)", threads));
 
-  // Where the run lives, and where it starts from.
+  // Where the run starts from.
   std::optional<CheckpointMeta> ckpt;
   if (opt.resume) {
     if (auto dir = newest_checkpoint(opt.out_dir)) {
@@ -128,12 +130,9 @@ nlohmann::ordered_json train(const Config& cfg, const TrainOptions& opt) {
     } else {
       say(fmt::format("{} has no complete checkpoint yet: starting it from step 0", opt.out_dir));
     }
-  } else {
-    check_fresh_run_dir(opt.out_dir);
-    write_config_file(opt.out_dir, cfg);
   }
 
-  // Data: a resumed run keeps its checkpoint's vocabulary.
+  // Data, before anything is written: a resumed run keeps its checkpoint's vocabulary.
   const std::u32string text = Dataset::read_text(cfg.data.path);
   const std::string source = "data file '" + cfg.data.path + "'";
   Dataset data = ckpt ? Dataset(text, ckpt->vocab, cfg.data.val_fraction, cfg.model.seq_len, source)
@@ -141,6 +140,11 @@ nlohmann::ordered_json train(const Config& cfg, const TrainOptions& opt) {
   const int64_t V = data.vocab().size();
   say(fmt::format("data: {} ({} characters, vocabulary {}, train {} / val {})", cfg.data.path,
                   text.size(), V, data.size(Split::Train), data.size(Split::Val)));
+
+  if (!opt.resume) {
+    check_fresh_run_dir(opt.out_dir);
+    write_config_file(opt.out_dir, cfg);
+  }
 
   torch::manual_seed(static_cast<uint64_t>(cfg.train.seed));
   Transformer model(cfg, V);
@@ -192,9 +196,10 @@ nlohmann::ordered_json train(const Config& cfg, const TrainOptions& opt) {
     torch::Tensor loss = ce + cfg.moe.alpha * lb;
     const double loss_v = loss.item<double>();
     if (!std::isfinite(loss_v))
-      throw Error(fmt::format("step {}: the loss is {} (cross-entropy {}, load-balancing {}); "
-                              "try a lower train.lr. The last checkpoint is kept.",
-                              step + 1, loss_v, ce.item<double>(), lb.item<double>()));
+      throw Error(
+          fmt::format("step {}: the loss is {} (cross-entropy {}, load-balancing {}); "
+                      "try a lower train.lr. The last checkpoint is kept.",
+                      step + 1, loss_v, ce.item<double>(), lb.item<double>()));
 
     optimizer->zero_grad();
     loss.backward();
@@ -220,22 +225,22 @@ nlohmann::ordered_json train(const Config& cfg, const TrainOptions& opt) {
       const double lb_mean = interval_lb / static_cast<double>(interval_steps);
       const double drop = routing.drop_fraction();
       nlohmann::ordered_json rec = {{"kind", "train"},
-                            {"step", state.step},
-                            {"time_s", now_s()},
-                            {"lr", lr},
-                            {"loss", ce_mean + cfg.moe.alpha * lb_mean},
-                            {"ce", ce_mean},
-                            {"lb_loss", lb_mean},
-                            {"drop_frac", drop},
-                            {"tokens_per_s", tok_s},
-                            {"steps_in_record", interval_steps},
-                            {"layers", routing.to_json()}};
+                                    {"step", state.step},
+                                    {"time_s", now_s()},
+                                    {"lr", lr},
+                                    {"loss", ce_mean + cfg.moe.alpha * lb_mean},
+                                    {"ce", ce_mean},
+                                    {"lb_loss", lb_mean},
+                                    {"drop_frac", drop},
+                                    {"tokens_per_s", tok_s},
+                                    {"steps_in_record", interval_steps},
+                                    {"layers", routing.to_json()}};
       if (std::isfinite(grad_norm)) rec["grad_norm"] = grad_norm;
       metrics.write(rec);
-      const double eta =
-          session_step_s / static_cast<double>(session_steps) *
-          static_cast<double>(cfg.train.steps - state.step);
-      say(fmt::format("step {}/{} | loss {:.4f} | lb {:.3f} | drop {:.1f}% | lr {:.2e} | {:.0f} ms "
+      const double eta = session_step_s / static_cast<double>(session_steps) *
+                         static_cast<double>(cfg.train.steps - state.step);
+      say(
+          fmt::format("step {}/{} | loss {:.4f} | lb {:.3f} | drop {:.1f}% | lr {:.2e} | {:.0f} ms "
                       "| {} tok/s | eta {}",
                       state.step, cfg.train.steps, ce_mean, lb_mean, 100.0 * drop, lr,
                       1000.0 * interval_step_s / static_cast<double>(interval_steps),
@@ -249,10 +254,10 @@ nlohmann::ordered_json train(const Config& cfg, const TrainOptions& opt) {
       last_train = evaluate(model, train_eval_batches);
       state.best_val_loss = std::min(state.best_val_loss, last_val);
       metrics.write(nlohmann::ordered_json{{"kind", "eval"},
-                     {"step", state.step},
-                     {"time_s", now_s()},
-                     {"val_loss", last_val},
-                     {"train_loss", last_train}});
+                                           {"step", state.step},
+                                           {"time_s", now_s()},
+                                           {"val_loss", last_val},
+                                           {"train_loss", last_train}});
       say(fmt::format("eval step {} | train {:.4f} | val {:.4f} | best val {:.4f}", state.step,
                       last_train, last_val, state.best_val_loss));
     }
@@ -276,9 +281,9 @@ nlohmann::ordered_json train(const Config& cfg, const TrainOptions& opt) {
       {"final_val_loss", last_val},
       {"best_val_loss", state.best_val_loss},
       {"wall_s", wall_s},
-      {"tokens_per_s", session_steps > 0 ? static_cast<double>(session_steps * tokens_per_step) /
-                                               session_step_s
-                                         : 0.0},
+      {"tokens_per_s", session_steps > 0
+                           ? static_cast<double>(session_steps * tokens_per_step) / session_step_s
+                           : 0.0},
       {"tokens_trained", state.step * tokens_per_step},
       {"params_total", model->n_params()},
       {"params_active", model->n_active_params()},

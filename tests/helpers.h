@@ -1,0 +1,76 @@
+// Shared test helpers: scratch directories, files, running the binaries, the tiny config.
+#pragma once
+
+#include <cstdio>
+#include <filesystem>
+#include <fstream>
+#include <sstream>
+#include <string>
+
+#include <doctest/doctest.h>
+
+#include "config/config.h"
+
+namespace test {
+
+namespace fs = std::filesystem;
+
+// A fresh, empty directory under the build tree, named after the test.
+inline std::string scratch_dir(const std::string& name) {
+  fs::path p = fs::current_path() / "scratch" / name;
+  fs::remove_all(p);
+  fs::create_directories(p);
+  return p.string();
+}
+
+inline void write_file(const std::string& path, const std::string& content) {
+  std::ofstream out(path, std::ios::binary);
+  out << content;
+}
+
+inline std::string read_file(const std::string& path) {
+  std::ifstream in(path, std::ios::binary);
+  std::ostringstream ss;
+  ss << in.rdbuf();
+  return ss.str();
+}
+
+struct CmdResult {
+  int rc;
+  std::string output;  // stdout and stderr together
+};
+
+// Runs a shell command, capturing its output and exit status.
+inline CmdResult run(const std::string& cmd) {
+  CmdResult r{0, ""};
+  std::FILE* p = popen((cmd + " 2>&1").c_str(), "r");
+  REQUIRE(p != nullptr);
+  char buf[4096];
+  size_t n;
+  while ((n = std::fread(buf, 1, sizeof buf, p)) > 0)
+    r.output.append(buf, n);
+  int status = pclose(p);
+  r.rc = WIFEXITED(status) ? WEXITSTATUS(status) : 128;
+  return r;
+}
+
+inline bool contains(const std::string& haystack, const std::string& needle) {
+  return haystack.find(needle) != std::string::npos;
+}
+
+inline std::string data_path() {
+  return SWITCH_TEST_DATA;
+}
+inline std::string source_path(const std::string& rel) {
+  return std::string(SWITCH_SOURCE_DIR) + "/" + rel;
+}
+
+// configs/tiny.json pointed at the test data.
+inline sw::Config tiny_config() {
+  sw::Config c;
+  sw::apply_file(c, source_path("configs/tiny.json"));
+  c.data.path = data_path();
+  return c;
+}
+
+}  // namespace test
