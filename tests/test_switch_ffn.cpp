@@ -22,6 +22,14 @@ std::vector<int64_t> to_vec(const torch::Tensor& t) {
   return std::vector<int64_t>(c.data_ptr<int64_t>(), c.data_ptr<int64_t>() + c.numel());
 }
 
+// Top-1 dispatch of a list of experts with fixed ranks for the random policy.
+sw::Dispatch top1(const torch::Tensor& expert_T, int64_t E, int64_t capacity,
+                  const sw::RankFn& ranks = sw::random_ranks,
+                  sw::DropPolicy policy = sw::DropPolicy::Random) {
+  return sw::make_dispatch(expert_T.unsqueeze(1), torch::ones({expert_T.size(0), 1}), E, capacity,
+                           policy, ranks);
+}
+
 double max_abs_diff(const torch::Tensor& a, const torch::Tensor& b) {
   return (a - b).abs().max().item<double>();
 }
@@ -44,7 +52,7 @@ sw::SwitchFFN hand_layer(sw::MoeConfig moe) {
   ex->w_out[0].copy_(torch::eye(2) * 2);
   ex->w_out[1].copy_(torch::eye(2) * 3);
   ex->b_out.zero_();
-  layer->permute = identity_perm;
+  layer->random_rank = identity_perm;
   return layer;
 }
 
@@ -62,39 +70,80 @@ TEST_CASE("dispatch: who goes where and who is dropped, under fixed permutations
   // Tokens 0..7 routed to experts 0,1,0,0,2,0,1,0: expert 0 gets {0,2,3,5,7}.
   torch::Tensor expert_T = torch::tensor({0, 1, 0, 0, 2, 0, 1, 0}, torch::kInt64);
 
-  sw::Dispatch d = sw::dispatch_top1(expert_T, 3, /*capacity=*/2, identity_perm);
+  sw::Dispatch d = top1(expert_T, 3, /*capacity=*/2, identity_perm);
   CHECK(to_vec(d.counts_E) == std::vector<int64_t>{5, 2, 1});
   CHECK(to_vec(d.order_N) == std::vector<int64_t>{0, 2, 1, 6, 4});
   CHECK(d.offsets == std::vector<int64_t>{0, 2, 4, 5});
   CHECK(to_vec(d.dropped_M) == std::vector<int64_t>{3, 5, 7});
+  CHECK(to_vec(d.slot_N) == std::vector<int64_t>{0, 1, 0, 1, 0});
+  CHECK(to_vec(d.expert_N) == std::vector<int64_t>{0, 0, 1, 1, 2});
 
-  // Reversing expert 0's five tokens keeps 7 and 5 and drops 3, 2, 0.
-  d = sw::dispatch_top1(expert_T, 3, 2, reverse_perm);
-  CHECK(to_vec(d.order_N) == std::vector<int64_t>{7, 5, 1, 6, 4});
+  // Reversed ranks: expert 0's five tokens in the order 7, 5, 3, 2, 0 keep 7 and 5.
+  d = top1(expert_T, 3, 2, reverse_perm);
+  CHECK(to_vec(d.order_N) == std::vector<int64_t>{7, 5, 6, 1, 4});
   CHECK(to_vec(d.dropped_M) == std::vector<int64_t>{3, 2, 0});
 
-  // Unlimited capacity: grouped by expert, ascending inside a group, nothing dropped.
-  d = sw::dispatch_top1(expert_T, 3, -1);
+  // Unlimited capacity: grouped by expert, nothing dropped.
+  d = top1(expert_T, 3, -1, sw::random_ranks, sw::DropPolicy::Position);
   CHECK(to_vec(d.order_N) == std::vector<int64_t>{0, 2, 3, 5, 7, 1, 6, 4});
   CHECK(d.offsets == std::vector<int64_t>{0, 5, 7, 8});
   CHECK(d.n_dropped() == 0);
 
   // Capacity 0 drops everything; an expert without tokens has an empty segment.
-  d = sw::dispatch_top1(expert_T, 4, 0, identity_perm);
-  CHECK(d.order_N.size(0) == 0);
+  d = top1(expert_T, 4, 0, identity_perm);
+  CHECK(d.n_kept() == 0);
   CHECK(d.n_dropped() == 8);
   CHECK(d.offsets == std::vector<int64_t>{0, 0, 0, 0, 0});
   CHECK(to_vec(d.counts_E) == std::vector<int64_t>{5, 2, 1, 0});
 }
 
+TEST_CASE("drop policies: position, probability, and top-2 priority of first choices") {
+  torch::Tensor expert_T = torch::tensor({0, 0, 0, 1}, torch::kInt64);
+  torch::Tensor gate_T1 = torch::tensor({0.5f, 0.9f, 0.7f, 0.6f}).unsqueeze(1);
+  // position: tokens 0 and 1 keep their seats in expert 0.
+  sw::Dispatch d =
+      sw::make_dispatch(expert_T.unsqueeze(1), gate_T1, 2, 2, sw::DropPolicy::Position);
+  CHECK(to_vec(d.order_N) == std::vector<int64_t>{0, 1, 3});
+  CHECK(to_vec(d.dropped_M) == std::vector<int64_t>{2});
+  // probability: tokens 1 (0.9) and 2 (0.7) keep theirs.
+  d = sw::make_dispatch(expert_T.unsqueeze(1), gate_T1, 2, 2, sw::DropPolicy::Probability);
+  CHECK(to_vec(d.order_N) == std::vector<int64_t>{1, 2, 3});
+  CHECK(to_vec(d.dropped_M) == std::vector<int64_t>{0});
+
+  // Top-2 over 3 tokens: first choices 0,0,1; second choices 1,1,0 (assignment a = t*2 + j).
+  // Expert 0 receives assignments 0, 2 (first choices) and 5 (token 2's second choice).
+  torch::Tensor expert_TK = torch::tensor({0, 1, 0, 1, 1, 0}, torch::kInt64).view({3, 2});
+  torch::Tensor gate_TK = torch::tensor({0.6f, 0.4f, 0.3f, 0.7f, 0.9f, 0.1f}).view({3, 2});
+  CHECK(sw::expert_capacity(1.0, 3, 2, 2) == 3);
+  // Capacity 2, position: first choices outrank second choices, whatever the position.
+  d = sw::make_dispatch(expert_TK, gate_TK, 2, 2, sw::DropPolicy::Position);
+  CHECK(to_vec(d.counts_E) == std::vector<int64_t>{3, 3});
+  CHECK(to_vec(d.order_N) == std::vector<int64_t>{0, 2, 4, 1});
+  CHECK(to_vec(d.dropped_M) == std::vector<int64_t>{5, 3});
+  CHECK(to_vec(d.token_N()) == std::vector<int64_t>{0, 1, 2, 0});
+  // Capacity 2, probability: expert 0 keeps gates 0.6 (a0) and 0.3 (a2) over 0.1 (a5);
+  // expert 1 keeps 0.9 (a4) and 0.7 (a3) over 0.4 (a1).
+  d = sw::make_dispatch(expert_TK, gate_TK, 2, 2, sw::DropPolicy::Probability);
+  CHECK(to_vec(d.order_N) == std::vector<int64_t>{0, 2, 4, 3});
+  CHECK(to_vec(d.dropped_M) == std::vector<int64_t>{5, 1});
+}
+
 TEST_CASE("random dropping keeps exactly `capacity` distinct tokens of the over-full expert") {
   torch::manual_seed(3);
   torch::Tensor expert_T = torch::zeros({10}, torch::kInt64);
-  sw::Dispatch d = sw::dispatch_top1(expert_T, 2, 4);
-  CHECK(d.order_N.size(0) == 4);
+  sw::Dispatch d = top1(expert_T, 2, 4);
+  CHECK(d.n_kept() == 4);
   CHECK(d.n_dropped() == 6);
   torch::Tensor all = std::get<0>(torch::cat({d.order_N, d.dropped_M}).sort());
   CHECK(torch::equal(all, torch::arange(10, torch::kInt64)));
+  // Over many draws every token keeps its seat about 4 times in 10.
+  torch::Tensor kept = torch::zeros({10});
+  for (int i = 0; i < 2000; ++i)
+    kept.index_add_(0, top1(expert_T, 2, 4).order_N, torch::ones({4}));
+  const double lo = (kept / 2000).min().item<double>(), hi = (kept / 2000).max().item<double>();
+  MESSAGE("per-token keep rate in [" << lo << ", " << hi << "], expected 0.4");
+  CHECK(lo > 0.35);
+  CHECK(hi < 0.45);
 }
 
 TEST_CASE("hand-worked layer: capacity, drop with pass-through, scaling, counts, lb loss") {

@@ -48,18 +48,31 @@ const std::vector<Binding>& bindings() {
            [](Config& c) { return &c.moe.n_experts; }),
       bind("moe.every", Kind::Int, "0: dense model; k: every k-th layer is an MoE layer",
            [](Config& c) { return &c.moe.every; }),
-      bind("moe.capacity_factor", Kind::Float, "expert capacity = int(cf * tokens / experts)",
+      bind("moe.top_k", Kind::Int, "experts per token (1: Switch, 2: GShard-style)",
+           [](Config& c) { return &c.moe.top_k; }),
+      bind("moe.capacity_factor", Kind::Float, "capacity = int(cf * top_k * tokens / experts)",
            [](Config& c) { return &c.moe.capacity_factor; }),
+      bind("moe.eval_capacity_factor", Kind::Float, "capacity factor in evaluation",
+           [](Config& c) { return &c.moe.eval_capacity_factor; }),
       bind("moe.drop_tokens", Kind::Bool, "drop tokens over an expert's capacity",
            [](Config& c) { return &c.moe.drop_tokens; }),
+      bind("moe.drop_policy", Kind::String,
+           "who keeps a seat in a full expert: random | position | probability",
+           [](Config& c) { return &c.moe.drop_policy; }),
       bind("moe.is_scale_prob", Kind::Bool, "scale expert outputs by the router probability",
            [](Config& c) { return &c.moe.is_scale_prob; }),
       bind("moe.dropped", Kind::String, "output of a dropped token: pass | zero",
            [](Config& c) { return &c.moe.dropped; }),
-      bind("moe.strategy", Kind::String, "how the experts are computed: loop",
+      bind("moe.strategy", Kind::String, "how the experts are computed: loop | capacity | grouped",
            [](Config& c) { return &c.moe.strategy; }),
       bind("moe.alpha", Kind::Float, "load-balancing loss weight",
            [](Config& c) { return &c.moe.alpha; }),
+      bind("moe.z_loss", Kind::Float, "router z-loss weight",
+           [](Config& c) { return &c.moe.z_loss; }),
+      bind("moe.jitter", Kind::Float, "multiplicative router-input noise in training",
+           [](Config& c) { return &c.moe.jitter; }),
+      bind("moe.init_scale", Kind::Float, "expert and router init: N(0, init_scale / fan_in)",
+           [](Config& c) { return &c.moe.init_scale; }),
       bind("train.steps", Kind::Int, "optimizer steps", [](Config& c) { return &c.train.steps; }),
       bind("train.batch_size", Kind::Int, "sequences per step",
            [](Config& c) { return &c.train.batch_size; }),
@@ -377,8 +390,17 @@ void validate(const Config& c) {
   at_least("moe.every", c.moe.every, 0);
   in_range("moe.capacity_factor", c.moe.capacity_factor, 0.0, inf, true, true);
   one_of("moe.dropped", c.moe.dropped, {"pass", "zero"});
-  one_of("moe.strategy", c.moe.strategy, {"loop"});
+  in_range("moe.eval_capacity_factor", c.moe.eval_capacity_factor, 0.0, inf, true, true);
+  one_of("moe.drop_policy", c.moe.drop_policy, {"random", "position", "probability"});
+  one_of("moe.strategy", c.moe.strategy, {"loop", "capacity", "grouped"});
   in_range("moe.alpha", c.moe.alpha, 0.0, inf, false, true);
+  in_range("moe.z_loss", c.moe.z_loss, 0.0, inf, false, true);
+  in_range("moe.jitter", c.moe.jitter, 0.0, 1.0, false, true);
+  in_range("moe.init_scale", c.moe.init_scale, 0.0, inf, true, true);
+  at_least("moe.top_k", c.moe.top_k, 1);
+  if (c.moe.top_k > c.moe.n_experts)
+    fail("moe.top_k", std::to_string(c.moe.top_k),
+         fmt::format("must be <= moe.n_experts = {}", c.moe.n_experts));
   if (c.moe.every > c.model.n_layers)
     fail("moe.every", std::to_string(c.moe.every),
          fmt::format("leaves no MoE layer among model.n_layers = {} (use 0 for a dense model)",

@@ -31,12 +31,18 @@ struct ModelConfig {
 struct MoeConfig {
   int64_t n_experts = 4;
   int64_t every = 1;  // 0: no MoE layer (dense); k: layers k-1, 2k-1, ... are MoE layers
-  double capacity_factor = 1.25;
+  int64_t top_k = 1;  // experts per token: 1 = Switch, 2 = GShard-style
+  double capacity_factor = 1.25;      // training: capacity = int(cf * k * tokens / experts)
+  double eval_capacity_factor = 2.0;  // the same in evaluation
   bool drop_tokens = true;
+  std::string drop_policy = "random";  // who keeps a seat: random | position | probability
   bool is_scale_prob = true;
-  std::string dropped = "pass";  // what a dropped token outputs: pass (its input) | zero
-  std::string strategy = "loop";
-  double alpha = 0.01;  // weight of the load-balancing loss
+  std::string dropped = "pass";      // what a dropped token outputs: pass (its input) | zero
+  std::string strategy = "grouped";  // loop | capacity | grouped
+  double alpha = 0.01;               // weight of the load-balancing loss
+  double z_loss = 0.001;             // weight of the router z-loss
+  double jitter = 0.0;      // multiplicative router-input noise in training: x * U(1-j, 1+j)
+  double init_scale = 0.1;  // expert and router weights ~ N(0, init_scale / fan_in)
 };
 
 struct TrainConfig {

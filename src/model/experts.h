@@ -1,7 +1,16 @@
 // The experts of one MoE layer: E feed-forward networks whose weights are stored stacked
 // (w_in [E, D, F], b_in [E, F], w_out [E, F, D], b_out [E, D]) whatever strategy computes
 // them, so a checkpoint trained with one strategy runs with any other.
+//
+// Strategies (moe.strategy); all give the same outputs and gradients for the same dispatch:
+//   loop      the seed's reference: one expert after another;
+//   capacity  a padded [E, C, D] buffer and one batched matmul per FFN layer (static shapes);
+//   grouped   the kept rows sorted by expert in one buffer and all experts computed by one
+//             grouped operation over segment offsets with its own backward (grouped_ffn).
 #pragma once
+
+#include <string>
+#include <vector>
 
 #include <torch/torch.h>
 
@@ -10,12 +19,27 @@
 
 namespace sw {
 
+enum class Strategy { Loop, Capacity, Grouped };
+Strategy parse_strategy(const std::string& name);
+
+// All experts' FFN over rows sorted by expert: rows [offsets[e], offsets[e+1]) of x_ND go
+// through expert e. One autograd node: the backward writes each expert's gradient slice once
+// (experts without rows get zeros, no per-expert full-size gradients), and experts without
+// rows cost nothing.
+torch::Tensor grouped_ffn(const torch::Tensor& x_ND, const torch::Tensor& w_in,
+                          const torch::Tensor& b_in, const torch::Tensor& w_out,
+                          const torch::Tensor& b_out, const std::vector<int64_t>& offsets,
+                          Activation act);
+
 struct ExpertsImpl : torch::nn::Module {
   ExpertsImpl(int64_t n_experts, int64_t d_model, int64_t d_ff, Activation act);
 
-  // The seed's reference: one expert after another over its slice of the dispatch.
-  // Returns y_ND for the kept tokens, in dispatch order (row i belongs to order_N[i]).
-  torch::Tensor forward_loop(const torch::Tensor& x_TD, const Dispatch& d);
+  // x_ND: the kept assignments' inputs in dispatch order (row i is d.order_N[i]'s token).
+  // Returns their expert outputs, row for row.
+  torch::Tensor forward(const torch::Tensor& x_ND, const Dispatch& d, Strategy s);
+  torch::Tensor forward_loop(const torch::Tensor& x_ND, const Dispatch& d);
+  torch::Tensor forward_capacity(const torch::Tensor& x_ND, const Dispatch& d);
+  torch::Tensor forward_grouped(const torch::Tensor& x_ND, const Dispatch& d);
 
   int64_t n_experts, d_model, d_ff;
   Activation act;

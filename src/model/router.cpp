@@ -2,13 +2,28 @@
 
 namespace sw {
 
-RouterImpl::RouterImpl(int64_t d_model, int64_t n_experts) {
+RouterImpl::RouterImpl(int64_t d_model, int64_t n_experts, int64_t top_k_, double jitter_)
+    : top_k(top_k_), jitter(jitter_) {
   proj = register_module("proj", torch::nn::Linear(d_model, n_experts));
 }
 
-torch::Tensor RouterImpl::forward(const torch::Tensor& x_TD) {
-  torch::Tensor logits_TE = proj(x_TD.to(torch::kFloat32));
-  return torch::softmax(logits_TE, /*dim=*/-1);
+Routing RouterImpl::forward(const torch::Tensor& x_TD) {
+  torch::Tensor x = x_TD.to(torch::kFloat32);
+  if (is_training() && jitter > 0)
+    x = x * torch::empty_like(x).uniform_(1.0 - jitter, 1.0 + jitter);
+  Routing r;
+  r.logits_TE = torch::linear(x, proj->weight.to(torch::kFloat32), proj->bias.to(torch::kFloat32));
+  r.probs_TE = torch::softmax(r.logits_TE, /*dim=*/-1);
+  if (top_k == 1) {
+    auto [p_T, e_T] = r.probs_TE.max(/*dim=*/-1);
+    r.gate_TK = p_T.unsqueeze(1);
+    r.expert_TK = e_T.unsqueeze(1);
+  } else {
+    auto [p_TK, e_TK] = r.probs_TE.topk(top_k, /*dim=*/-1);
+    r.gate_TK = p_TK / p_TK.sum(-1, /*keepdim=*/true);
+    r.expert_TK = e_TK;
+  }
+  return r;
 }
 
 }  // namespace sw

@@ -3,9 +3,42 @@
 namespace sw {
 
 SwitchFFNImpl::SwitchFFNImpl(int64_t d_model, int64_t d_ff, const MoeConfig& moe, Activation act)
-    : cfg(moe) {
-  router = register_module("router", Router(d_model, moe.n_experts));
+    : cfg(moe), strategy(parse_strategy(moe.strategy)), policy(parse_drop_policy(moe.drop_policy)) {
+  router = register_module("router", Router(d_model, moe.n_experts, moe.top_k, moe.jitter));
   experts = register_module("experts", Experts(moe.n_experts, d_model, d_ff, act));
+}
+
+Routing SwitchFFNImpl::route(const torch::Tensor& x_TD) {
+  return router(x_TD);
+}
+
+Dispatch SwitchFFNImpl::dispatch(const Routing& r, int64_t tokens) {
+  const double cf = is_training() ? cfg.capacity_factor : cfg.eval_capacity_factor;
+  const int64_t capacity =
+      cfg.drop_tokens ? expert_capacity(cf, tokens, cfg.n_experts, cfg.top_k) : -1;
+  return make_dispatch(r.expert_TK, r.gate_TK, cfg.n_experts, capacity, policy, random_rank);
+}
+
+torch::Tensor SwitchFFNImpl::combine(const torch::Tensor& x_TD, const Routing& r,
+                                     const Dispatch& d) {
+  // Each assignment contributes scale * (expert output, or for a dropped one its input
+  // under `pass`, nothing under `zero`). With is_scale_prob the scale is the gate; else
+  // gate / gate.detach(), which is 1 but lets gradients reach the router.
+  torch::Tensor gate_A = r.gate_TK.reshape({-1});
+  torch::Tensor scale_A = cfg.is_scale_prob ? gate_A : gate_A / gate_A.detach();
+  scale_A = scale_A.to(x_TD.scalar_type());
+
+  torch::Tensor token_N = d.token_N();
+  torch::Tensor y_ND = experts->forward(x_TD.index_select(0, token_N), d, strategy);
+  torch::Tensor y_TD = torch::zeros_like(x_TD).index_add(
+      0, token_N, y_ND * scale_A.index_select(0, d.order_N).unsqueeze(1));
+  if (d.n_dropped() > 0 && cfg.dropped == "pass") {
+    torch::Tensor token_M = d.token_M();
+    y_TD = y_TD.index_add(
+        0, token_M,
+        x_TD.index_select(0, token_M) * scale_A.index_select(0, d.dropped_M).unsqueeze(1));
+  }
+  return y_TD;
 }
 
 SwitchFFNOutput SwitchFFNImpl::forward(const torch::Tensor& x) {
@@ -13,32 +46,23 @@ SwitchFFNOutput SwitchFFNImpl::forward(const torch::Tensor& x) {
   torch::Tensor x_TD = x.reshape({-1, D});
   const int64_t T = x_TD.size(0);
 
-  torch::Tensor probs_TE = router(x_TD);
-  auto [prob_max_T, expert_T] = probs_TE.max(/*dim=*/-1);
-
-  const int64_t capacity = cfg.drop_tokens ? expert_capacity(cfg.capacity_factor, T, E) : -1;
-  Dispatch d = dispatch_top1(expert_T, E, capacity, permute);
-
-  torch::Tensor y_ND = experts->forward_loop(x_TD, d);
-  torch::Tensor y_TD = torch::zeros_like(x_TD).index_copy(0, d.order_N, y_ND);
-  if (d.n_dropped() > 0 && cfg.dropped == "pass")
-    y_TD = y_TD.index_copy(0, d.dropped_M, x_TD.index_select(0, d.dropped_M));
-
-  torch::Tensor scale_T = cfg.is_scale_prob ? prob_max_T : prob_max_T / prob_max_T.detach();
-  y_TD = y_TD * scale_T.to(y_TD.scalar_type()).unsqueeze(1);
+  Routing r = route(x_TD);
+  Dispatch d = dispatch(r, T);
 
   SwitchFFNOutput out;
-  out.y = y_TD.view(x.sizes());
+  out.y = combine(x_TD, r, d).view(x.sizes());
   MoeStats& s = out.stats;
   s.tokens = T;
+  s.assignments = T * cfg.top_k;
   s.counts_E = d.counts_E;
   s.dropped = d.n_dropped();
-  s.prob_max_T = prob_max_T.detach();
-  torch::Tensor prob_sum_E = probs_TE.sum(0);
+  s.prob_max_T = std::get<0>(r.probs_TE.detach().max(-1));
+  torch::Tensor prob_sum_E = r.probs_TE.sum(0);
   s.prob_sum_E = prob_sum_E.detach();
-  // f_i = counts_i / T (not differentiable), P_i = prob_sum_i / T.
-  torch::Tensor frac_E = d.counts_E.to(torch::kFloat32) / static_cast<double>(T);
+  // f_i = counts_i / (T k) (not differentiable), P_i = prob_sum_i / T; balanced gives 1.
+  torch::Tensor frac_E = d.counts_E.to(torch::kFloat32) / static_cast<double>(s.assignments);
   s.lb_loss = static_cast<double>(E) * (frac_E * (prob_sum_E / static_cast<double>(T))).sum();
+  s.z_loss = torch::logsumexp(r.logits_TE, -1).pow(2).mean();
   return out;
 }
 

@@ -1,6 +1,7 @@
-// SwitchFeedForward: composes the router, the dispatch and the experts into the Switch
-// Transformer's sparse FFN, with the seed's semantics (capacity, dropping, pass-through,
-// probability scaling), and returns its routing statistics and load-balancing loss as values.
+// SwitchFeedForward: composes the router, the dispatch and the experts into the sparse FFN,
+// with the seed's semantics for top-1 (capacity, dropping, pass-through, probability
+// scaling) generalized to top-k, and returns its routing statistics and auxiliary losses
+// as values.
 #pragma once
 
 #include <torch/torch.h>
@@ -16,11 +17,13 @@ namespace sw {
 struct MoeStats {
   int64_t layer = -1;        // index of the transformer block (set by the transformer)
   int64_t tokens = 0;        // T
-  torch::Tensor counts_E;    // int64: tokens routed to each expert, before dropping
-  torch::Tensor prob_sum_E;  // float: sum over tokens of each expert's routing probability
-  int64_t dropped = 0;       // tokens over capacity
-  torch::Tensor prob_max_T;  // float: each token's winning probability
+  int64_t assignments = 0;   // T * top_k
+  torch::Tensor counts_E;    // int64: assignments routed to each expert, before dropping
+  torch::Tensor prob_sum_E;  // float: sum over tokens of each expert's router probability
+  int64_t dropped = 0;       // assignments over capacity
+  torch::Tensor prob_max_T;  // float: each token's highest router probability
   torch::Tensor lb_loss;     // scalar, differentiable: E * sum_i f_i * P_i (before alpha)
+  torch::Tensor z_loss;      // scalar, differentiable: mean_t logsumexp(logits_t)^2
 };
 
 struct SwitchFFNOutput {
@@ -32,10 +35,18 @@ struct SwitchFFNImpl : torch::nn::Module {
   SwitchFFNImpl(int64_t d_model, int64_t d_ff, const MoeConfig& moe, Activation act);
   SwitchFFNOutput forward(const torch::Tensor& x);  // x: [..., D]
 
+  // The parts, for tests and benchmarks: routing, then dispatch under the current mode's
+  // capacity, then experts and combine.
+  Routing route(const torch::Tensor& x_TD);
+  Dispatch dispatch(const Routing& r, int64_t tokens);
+  torch::Tensor combine(const torch::Tensor& x_TD, const Routing& r, const Dispatch& d);
+
   MoeConfig cfg;
+  Strategy strategy;
+  DropPolicy policy;
   Router router{nullptr};
   Experts experts{nullptr};
-  Permutation permute = random_permutation;  // replaceable for tests
+  RankFn random_rank = random_ranks;  // replaceable for tests
 };
 TORCH_MODULE(SwitchFFN);
 

@@ -43,8 +43,10 @@ TransformerImpl::TransformerImpl(const Config& c, int64_t vocab_size) : cfg(c) {
   ln_f = register_module("ln_f", torch::nn::LayerNorm(torch::nn::LayerNormOptions({D})));
   head = register_module("head", torch::nn::Linear(D, vocab_size));
 
-  // GPT-2 style init: N(0, 0.02), biases zero, residual projections scaled by 1/sqrt(2L).
+  // GPT-2 style init: N(0, 0.02), biases zero, residual projections scaled by 1/sqrt(2L);
+  // the MoE layers' router and experts as in the Switch paper: N(0, init_scale / fan_in).
   torch::NoGradGuard no_grad;
+  const double init_scale = c.moe.init_scale;
   const double resid_std = 0.02 / std::sqrt(2.0 * static_cast<double>(c.model.n_layers));
   for (auto& item : named_parameters()) {
     const std::string& name = item.key();
@@ -55,7 +57,11 @@ TransformerImpl::TransformerImpl(const Config& c, int64_t vocab_size) : cfg(c) {
     if (name.find("ln_") != std::string::npos) continue;  // LayerNorm keeps ones / zeros
     if (ends_with("bias") || ends_with("b_in") || ends_with("b_out")) {
       p.zero_();
-    } else if (ends_with("attn.proj.weight") || ends_with("fc_out.weight") || ends_with("w_out")) {
+    } else if (ends_with("experts.w_in") || ends_with("router.proj.weight")) {
+      p.normal_(0.0, std::sqrt(init_scale / static_cast<double>(D)));
+    } else if (ends_with("experts.w_out")) {
+      p.normal_(0.0, std::sqrt(init_scale / static_cast<double>(c.model.d_ff)));
+    } else if (ends_with("attn.proj.weight") || ends_with("fc_out.weight")) {
       p.normal_(0.0, resid_std);
     } else {
       p.normal_(0.0, 0.02);
@@ -93,16 +99,18 @@ int64_t TransformerImpl::n_active_params() const {
     const int64_t per_expert = ex->w_in.numel() / ex->n_experts + ex->b_in.numel() / ex->n_experts +
                                ex->w_out.numel() / ex->n_experts +
                                ex->b_out.numel() / ex->n_experts;
-    n -= per_expert * (ex->n_experts - 1);  // top-1: one expert per token
+    n -= per_expert * (ex->n_experts - b->switch_->cfg.top_k);  // top-k experts per token
   }
   return n;
 }
 
-torch::Tensor total_lb_loss(const std::vector<MoeStats>& stats) {
-  torch::Tensor sum = torch::zeros({}, torch::kFloat32);
-  for (const auto& s : stats)
-    sum = sum + s.lb_loss;
-  return sum;
+AuxLosses total_aux_losses(const std::vector<MoeStats>& stats) {
+  AuxLosses a{torch::zeros({}, torch::kFloat32), torch::zeros({}, torch::kFloat32)};
+  for (const auto& st : stats) {
+    a.lb = a.lb + st.lb_loss;
+    a.z = a.z + st.z_loss;
+  }
+  return a;
 }
 
 }  // namespace sw

@@ -50,7 +50,11 @@ struct TransformerImpl : torch::nn::Module {
 };
 TORCH_MODULE(Transformer);
 
-// Sum over MoE layers of E * sum_i f_i P_i (the load-balancing loss before alpha).
-torch::Tensor total_lb_loss(const std::vector<MoeStats>& stats);
+// The auxiliary losses summed over MoE layers, before their weights (moe.alpha, moe.z_loss).
+struct AuxLosses {
+  torch::Tensor lb;  // sum of E * sum_i f_i P_i
+  torch::Tensor z;   // sum of mean_t logsumexp(logits_t)^2
+};
+AuxLosses total_aux_losses(const std::vector<MoeStats>& stats);
 
 }  // namespace sw

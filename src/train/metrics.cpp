@@ -49,7 +49,7 @@ void RoutingAccumulator::add(const std::vector<MoeStats>& stats) {
   for (size_t i = 0; i < stats.size(); ++i) {
     Layer& l = layers_[i];
     l.layer = stats[i].layer;
-    l.tokens += stats[i].tokens;
+    l.tokens += stats[i].assignments;
     l.dropped += stats[i].dropped;
     if (l.counts_E.defined()) {
       l.counts_E += stats[i].counts_E;

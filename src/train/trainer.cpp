@@ -177,7 +177,7 @@ nlohmann::ordered_json train(const Config& cfg, const TrainOptions& opt) {
   auto now_s = [&] { return time_offset + seconds_since(t_start); };
 
   RoutingAccumulator routing;
-  double interval_ce = 0, interval_lb = 0, interval_step_s = 0;
+  double interval_ce = 0, interval_lb = 0, interval_z = 0, interval_step_s = 0;
   int64_t interval_steps = 0;
   double session_step_s = 0;
   int64_t session_steps = 0;
@@ -192,14 +192,14 @@ nlohmann::ordered_json train(const Config& cfg, const TrainOptions& opt) {
     ModelOutput out = model->forward(batch.x_BS);
     torch::Tensor ce =
         torch::cross_entropy_loss(out.logits_BSV.reshape({-1, V}), batch.y_BS.reshape({-1}));
-    torch::Tensor lb = total_lb_loss(out.moe);
-    torch::Tensor loss = ce + cfg.moe.alpha * lb;
+    AuxLosses aux = total_aux_losses(out.moe);
+    torch::Tensor loss = ce + cfg.moe.alpha * aux.lb + cfg.moe.z_loss * aux.z;
     const double loss_v = loss.item<double>();
     if (!std::isfinite(loss_v))
       throw Error(
           fmt::format("step {}: the loss is {} (cross-entropy {}, load-balancing {}); "
                       "try a lower train.lr. The last checkpoint is kept.",
-                      step + 1, loss_v, ce.item<double>(), lb.item<double>()));
+                      step + 1, loss_v, ce.item<double>(), aux.lb.item<double>()));
 
     optimizer->zero_grad();
     loss.backward();
@@ -214,7 +214,8 @@ nlohmann::ordered_json train(const Config& cfg, const TrainOptions& opt) {
     ++session_steps;
     ++interval_steps;
     interval_ce += ce.item<double>();
-    interval_lb += lb.item<double>();
+    interval_lb += aux.lb.item<double>();
+    interval_z += aux.z.item<double>();
     routing.add(out.moe);
     state.step = step + 1;
 
@@ -223,18 +224,21 @@ nlohmann::ordered_json train(const Config& cfg, const TrainOptions& opt) {
       const double tok_s = static_cast<double>(interval_steps * tokens_per_step) / interval_step_s;
       const double ce_mean = interval_ce / static_cast<double>(interval_steps);
       const double lb_mean = interval_lb / static_cast<double>(interval_steps);
+      const double z_mean = interval_z / static_cast<double>(interval_steps);
       const double drop = routing.drop_fraction();
-      nlohmann::ordered_json rec = {{"kind", "train"},
-                                    {"step", state.step},
-                                    {"time_s", now_s()},
-                                    {"lr", lr},
-                                    {"loss", ce_mean + cfg.moe.alpha * lb_mean},
-                                    {"ce", ce_mean},
-                                    {"lb_loss", lb_mean},
-                                    {"drop_frac", drop},
-                                    {"tokens_per_s", tok_s},
-                                    {"steps_in_record", interval_steps},
-                                    {"layers", routing.to_json()}};
+      nlohmann::ordered_json rec = {
+          {"kind", "train"},
+          {"step", state.step},
+          {"time_s", now_s()},
+          {"lr", lr},
+          {"loss", ce_mean + cfg.moe.alpha * lb_mean + cfg.moe.z_loss * z_mean},
+          {"ce", ce_mean},
+          {"lb_loss", lb_mean},
+          {"z_loss", z_mean},
+          {"drop_frac", drop},
+          {"tokens_per_s", tok_s},
+          {"steps_in_record", interval_steps},
+          {"layers", routing.to_json()}};
       if (std::isfinite(grad_norm)) rec["grad_norm"] = grad_norm;
       metrics.write(rec);
       const double eta = session_step_s / static_cast<double>(session_steps) *
@@ -245,7 +249,7 @@ nlohmann::ordered_json train(const Config& cfg, const TrainOptions& opt) {
                       state.step, cfg.train.steps, ce_mean, lb_mean, 100.0 * drop, lr,
                       1000.0 * interval_step_s / static_cast<double>(interval_steps),
                       human_count(tok_s), human_duration(eta)));
-      interval_ce = interval_lb = interval_step_s = 0;
+      interval_ce = interval_lb = interval_z = interval_step_s = 0;
       interval_steps = 0;
       routing.reset();
     }
