@@ -6,8 +6,10 @@
 #include "sample/sampler.h"
 #include "train/trainer.h"
 #include "util/error.h"
+#include "util/malloc_tuning.h"
 
 int main(int argc, char** argv) {
+  sw::keep_freed_memory();
   CLI::App app{"Generate text from a run trained by switch-train."};
   std::string run_dir;
   sw::SampleOptions opt;

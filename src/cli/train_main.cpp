@@ -8,6 +8,7 @@
 #include "config/config.h"
 #include "train/trainer.h"
 #include "util/error.h"
+#include "util/malloc_tuning.h"
 
 namespace {
 
@@ -34,6 +35,7 @@ std::string list_keys() {
 }  // namespace
 
 int main(int argc, char** argv) {
+  sw::keep_freed_memory();
   CLI::App app{
       "Train a Switch Transformer (sparse mixture-of-experts) character-level "
       "language model."};

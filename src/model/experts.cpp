@@ -22,6 +22,26 @@ torch::Tensor activation_backward(const torch::Tensor& grad_h, const torch::Tens
   return grad_h * (h_pre > 0).to(grad_h.scalar_type());
 }
 
+// Runs fn(e, lo, hi) for every expert e with rows [lo, hi). Many small segments run in
+// parallel across experts, each matmul single-threaded: a matmul of a few rows cannot use
+// two threads well, and splitting each one costs a fork and join per call. Few large
+// segments run one after another, each matmul using every thread.
+template <typename Fn>
+void for_each_expert(const std::vector<int64_t>& offsets, bool include_empty, const Fn& fn) {
+  const int64_t E = static_cast<int64_t>(offsets.size()) - 1;
+  const int64_t rows = offsets.back();
+  const bool across = at::get_num_threads() > 1 && E >= 2 * at::get_num_threads() &&
+                      rows <= 64 * E;  // on average at most 64 rows per expert
+  auto body = [&](int64_t begin, int64_t end) {
+    for (int64_t e = begin; e < end; ++e)
+      if (include_empty || offsets[e + 1] > offsets[e]) fn(e, offsets[e], offsets[e + 1]);
+  };
+  if (across)
+    at::parallel_for(0, E, /*grain_size=*/1, body);
+  else
+    body(0, E);
+}
+
 // h = act(x W_in + b_in), y = h W_out + b_out, expert by expert over row segments. The
 // elementwise parts run once over all rows; only the matmuls go segment by segment.
 struct GroupedFFNFunction : torch::autograd::Function<GroupedFFNFunction> {
@@ -30,23 +50,19 @@ struct GroupedFFNFunction : torch::autograd::Function<GroupedFFNFunction> {
                                const torch::Tensor& w_out, const torch::Tensor& b_out,
                                const std::vector<int64_t>& offsets, int64_t act_id) {
     const Activation act = static_cast<Activation>(act_id);
-    const int64_t E = w_in.size(0), F = w_in.size(2), D = w_out.size(2), N = x_ND.size(0);
+    const int64_t F = w_in.size(2), D = w_out.size(2), N = x_ND.size(0);
     torch::Tensor x = x_ND.contiguous();
     torch::Tensor h_pre = torch::empty({N, F}, x.options());
-    for (int64_t e = 0; e < E; ++e) {
-      const int64_t lo = offsets[e], hi = offsets[e + 1];
-      if (hi == lo) continue;
+    for_each_expert(offsets, false, [&](int64_t e, int64_t lo, int64_t hi) {
       torch::Tensor out = h_pre.slice(0, lo, hi);
       torch::addmm_out(out, b_in[e], x.slice(0, lo, hi), w_in[e]);
-    }
+    });
     torch::Tensor h = activate(h_pre, act);
     torch::Tensor y = torch::empty({N, D}, x.options());
-    for (int64_t e = 0; e < E; ++e) {
-      const int64_t lo = offsets[e], hi = offsets[e + 1];
-      if (hi == lo) continue;
+    for_each_expert(offsets, false, [&](int64_t e, int64_t lo, int64_t hi) {
       torch::Tensor out = y.slice(0, lo, hi);
       torch::addmm_out(out, b_out[e], h.slice(0, lo, hi), w_out[e]);
-    }
+    });
     ctx->save_for_backward({x, w_in, w_out, h_pre, h});
     ctx->saved_data["offsets"] = offsets;
     ctx->saved_data["act"] = act_id;
@@ -63,20 +79,17 @@ struct GroupedFFNFunction : torch::autograd::Function<GroupedFFNFunction> {
     torch::Tensor gy = grads[0].contiguous();
 
     torch::Tensor gh = torch::empty_like(h);
-    for (int64_t e = 0; e < E; ++e) {
-      const int64_t lo = offsets[e], hi = offsets[e + 1];
-      if (hi == lo) continue;
+    for_each_expert(offsets, false, [&](int64_t e, int64_t lo, int64_t hi) {
       torch::Tensor out = gh.slice(0, lo, hi);
       torch::mm_out(out, gy.slice(0, lo, hi), w_out[e].t());
-    }
+    });
     torch::Tensor gh_pre = activation_backward(gh, h_pre, act);
 
     torch::Tensor gx = torch::empty({N, x.size(1)}, x.options());
     torch::Tensor gw_in = torch::empty_like(w_in), gw_out = torch::empty_like(w_out);
     torch::Tensor gb_in = torch::empty({E, w_in.size(2)}, x.options());
     torch::Tensor gb_out = torch::empty({E, w_out.size(2)}, x.options());
-    for (int64_t e = 0; e < E; ++e) {
-      const int64_t lo = offsets[e], hi = offsets[e + 1];
+    for_each_expert(offsets, true, [&](int64_t e, int64_t lo, int64_t hi) {
       torch::Tensor gw_in_e = gw_in[e], gw_out_e = gw_out[e], gb_in_e = gb_in[e],
                     gb_out_e = gb_out[e];
       if (hi == lo) {  // an expert without rows gets zero gradients and costs nothing else
@@ -84,7 +97,7 @@ struct GroupedFFNFunction : torch::autograd::Function<GroupedFFNFunction> {
         gw_out_e.zero_();
         gb_in_e.zero_();
         gb_out_e.zero_();
-        continue;
+        return;
       }
       const torch::Tensor x_e = x.slice(0, lo, hi), gh_pre_e = gh_pre.slice(0, lo, hi);
       const torch::Tensor gy_e = gy.slice(0, lo, hi);
@@ -94,7 +107,7 @@ struct GroupedFFNFunction : torch::autograd::Function<GroupedFFNFunction> {
       torch::sum_out(gb_out_e, gy_e, /*dim=*/{0});
       torch::Tensor gx_e = gx.slice(0, lo, hi);
       torch::mm_out(gx_e, gh_pre_e, w_in[e].t());
-    }
+    });
     return {gx, gw_in, gb_in, gw_out, gb_out, torch::Tensor(), torch::Tensor()};
   }
 };

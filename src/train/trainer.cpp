@@ -201,7 +201,7 @@ nlohmann::ordered_json train(const Config& cfg, const TrainOptions& opt) {
                       "try a lower train.lr. The last checkpoint is kept.",
                       step + 1, loss_v, ce.item<double>(), aux.lb.item<double>()));
 
-    optimizer->zero_grad();
+    model->zero_grad(/*set_to_none=*/true);  // backward then hands over its gradients
     loss.backward();
     double grad_norm = std::nan("");
     if (cfg.train.grad_clip > 0)
@@ -265,7 +265,7 @@ nlohmann::ordered_json train(const Config& cfg, const TrainOptions& opt) {
       say(fmt::format("eval step {} | train {:.4f} | val {:.4f} | best val {:.4f}", state.step,
                       last_train, last_val, state.best_val_loss));
     }
-    if (state.step % cfg.train.checkpoint_every == 0 || last) {
+    if (opt.checkpoints && (state.step % cfg.train.checkpoint_every == 0 || last)) {
       state.time_s = now_s();
       state.data_rng = data_rng.state();
       save_checkpoint(opt.out_dir, cfg, data.vocab(), *model, *optimizer, state);

@@ -11,9 +11,10 @@
 namespace sw {
 
 struct TrainOptions {
-  std::string out_dir;  // the run directory
-  bool resume = false;  // continue from the run's newest complete checkpoint
-  bool quiet = false;   // no progress output
+  std::string out_dir;      // the run directory
+  bool resume = false;      // continue from the run's newest complete checkpoint
+  bool quiet = false;       // no progress output
+  bool checkpoints = true;  // false: write no checkpoint (benchmarks)
 };
 
 // Trains and returns the summary (also written to <out_dir>/summary.json). For a resumed

@@ -1,0 +1,185 @@
+#include "bench/bench.h"
+
+#include <algorithm>
+#include <chrono>
+#include <filesystem>
+
+#include <torch/torch.h>
+
+#include "bench/memory.h"
+#include "model/ffn.h"
+#include "model/switch_ffn.h"
+#include "train/metrics.h"
+#include "train/trainer.h"
+
+namespace sw {
+
+namespace {
+
+double median(std::vector<double> v) {
+  std::sort(v.begin(), v.end());
+  const size_t n = v.size();
+  return n % 2 ? v[n / 2] : 0.5 * (v[n / 2 - 1] + v[n / 2]);
+}
+
+int64_t grad_bytes(torch::nn::Module& m) {
+  int64_t n = 0;
+  for (const auto& p : m.parameters())
+    n += p.numel() * static_cast<int64_t>(p.element_size());
+  return n;
+}
+
+}  // namespace
+
+namespace {
+
+// One layer ready to run forward + backward on its own input.
+struct LayerRunner {
+  explicit LayerRunner(const LayerCase& c_) : c(c_) {
+    if (c.strategy == "dense") {
+      dense = DenseFFN(c.d_model, c.d_ff * c.top_k, Activation::Gelu);
+      module = dense.get();
+    } else {
+      MoeConfig moe;
+      moe.n_experts = c.experts;
+      moe.top_k = c.top_k;
+      moe.capacity_factor = c.capacity_factor;
+      moe.drop_tokens = c.drop_tokens;
+      moe.strategy = c.strategy;
+      moe_layer = SwitchFFN(c.d_model, c.d_ff, moe, Activation::Gelu);
+      module = moe_layer.get();
+    }
+    x = torch::randn({c.tokens, c.d_model}).requires_grad_(true);
+    grad_y = torch::randn({c.tokens, c.d_model});
+  }
+
+  void zero_grads() {
+    module->zero_grad(/*set_to_none=*/true);  // as in training
+    x.mutable_grad() = torch::Tensor();
+  }
+
+  void step() {
+    zero_grads();
+    torch::Tensor y;
+    if (dense) {
+      y = dense->forward(x);
+    } else {
+      SwitchFFNOutput out = moe_layer->forward(x);
+      y = out.y;
+      dropped += out.stats.dropped;
+    }
+    y.backward(grad_y);
+  }
+
+  LayerCase c;
+  DenseFFN dense{nullptr};
+  SwitchFFN moe_layer{nullptr};
+  torch::nn::Module* module = nullptr;
+  torch::Tensor x, grad_y;
+  int64_t dropped = 0;
+};
+
+}  // namespace
+
+std::vector<LayerResult> bench_layers(const std::vector<LayerCase>& cases, int reps, int warmup,
+                                      uint64_t seed) {
+  torch::manual_seed(seed);
+  std::vector<LayerRunner> runners;
+  for (const auto& c : cases)
+    runners.emplace_back(c);
+  std::vector<LayerResult> results(cases.size());
+  for (size_t i = 0; i < runners.size(); ++i) {
+    LayerRunner& r = runners[i];
+    for (int w = 0; w < warmup; ++w)
+      r.step();
+    // Memory of one step: everything allocated from the start of forward to the end of
+    // backward, the parameters' new gradients included.
+    r.zero_grads();
+    MemoryTracker::reset_peak();
+    const int64_t before = MemoryTracker::current_bytes();
+    r.step();
+    results[i].c = r.c;
+    results[i].peak_bytes = MemoryTracker::peak_bytes() - before;
+    results[i].param_grad_bytes = grad_bytes(*r.module);
+    r.dropped = 0;
+  }
+  // Round robin, so that a slow moment of a shared machine hits every case alike.
+  std::vector<std::vector<double>> ms(runners.size());
+  for (int rep = 0; rep < reps; ++rep) {
+    for (size_t i = 0; i < runners.size(); ++i) {
+      const auto t0 = std::chrono::steady_clock::now();
+      runners[i].step();
+      ms[i].push_back(
+          std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t0).count());
+    }
+  }
+  for (size_t i = 0; i < runners.size(); ++i) {
+    results[i].median_ms = median(ms[i]);
+    results[i].min_ms = *std::min_element(ms[i].begin(), ms[i].end());
+    results[i].dropped_frac =
+        static_cast<double>(runners[i].dropped) /
+        static_cast<double>(static_cast<int64_t>(reps) * cases[i].tokens * cases[i].top_k);
+  }
+  return results;
+}
+
+TrainResult bench_train(const Config& cfg, const std::string& scratch_dir) {
+  std::filesystem::remove_all(scratch_dir);
+  TrainOptions opt;
+  opt.out_dir = scratch_dir;
+  opt.quiet = true;
+  opt.checkpoints = false;
+  Config c = cfg;
+  c.train.log_every = 1;  // one train record per step: per-step times for the median
+  nlohmann::ordered_json s = train(c, opt);
+  std::vector<double> ms;
+  const double tokens = static_cast<double>(c.train.batch_size * c.model.seq_len);
+  for (const auto& rec : read_metrics(scratch_dir + "/metrics.jsonl"))
+    if (rec["kind"] == "train") ms.push_back(1000.0 * tokens / rec["tokens_per_s"].get<double>());
+  std::filesystem::remove_all(scratch_dir);
+  TrainResult r;
+  r.median_ms = median(ms);
+  r.experts = cfg.n_moe_layers() > 0 ? cfg.moe.n_experts : 0;
+  r.steps = cfg.train.steps;
+  r.tokens_per_s = s["tokens_per_s"].get<double>();
+  r.ms_per_step =
+      1000.0 * static_cast<double>(cfg.train.batch_size * cfg.model.seq_len) / r.tokens_per_s;
+  r.params_total = s["params_total"].get<int64_t>();
+  r.params_active = s["params_active"].get<int64_t>();
+  return r;
+}
+
+nlohmann::ordered_json to_json(const LayerResult& r) {
+  return {{"kind", "layer"},
+          {"strategy", r.c.strategy},
+          {"experts", r.c.experts},
+          {"tokens", r.c.tokens},
+          {"d_model", r.c.d_model},
+          {"d_ff", r.c.d_ff},
+          {"top_k", r.c.top_k},
+          {"drop_tokens", r.c.drop_tokens},
+          {"capacity_factor", r.c.capacity_factor},
+          {"median_ms", r.median_ms},
+          {"min_ms", r.min_ms},
+          {"peak_bytes", r.peak_bytes},
+          {"param_grad_bytes", r.param_grad_bytes},
+          {"dropped_frac", r.dropped_frac}};
+}
+
+nlohmann::ordered_json to_json(const TrainResult& r, const Config& cfg) {
+  return {{"kind", "train_step"},
+          {"strategy", cfg.moe.strategy},
+          {"experts", r.experts},
+          {"tokens", cfg.train.batch_size * cfg.model.seq_len},
+          {"d_model", cfg.model.d_model},
+          {"d_ff", cfg.model.d_ff},
+          {"top_k", cfg.moe.top_k},
+          {"median_ms", r.median_ms},
+          {"mean_ms", r.ms_per_step},
+          {"tokens_per_s", r.tokens_per_s},
+          {"steps", r.steps},
+          {"params_total", r.params_total},
+          {"params_active", r.params_active}};
+}
+
+}  // namespace sw

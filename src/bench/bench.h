@@ -1,0 +1,50 @@
+// switch-bench's measurements: forward + backward of one MoE layer per expert strategy
+// against a dense FFN of the same active width, and full training steps of a model.
+#pragma once
+
+#include <string>
+#include <vector>
+
+#include <nlohmann/json.hpp>
+
+#include "config/config.h"
+
+namespace sw {
+
+struct LayerCase {
+  std::string strategy;  // loop | capacity | grouped | dense
+  int64_t experts = 1, tokens = 1024, d_model = 128, d_ff = 512, top_k = 1;
+  bool drop_tokens = true;
+  double capacity_factor = 1.25;
+};
+
+struct LayerResult {
+  LayerCase c;
+  double median_ms = 0, min_ms = 0;
+  int64_t peak_bytes = 0;        // most bytes allocated at once during forward + backward
+  int64_t param_grad_bytes = 0;  // the parameters' gradients among them (the weights' size)
+  double dropped_frac = 0;
+};
+
+// Times `reps` forward + backward passes of each case after `warmup` untimed ones, the cases
+// taking turns; medians reported. Memory is measured when the tracking allocator is
+// installed (MemoryTracker::install).
+std::vector<LayerResult> bench_layers(const std::vector<LayerCase>& cases, int reps, int warmup,
+                                      uint64_t seed = 0);
+
+struct TrainResult {
+  int64_t experts = 0;
+  int64_t steps = 0;
+  double median_ms = 0;                      // median step time
+  double ms_per_step = 0, tokens_per_s = 0;  // means over all steps
+  int64_t params_total = 0, params_active = 0;
+};
+
+// Trains `cfg` for its train.steps in a scratch directory (no checkpoints) and reports the
+// median step time (from per-step metrics) and the mean throughput (from its summary).
+TrainResult bench_train(const Config& cfg, const std::string& scratch_dir);
+
+nlohmann::ordered_json to_json(const LayerResult& r);
+nlohmann::ordered_json to_json(const TrainResult& r, const Config& cfg);
+
+}  // namespace sw
