@@ -132,13 +132,21 @@ TrainResult bench_train(const Config& cfg, const std::string& scratch_dir) {
   Config c = cfg;
   c.train.log_every = 1;  // one train record per step: per-step times for the median
   nlohmann::ordered_json s = train(c, opt);
-  std::vector<double> ms;
+  std::vector<double> ms, fwd, bwd, opt_ms;
   const double tokens = static_cast<double>(c.train.batch_size * c.model.seq_len);
-  for (const auto& rec : read_metrics(scratch_dir + "/metrics.jsonl"))
-    if (rec["kind"] == "train") ms.push_back(1000.0 * tokens / rec["tokens_per_s"].get<double>());
+  for (const auto& rec : read_metrics(scratch_dir + "/metrics.jsonl")) {
+    if (rec["kind"] != "train") continue;
+    ms.push_back(1000.0 * tokens / rec["tokens_per_s"].get<double>());
+    fwd.push_back(rec["ms_forward"].get<double>());
+    bwd.push_back(rec["ms_backward"].get<double>());
+    opt_ms.push_back(rec["ms_optimizer"].get<double>());
+  }
   std::filesystem::remove_all(scratch_dir);
   TrainResult r;
   r.median_ms = median(ms);
+  r.median_forward_ms = median(fwd);
+  r.median_backward_ms = median(bwd);
+  r.median_optimizer_ms = median(opt_ms);
   r.experts = cfg.n_moe_layers() > 0 ? cfg.moe.n_experts : 0;
   r.steps = cfg.train.steps;
   r.tokens_per_s = s["tokens_per_s"].get<double>();
@@ -176,6 +184,9 @@ nlohmann::ordered_json to_json(const TrainResult& r, const Config& cfg) {
           {"top_k", cfg.moe.top_k},
           {"median_ms", r.median_ms},
           {"mean_ms", r.ms_per_step},
+          {"median_forward_ms", r.median_forward_ms},
+          {"median_backward_ms", r.median_backward_ms},
+          {"median_optimizer_ms", r.median_optimizer_ms},
           {"tokens_per_s", r.tokens_per_s},
           {"steps", r.steps},
           {"params_total", r.params_total},

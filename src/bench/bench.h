@@ -35,7 +35,8 @@ std::vector<LayerResult> bench_layers(const std::vector<LayerCase>& cases, int r
 struct TrainResult {
   int64_t experts = 0;
   int64_t steps = 0;
-  double median_ms = 0;                      // median step time
+  double median_ms = 0;  // median step time, and of its phases:
+  double median_forward_ms = 0, median_backward_ms = 0, median_optimizer_ms = 0;
   double ms_per_step = 0, tokens_per_s = 0;  // means over all steps
   int64_t params_total = 0, params_active = 0;
 };

@@ -125,8 +125,9 @@ int main(int argc, char** argv) {
     if (!no_train) {
       out(fmt::format("\nTraining steps of the default model ({} steps each, no checkpoints):",
                       train_steps));
-      out(fmt::format("{:>4} | {:>9} {:>9} {:>10} | {:>10} {:>10}", "E", "median ms", "mean ms",
-                      "tokens/s", "params", "active"));
+      out(fmt::format("{:>4} | {:>9} {:>9} {:>10} | {:>8} {:>8} {:>8} | {:>10} {:>10}", "E",
+                      "median ms", "mean ms", "tokens/s", "forward", "backward", "optim", "params",
+                      "active"));
       double base_tok_s = 0;
       for (int64_t E : train_experts) {
         sw::Config cfg;
@@ -141,9 +142,12 @@ int main(int argc, char** argv) {
         sw::TrainResult r = sw::bench_train(cfg, fmt::format("runs/.bench-E{}", E));
         all.push_back(sw::to_json(r, cfg));
         if (base_tok_s == 0) base_tok_s = r.tokens_per_s;
-        out(fmt::format("{:>4} | {:9.1f} {:9.1f} {:10.0f} | {:>10} {:>10}   ({:.2f}x of E={})", E,
-                        r.median_ms, r.ms_per_step, r.tokens_per_s, r.params_total, r.params_active,
-                        r.tokens_per_s / base_tok_s, train_experts.front()));
+        out(
+            fmt::format("{:>4} | {:9.1f} {:9.1f} {:10.0f} | {:8.1f} {:8.1f} {:8.1f} | {:>10} "
+                        "{:>10}   ({:.2f}x of E={})",
+                        E, r.median_ms, r.ms_per_step, r.tokens_per_s, r.median_forward_ms,
+                        r.median_backward_ms, r.median_optimizer_ms, r.params_total,
+                        r.params_active, r.tokens_per_s / base_tok_s, train_experts.front()));
       }
     }
     if (json) std::cout << all.dump(2) << std::endl;

@@ -19,8 +19,7 @@ bool is_decayed(const std::string& name, const torch::Tensor& p) {
   return p.dim() >= 2;
 }
 
-std::unique_ptr<torch::optim::AdamW> make_optimizer(torch::nn::Module& model,
-                                                    const TrainConfig& t) {
+std::unique_ptr<FusedAdamW> make_optimizer(torch::nn::Module& model, const TrainConfig& t) {
   std::vector<torch::Tensor> decay, no_decay;
   for (const auto& item : model.named_parameters())
     (is_decayed(item.key(), item.value()) ? decay : no_decay).push_back(item.value());
@@ -31,7 +30,7 @@ std::unique_ptr<torch::optim::AdamW> make_optimizer(torch::nn::Module& model,
   std::vector<torch::optim::OptimizerParamGroup> groups;
   groups.emplace_back(decay, options(t.weight_decay));
   groups.emplace_back(no_decay, options(0.0));
-  return std::make_unique<torch::optim::AdamW>(groups, torch::optim::AdamWOptions(t.lr));
+  return std::make_unique<FusedAdamW>(groups, torch::optim::AdamWOptions(t.lr));
 }
 
 void set_lr(torch::optim::Optimizer& opt, double lr) {

@@ -7,6 +7,7 @@
 #include <torch/torch.h>
 
 #include "config/config.h"
+#include "train/fused_adamw.h"
 
 namespace sw {
 
@@ -17,7 +18,7 @@ double lr_at(const TrainConfig& t, int64_t step);
 // or LayerNorm parameters (expert biases are [E, F] yet are biases).
 bool is_decayed(const std::string& name, const torch::Tensor& p);
 
-std::unique_ptr<torch::optim::AdamW> make_optimizer(torch::nn::Module& model, const TrainConfig& t);
+std::unique_ptr<FusedAdamW> make_optimizer(torch::nn::Module& model, const TrainConfig& t);
 void set_lr(torch::optim::Optimizer& opt, double lr);
 
 }  // namespace sw

@@ -178,6 +178,7 @@ nlohmann::ordered_json train(const Config& cfg, const TrainOptions& opt) {
 
   RoutingAccumulator routing;
   double interval_ce = 0, interval_lb = 0, interval_z = 0, interval_step_s = 0;
+  double interval_fwd_s = 0, interval_bwd_s = 0, interval_opt_s = 0;  // phases of the steps
   int64_t interval_steps = 0;
   double session_step_s = 0;
   int64_t session_steps = 0;
@@ -201,12 +202,20 @@ nlohmann::ordered_json train(const Config& cfg, const TrainOptions& opt) {
                       "try a lower train.lr. The last checkpoint is kept.",
                       step + 1, loss_v, ce.item<double>(), aux.lb.item<double>()));
 
+    const auto t_backward = Clock::now();
+    interval_fwd_s += std::chrono::duration<double>(t_backward - t_step).count();
     model->zero_grad(/*set_to_none=*/true);  // backward then hands over its gradients
     loss.backward();
+    const auto t_optimizer = Clock::now();
+    interval_bwd_s += std::chrono::duration<double>(t_optimizer - t_backward).count();
     double grad_norm = std::nan("");
-    if (cfg.train.grad_clip > 0)
-      grad_norm = torch::nn::utils::clip_grad_norm_(model->parameters(), cfg.train.grad_clip);
+    if (cfg.train.grad_clip > 0) {
+      const GradNorm g = sw::grad_norm(model->parameters(), cfg.train.grad_clip);
+      grad_norm = g.norm;
+      optimizer->set_grad_scale(g.clip_scale);  // clipping, applied inside the update
+    }
     optimizer->step();
+    interval_opt_s += seconds_since(t_optimizer);
 
     const double step_s = seconds_since(t_step);
     interval_step_s += step_s;
@@ -237,6 +246,9 @@ nlohmann::ordered_json train(const Config& cfg, const TrainOptions& opt) {
           {"z_loss", z_mean},
           {"drop_frac", drop},
           {"tokens_per_s", tok_s},
+          {"ms_forward", 1000.0 * interval_fwd_s / static_cast<double>(interval_steps)},
+          {"ms_backward", 1000.0 * interval_bwd_s / static_cast<double>(interval_steps)},
+          {"ms_optimizer", 1000.0 * interval_opt_s / static_cast<double>(interval_steps)},
           {"steps_in_record", interval_steps},
           {"layers", routing.to_json()}};
       if (std::isfinite(grad_norm)) rec["grad_norm"] = grad_norm;
@@ -250,6 +262,7 @@ nlohmann::ordered_json train(const Config& cfg, const TrainOptions& opt) {
                       1000.0 * interval_step_s / static_cast<double>(interval_steps),
                       human_count(tok_s), human_duration(eta)));
       interval_ce = interval_lb = interval_z = interval_step_s = 0;
+      interval_fwd_s = interval_bwd_s = interval_opt_s = 0;
       interval_steps = 0;
       routing.reset();
     }

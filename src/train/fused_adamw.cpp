@@ -1,0 +1,106 @@
+#include "train/fused_adamw.h"
+
+#include <cmath>
+#include <sstream>
+#include <type_traits>
+
+#include <ATen/Parallel.h>
+
+namespace sw {
+namespace {
+
+// The optimizer's state map is keyed by the parameter's TensorImpl: by its printed address
+// in LibTorch 1.x, by the pointer itself in later versions.
+template <typename Key>
+Key state_key(c10::TensorImpl* impl) {
+  if constexpr (std::is_same_v<Key, std::string>) {
+    std::ostringstream ss;
+    ss << impl;
+    return ss.str();
+  } else {
+    return impl;
+  }
+}
+
+// One pass: p <- p * (1 - lr wd); m <- b1 m + (1 - b1) g; v <- b2 v + (1 - b2) g^2;
+// p <- p - step_size * m / (sqrt(v) / sqrt(bc2) + eps), with g = scale * grad.
+void update_float(float* p, const float* g, float* m, float* v, int64_t n, float decay, float scale,
+                  float b1, float b2, float inv_sqrt_bc2, float eps, float step_size) {
+  at::parallel_for(0, n, 32768, [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i) {
+      const float gi = g[i] * scale;
+      const float mi = m[i] * b1 + (1.0f - b1) * gi;
+      const float vi = v[i] * b2 + (1.0f - b2) * gi * gi;
+      m[i] = mi;
+      v[i] = vi;
+      p[i] = p[i] * decay - step_size * mi / (std::sqrt(vi) * inv_sqrt_bc2 + eps);
+    }
+  });
+}
+
+}  // namespace
+
+torch::Tensor FusedAdamW::step(LossClosure closure) {
+  torch::NoGradGuard no_grad;
+  torch::Tensor loss;
+  if (closure) {
+    at::AutoGradMode enable_grad(true);
+    loss = closure();
+  }
+  using Key = typename std::decay_t<decltype(state_)>::key_type;
+  for (auto& group : param_groups_) {
+    auto& o = static_cast<torch::optim::AdamWOptions&>(group.options());
+    TORCH_CHECK(!o.amsgrad(), "FusedAdamW does not implement amsgrad");
+    const double b1 = std::get<0>(o.betas()), b2 = std::get<1>(o.betas());
+    for (auto& p : group.params()) {
+      if (!p.grad().defined()) continue;
+      const Key key = state_key<Key>(p.unsafeGetTensorImpl());
+      auto it = state_.find(key);
+      if (it == state_.end()) {
+        auto s = std::make_unique<torch::optim::AdamWParamState>();
+        s->step(0);
+        s->exp_avg(torch::zeros_like(p, torch::MemoryFormat::Preserve));
+        s->exp_avg_sq(torch::zeros_like(p, torch::MemoryFormat::Preserve));
+        it = state_.emplace(key, std::move(s)).first;
+      }
+      auto& s = static_cast<torch::optim::AdamWParamState&>(*it->second);
+      s.step(s.step() + 1);
+      const double bc1 = 1 - std::pow(b1, static_cast<double>(s.step()));
+      const double bc2 = 1 - std::pow(b2, static_cast<double>(s.step()));
+      const double step_size = o.lr() / bc1;
+      const double decay = 1 - o.lr() * o.weight_decay();
+      torch::Tensor grad = p.grad();
+      torch::Tensor m = s.exp_avg(), v = s.exp_avg_sq();
+      if (p.scalar_type() == torch::kFloat32 && p.is_contiguous() && grad.is_contiguous() &&
+          m.is_contiguous() && v.is_contiguous() && p.device().is_cpu()) {
+        update_float(p.data_ptr<float>(), grad.data_ptr<float>(), m.data_ptr<float>(),
+                     v.data_ptr<float>(), p.numel(), static_cast<float>(decay),
+                     static_cast<float>(grad_scale_), static_cast<float>(b1),
+                     static_cast<float>(b2), static_cast<float>(1.0 / std::sqrt(bc2)),
+                     static_cast<float>(o.eps()), static_cast<float>(step_size));
+      } else {  // the same update with tensor operations (other dtypes, devices, layouts)
+        torch::Tensor g = grad_scale_ == 1.0 ? grad : grad * grad_scale_;
+        p.mul_(decay);
+        m.mul_(b1).add_(g, 1 - b1);
+        v.mul_(b2).addcmul_(g, g, 1 - b2);
+        p.addcdiv_(m, v.sqrt().div_(std::sqrt(bc2)).add_(o.eps()), -step_size);
+      }
+    }
+  }
+  grad_scale_ = 1.0;
+  return loss;
+}
+
+GradNorm grad_norm(const std::vector<torch::Tensor>& params, double max_norm) {
+  double sum_sq = 0;
+  for (const auto& p : params)
+    if (p.grad().defined()) {
+      const double n = p.grad().norm().item<double>();
+      sum_sq += n * n;
+    }
+  const double norm = std::sqrt(sum_sq);
+  const double coef = max_norm / (norm + 1e-6);
+  return {norm, coef < 1.0 ? coef : 1.0};
+}
+
+}  // namespace sw
