@@ -10,6 +10,7 @@
 #include <doctest/doctest.h>
 
 #include "config/config.h"
+#include "util/error.h"
 
 namespace test {
 
@@ -71,6 +72,18 @@ inline sw::Config tiny_config() {
   sw::apply_file(c, source_path("configs/tiny.json"));
   c.data.path = data_path();
   return c;
+}
+
+// Runs `f` and returns the sw::Error message it throws (fails the test if it does not).
+template <typename F>
+std::string error_of(F f) {
+  try {
+    f();
+  } catch (const sw::Error& e) {
+    return e.what();
+  }
+  FAIL("expected an sw::Error");
+  return "";
 }
 
 }  // namespace test

@@ -9,22 +9,10 @@ using sw::Config;
 
 namespace {
 
-// Runs `f` and returns the sw::Error message it throws (fails the test if it does not).
-template <typename F>
-std::string error_of(F f) {
-  try {
-    f();
-  } catch (const sw::Error& e) {
-    return e.what();
-  }
-  FAIL("expected an sw::Error");
-  return "";
-}
-
 std::string validate_error(const std::string& assignment) {
   Config c;
   sw::apply_override(c, assignment);
-  return error_of([&] { sw::validate(c); });
+  return test::error_of([&] { sw::validate(c); });
 }
 
 }  // namespace
@@ -88,47 +76,47 @@ TEST_CASE("--set parses each type") {
 
 TEST_CASE("--set errors name the key and what is accepted") {
   Config c;
-  std::string e = error_of([&] { sw::apply_override(c, "moe.n_expert=4"); });
+  std::string e = test::error_of([&] { sw::apply_override(c, "moe.n_expert=4"); });
   CHECK(test::contains(e, "unknown config key 'moe.n_expert'"));
   CHECK(test::contains(e, "did you mean 'moe.n_experts'"));
-  e = error_of([&] { sw::apply_override(c, "n_experts=4"); });
+  e = test::error_of([&] { sw::apply_override(c, "n_experts=4"); });
   CHECK(test::contains(e, "did you mean 'moe.n_experts'"));
-  e = error_of([&] { sw::apply_override(c, "model.d_model=abc"); });
+  e = test::error_of([&] { sw::apply_override(c, "model.d_model=abc"); });
   CHECK(test::contains(e, "model.d_model"));
   CHECK(test::contains(e, "not an integer"));
-  e = error_of([&] { sw::apply_override(c, "model.d_model=12x"); });
+  e = test::error_of([&] { sw::apply_override(c, "model.d_model=12x"); });
   CHECK(test::contains(e, "not an integer"));
-  e = error_of([&] { sw::apply_override(c, "moe.drop_tokens=maybe"); });
+  e = test::error_of([&] { sw::apply_override(c, "moe.drop_tokens=maybe"); });
   CHECK(test::contains(e, "true or false"));
-  e = error_of([&] { sw::apply_override(c, "train.lr=fast"); });
+  e = test::error_of([&] { sw::apply_override(c, "train.lr=fast"); });
   CHECK(test::contains(e, "train.lr"));
-  e = error_of([&] { sw::apply_override(c, "moe.n_experts"); });
+  e = test::error_of([&] { sw::apply_override(c, "moe.n_experts"); });
   CHECK(test::contains(e, "expected key=value"));
 }
 
 TEST_CASE("config files: wrong types, unknown keys, malformed JSON") {
   Config c;
-  std::string e = error_of([&] {
+  std::string e = test::error_of([&] {
     sw::apply_json(c, nlohmann::json::parse(R"({"model": {"d_model": "wide"}})"), "f.json");
   });
   CHECK(test::contains(e, "f.json: model.d_model must be an integer, got \"wide\""));
-  e = error_of([&] {
+  e = test::error_of([&] {
     sw::apply_json(c, nlohmann::json::parse(R"({"model": {"d_model": 1.5}})"), "f.json");
   });
   CHECK(test::contains(e, "model.d_model must be an integer"));
-  e = error_of(
+  e = test::error_of(
       [&] { sw::apply_json(c, nlohmann::json::parse(R"({"moe": {"capacity": 1.0}})"), "f.json"); });
   CHECK(test::contains(e, "unknown config key 'moe.capacity'"));
-  e = error_of(
+  e = test::error_of(
       [&] { sw::apply_json(c, nlohmann::json::parse(R"({"optim": {"lr": 1}})"), "f.json"); });
   CHECK(test::contains(e, "unknown config key 'optim'"));
-  e = error_of([&] { sw::apply_json(c, nlohmann::json::parse("[1, 2]"), "f.json"); });
+  e = test::error_of([&] { sw::apply_json(c, nlohmann::json::parse("[1, 2]"), "f.json"); });
   CHECK(test::contains(e, "must be a JSON object"));
-  e = error_of(
+  e = test::error_of(
       [&] { sw::parse_json_text("{\n  \"model\": {\n    \"d_model\": 12,,\n", "bad.json"); });
   CHECK(test::contains(e, "bad.json:3:"));
   CHECK(test::contains(e, "malformed JSON"));
-  e = error_of([&] { sw::apply_file(c, "no/such/config.json"); });
+  e = test::error_of([&] { sw::apply_file(c, "no/such/config.json"); });
   CHECK(test::contains(e, "no/such/config.json"));
 }
 

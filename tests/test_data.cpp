@@ -10,17 +10,6 @@ using sw::Split;
 
 namespace {
 
-template <typename F>
-std::string error_of(F f) {
-  try {
-    f();
-  } catch (const sw::Error& e) {
-    return e.what();
-  }
-  FAIL("expected an sw::Error");
-  return "";
-}
-
 std::u32string repeat(const std::u32string& s, int n) {
   std::u32string out;
   for (int i = 0; i < n; ++i)
@@ -38,15 +27,17 @@ TEST_CASE("UTF-8 decodes multi-byte characters and round-trips") {
 }
 
 TEST_CASE("invalid UTF-8 is an error naming the source and byte offset") {
-  CHECK(test::contains(error_of([] { sw::utf8_decode("ab\x80", "f.txt"); }),
+  CHECK(test::contains(test::error_of([] { sw::utf8_decode("ab\x80", "f.txt"); }),
                        "f.txt: not valid UTF-8 at byte 2 (0x80): unexpected continuation byte"));
-  CHECK(test::contains(error_of([] { sw::utf8_decode("a\xC3", "f.txt"); }), "truncated"));
-  CHECK(test::contains(error_of([] { sw::utf8_decode("a\xC3x", "f.txt"); }), "truncated"));
-  CHECK(test::contains(error_of([] { sw::utf8_decode("\xC0\xAF", "f.txt"); }), "overlong"));
-  CHECK(test::contains(error_of([] { sw::utf8_decode("\xED\xA0\x80", "f.txt"); }), "surrogate"));
-  CHECK(test::contains(error_of([] { sw::utf8_decode("\xF4\x90\x80\x80", "f.txt"); }),
+  CHECK(test::contains(test::error_of([] { sw::utf8_decode("a\xC3", "f.txt"); }), "truncated"));
+  CHECK(test::contains(test::error_of([] { sw::utf8_decode("a\xC3x", "f.txt"); }), "truncated"));
+  CHECK(test::contains(test::error_of([] { sw::utf8_decode("\xC0\xAF", "f.txt"); }), "overlong"));
+  CHECK(test::contains(test::error_of([] { sw::utf8_decode("\xED\xA0\x80", "f.txt"); }),
+                       "surrogate"));
+  CHECK(test::contains(test::error_of([] { sw::utf8_decode("\xF4\x90\x80\x80", "f.txt"); }),
                        "above U+10FFFF"));
-  CHECK(test::contains(error_of([] { sw::utf8_decode("\xFF", "f.txt"); }), "invalid lead byte"));
+  CHECK(test::contains(test::error_of([] { sw::utf8_decode("\xFF", "f.txt"); }),
+                       "invalid lead byte"));
 }
 
 TEST_CASE("the vocabulary is the sorted set of characters") {
@@ -58,9 +49,9 @@ TEST_CASE("the vocabulary is the sorted set of characters") {
   std::vector<int64_t> ids = v.encode(U"low");
   CHECK(ids == std::vector<int64_t>{4, 5, 7});
   CHECK(v.decode(ids) == "low");
-  std::string e = error_of([&] { v.id(U'z'); });
+  std::string e = test::error_of([&] { v.id(U'z'); });
   CHECK(test::contains(e, "'z' is not in the vocabulary"));
-  e = error_of([&] { v.id(U'\u00e9'); });
+  e = test::error_of([&] { v.id(U'\u00e9'); });
   CHECK(test::contains(e, "U+00E9"));
 }
 
@@ -113,18 +104,19 @@ TEST_CASE("a non-ASCII corpus works") {
 }
 
 TEST_CASE("text errors: empty, shorter than a window, missing, empty and invalid files") {
-  CHECK(test::contains(error_of([] { Dataset(U"", 0.1, 8, "t"); }), "empty"));
-  std::string e = error_of([] { Dataset(std::u32string(50, U'a'), 0.1, 8, "short.txt"); });
+  CHECK(test::contains(test::error_of([] { Dataset(U"", 0.1, 8, "t"); }), "empty"));
+  std::string e = test::error_of([] { Dataset(std::u32string(50, U'a'), 0.1, 8, "short.txt"); });
   CHECK(test::contains(e, "short.txt"));
   CHECK(test::contains(e, "model.seq_len = 8"));
   const std::string dir = test::scratch_dir("data_errors");
-  e = error_of([&] { Dataset::read_text(dir + "/missing.txt"); });
+  e = test::error_of([&] { Dataset::read_text(dir + "/missing.txt"); });
   CHECK(test::contains(e, "missing.txt"));
   CHECK(test::contains(e, "does not exist"));
   test::write_file(dir + "/empty.txt", "");
-  CHECK(test::contains(error_of([&] { Dataset::read_text(dir + "/empty.txt"); }), "is empty"));
+  CHECK(
+      test::contains(test::error_of([&] { Dataset::read_text(dir + "/empty.txt"); }), "is empty"));
   test::write_file(dir + "/latin1.txt", "caf\xE9 au lait");
-  e = error_of([&] { Dataset::read_text(dir + "/latin1.txt"); });
+  e = test::error_of([&] { Dataset::read_text(dir + "/latin1.txt"); });
   CHECK(test::contains(e, "latin1.txt"));
   CHECK(test::contains(e, "not valid UTF-8 at byte 3"));
 }

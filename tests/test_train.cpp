@@ -11,17 +11,6 @@
 
 namespace {
 
-template <typename F>
-std::string error_of(F f) {
-  try {
-    f();
-  } catch (const sw::Error& e) {
-    return e.what();
-  }
-  FAIL("expected an sw::Error");
-  return "";
-}
-
 nlohmann::ordered_json train_tiny(const std::string& dir, const sw::Config& c) {
   sw::TrainOptions opt;
   opt.out_dir = dir;
@@ -114,7 +103,7 @@ TEST_CASE("a run directory that already holds a run is refused and left untouche
   c.train.steps = 10;
   train_tiny(dir, c);
   const std::string before = test::read_file(dir + "/metrics.jsonl");
-  std::string e = error_of([&] { train_tiny(dir, c); });
+  std::string e = test::error_of([&] { train_tiny(dir, c); });
   CHECK(test::contains(e, "already holds a run"));
   CHECK(test::contains(e, "--resume"));
   CHECK(test::read_file(dir + "/metrics.jsonl") == before);
@@ -135,7 +124,7 @@ TEST_CASE("checkpoint errors: truncated weights, another architecture, another v
     other.model.d_model = 48;
     other.model.n_heads = 2;
     sw::Transformer m(other, 65);
-    std::string e = error_of([&] { sw::load_weights(ckpt, *m); });
+    std::string e = test::error_of([&] { sw::load_weights(ckpt, *m); });
     CHECK(test::contains(e, "tok_emb.weight"));
     CHECK(test::contains(e, "shape 65x32"));
   }
@@ -143,7 +132,7 @@ TEST_CASE("checkpoint errors: truncated weights, another architecture, another v
     std::string bytes = test::read_file(ckpt + "/model.pt");
     test::write_file(ckpt + "/model.pt", bytes.substr(0, bytes.size() / 2));
     sw::Transformer m(meta.config, 65);
-    std::string e = error_of([&] { sw::load_weights(ckpt, *m); });
+    std::string e = test::error_of([&] { sw::load_weights(ckpt, *m); });
     CHECK(test::contains(e, "model.pt"));
   }
   SUBCASE("another format version") {
@@ -152,7 +141,7 @@ TEST_CASE("checkpoint errors: truncated weights, another architecture, another v
     REQUIRE(test::contains(state, key));
     state.replace(state.find(key), key.size(), "\"format_version\": 99");
     test::write_file(ckpt + "/state.json", state);
-    std::string e = error_of([&] { sw::read_checkpoint_meta(ckpt); });
+    std::string e = test::error_of([&] { sw::read_checkpoint_meta(ckpt); });
     CHECK(test::contains(e, "format version 99"));
   }
 }
@@ -181,7 +170,7 @@ TEST_CASE("sampling: deterministic per seed, temperature 0 is greedy, prompt che
   CHECK(streamed == "ROMEO:" + top1);
 
   opt.prompt = "caf\xC3\xA9";
-  std::string e = error_of([&] { s.generate(opt); });
+  std::string e = test::error_of([&] { s.generate(opt); });
   CHECK(test::contains(e, "U+00E9"));
   CHECK(test::contains(e, "position 3"));
 }

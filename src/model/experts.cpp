@@ -16,10 +16,13 @@ namespace {
 using torch::autograd::AutogradContext;
 using torch::autograd::variable_list;
 
-torch::Tensor activation_backward(const torch::Tensor& grad_h, const torch::Tensor& h_pre,
-                                  Activation act) {
-  if (act == Activation::Gelu) return at::gelu_backward(grad_h, h_pre);
-  return grad_h * (h_pre > 0).to(grad_h.scalar_type());
+// grad_h <- grad_h * act'(h_pre), in place: the backward then holds one [N, F] gradient
+// buffer instead of two.
+void activation_backward_(torch::Tensor& grad_h, const torch::Tensor& h_pre, Activation act) {
+  if (act == Activation::Gelu)
+    at::gelu_backward_out(grad_h, grad_h, h_pre);
+  else
+    grad_h.masked_fill_(h_pre <= 0, 0);
 }
 
 // Runs fn(e, lo, hi) for every expert e with rows [lo, hi). Many small segments run in
@@ -83,7 +86,8 @@ struct GroupedFFNFunction : torch::autograd::Function<GroupedFFNFunction> {
       torch::Tensor out = gh.slice(0, lo, hi);
       torch::mm_out(out, gy.slice(0, lo, hi), w_out[e].t());
     });
-    torch::Tensor gh_pre = activation_backward(gh, h_pre, act);
+    activation_backward_(gh, h_pre, act);
+    const torch::Tensor& gh_pre = gh;
 
     torch::Tensor gx = torch::empty({N, x.size(1)}, x.options());
     torch::Tensor gw_in = torch::empty_like(w_in), gw_out = torch::empty_like(w_out);
