@@ -122,3 +122,44 @@ TEST_CASE("switch-sample: bad runs and options") {
   CHECK(r.rc != 0);
   CHECK(test::contains(r.output, "--run"));
 }
+
+TEST_CASE("switch-bench: --json elements carry the documented keys") {
+  const std::string kBench = SWITCH_BENCH_BIN;
+  test::CmdResult r = test::run(kBench +
+                                " --experts 1,4 --tokens 64 --d-model 16 --d-ff 32"
+                                " --reps 2 --warmup 1 --train-experts 1,2"
+                                " --train-steps 3 --threads 2 --data " +
+                                test::data_path() + " --json 2>/dev/null");
+  INFO(r.output);
+  REQUIRE(r.rc == 0);
+  nlohmann::json all = nlohmann::json::parse(r.output);
+  REQUIRE(all.is_array());
+  // Per (tokens, E): dense, loop, capacity, grouped and grouped dropless; then 2 train rows.
+  REQUIRE(all.size() == 2 * 5 + 2);
+  std::set<std::string> strategies;
+  for (const auto& e : all) {
+    for (const char* key :
+         {"kind", "strategy", "experts", "tokens", "d_model", "d_ff", "top_k", "median_ms"})
+      CHECK_MESSAGE(e.contains(key), key);
+    CHECK(e["median_ms"].get<double>() > 0);
+    if (e["kind"] == "layer") {
+      strategies.insert(e["strategy"].get<std::string>());
+      CHECK(e["tokens"] == 64);
+      CHECK(e["peak_bytes"].get<int64_t>() > 0);
+    } else {
+      CHECK(e["kind"] == "train_step");
+      CHECK(e["tokens_per_s"].get<double>() > 0);
+    }
+  }
+  CHECK(strategies == std::set<std::string>{"dense", "loop", "capacity", "grouped"});
+  CHECK(all[10]["experts"] == 1);
+  CHECK(all[11]["experts"] == 2);
+  CHECK(all[11]["params_total"].get<int64_t>() > all[10]["params_total"].get<int64_t>());
+  // Same active size: only the routers grow, by one output (128 weights + a bias) per layer.
+  CHECK(all[11]["params_active"].get<int64_t>() - all[10]["params_active"].get<int64_t>() ==
+        4 * (128 + 1));
+
+  r = test::run(kBench + " --strategies magic --no-train");
+  CHECK(r.rc == 2);
+  CHECK(test::contains(r.output, "unknown strategy 'magic'"));
+}
