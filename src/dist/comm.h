@@ -1,0 +1,57 @@
+// The process group for expert and data parallelism: ranks rendezvous through a c10d
+// TCPStore (RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT, as torchrun sets them) and talk
+// through PyTorch's own ProcessGroupGloo. Only what the MoE layer needs is exposed.
+#pragma once
+
+#include <chrono>
+#include <memory>
+#include <optional>
+#include <string>
+#include <vector>
+
+#include <torch/torch.h>
+
+namespace c10d {
+class Store;
+class ProcessGroupGloo;
+}  // namespace c10d
+
+namespace sw {
+
+struct DistEnv {
+  int64_t rank = 0;
+  int64_t world_size = 1;
+  std::string master_addr = "127.0.0.1";
+  int64_t master_port = 29500;
+};
+
+// Reads RANK, WORLD_SIZE, MASTER_ADDR and MASTER_PORT. Returns nullopt when WORLD_SIZE is
+// unset; throws sw::Error naming the variable when a value is malformed or out of range.
+std::optional<DistEnv> dist_env_from_environment();
+
+// A free TCP port on 127.0.0.1, for local launches and tests.
+int64_t free_local_port();
+
+class Comm {
+ public:
+  // Rendezvous of env.world_size ranks; rank 0 hosts the store. Throws sw::Error on timeout.
+  static std::shared_ptr<Comm> connect(const DistEnv& env, std::chrono::milliseconds timeout);
+  ~Comm();
+
+  int64_t rank() const { return rank_; }
+  int64_t size() const { return size_; }
+
+  // Variable-split all-to-all of rows: rank r sends in.slice(0)[in_splits[p] rows] to each
+  // p in rank order and receives out_splits[p] rows from each p into `out`.
+  void all_to_all(torch::Tensor& out, const torch::Tensor& in,
+                  const std::vector<int64_t>& out_splits, const std::vector<int64_t>& in_splits);
+  void all_reduce_sum(torch::Tensor& t);
+
+ private:
+  Comm() = default;
+  int64_t rank_ = 0, size_ = 1;
+  c10::intrusive_ptr<c10d::Store> store_;
+  c10::intrusive_ptr<c10d::ProcessGroupGloo> pg_;
+};
+
+}  // namespace sw

@@ -1,0 +1,140 @@
+// Expert parallelism over c10d/Gloo on 127.0.0.1: the seed-interface dispatch against a
+// hand-worked example, and W = 2 and 4 ranks (threads of this process, each with its own
+// process group) against the single-process grouped computation, outputs and gradients.
+#include <cstdlib>
+#include <thread>
+
+#include <doctest/doctest.h>
+
+#include "dist/comm.h"
+#include "dist/expert_parallel.h"
+#include "helpers.h"
+#include "model/dispatch.h"
+#include "model/experts.h"
+
+namespace {
+
+double diff(const torch::Tensor& a, const torch::Tensor& b) {
+  if (a.numel() == 0) return 0.0;
+  return (a - b).abs().max().item<double>();
+}
+
+// Runs fn(rank, comm) on W threads joined in one process group.
+template <typename Fn>
+void on_ranks(int64_t W, const Fn& fn) {
+  const int64_t port = sw::free_local_port();
+  std::vector<std::thread> threads;
+  std::vector<std::string> errors(static_cast<size_t>(W));
+  for (int64_t r = 0; r < W; ++r)
+    threads.emplace_back([&, r] {
+      try {
+        sw::DistEnv env{r, W, "127.0.0.1", port};
+        auto comm = sw::Comm::connect(env, std::chrono::seconds(30));
+        fn(r, *comm);
+      } catch (const std::exception& e) {
+        errors[static_cast<size_t>(r)] = e.what();
+      }
+    });
+  for (auto& t : threads)
+    t.join();
+  for (int64_t r = 0; r < W; ++r)
+    CHECK_MESSAGE(errors[r].empty(), "rank ", r, ": ", errors[r]);
+}
+
+}  // namespace
+
+TEST_CASE("expert_parallel_dispatch: hand-worked, two ranks of two experts") {
+  // 4 tokens of width 2 routed to experts 0, 3, 1, 2; rank 1 owns experts 2 and 3.
+  torch::Tensor tokens = torch::tensor({1.f, 2.f, 3.f, 4.f, 5.f, 6.f, 7.f, 8.f}).view({4, 2});
+  torch::Tensor routing = torch::tensor({0, 3, 1, 2}, torch::kInt64);
+  std::vector<torch::Tensor> w1 = {torch::tensor({1.f, 0.f, 0.f, 1.f}).view({2, 2}),   // expert 2
+                                   torch::tensor({0.f, 1.f, 1.f, 0.f}).view({2, 2})};  // expert 3
+  torch::Tensor y = sw::expert_parallel_dispatch(tokens, routing, w1, 1, 2);
+  // Token 1 -> expert 3 swaps its entries; token 3 -> expert 2 keeps them; the rest are 0.
+  torch::Tensor expect = torch::tensor({0.f, 0.f, 4.f, 3.f, 0.f, 0.f, 7.f, 8.f}).view({4, 2});
+  CHECK(torch::equal(y, expect));
+  // Rank 0 owns experts 0 and 1 (weights 2I and 3I): tokens 0 and 2.
+  std::vector<torch::Tensor> w0 = {torch::eye(2) * 2, torch::eye(2) * 3};
+  torch::Tensor y0 = sw::expert_parallel_dispatch(tokens, routing, w0, 0, 2);
+  CHECK(torch::equal(y0, torch::tensor({2.f, 4.f, 0.f, 0.f, 15.f, 18.f, 0.f, 0.f}).view({4, 2})));
+  CHECK(test::error_of([&] { sw::expert_parallel_dispatch(tokens, routing, w0, 2, 2); }) != "");
+}
+
+TEST_CASE("the rendezvous reads torchrun's variables and rejects bad ones") {
+  ::setenv("WORLD_SIZE", "4", 1);
+  ::setenv("RANK", "3", 1);
+  ::setenv("MASTER_ADDR", "10.1.2.3", 1);
+  ::setenv("MASTER_PORT", "29555", 1);
+  std::optional<sw::DistEnv> env = sw::dist_env_from_environment();
+  REQUIRE(env);
+  CHECK(env->world_size == 4);
+  CHECK(env->rank == 3);
+  CHECK(env->master_addr == "10.1.2.3");
+  CHECK(env->master_port == 29555);
+  ::setenv("RANK", "4", 1);
+  CHECK(test::contains(test::error_of([] { sw::dist_env_from_environment(); }), "RANK='4'"));
+  ::setenv("RANK", "0", 1);
+  ::setenv("MASTER_PORT", "http", 1);
+  CHECK(test::contains(test::error_of([] { sw::dist_env_from_environment(); }),
+                       "MASTER_PORT='http'"));
+  for (const char* v : {"WORLD_SIZE", "RANK", "MASTER_ADDR", "MASTER_PORT"})
+    ::unsetenv(v);
+  CHECK_FALSE(sw::dist_env_from_environment());
+}
+
+TEST_CASE("expert-parallel FFN over Gloo equals the single-process grouped FFN") {
+  const int64_t D = 6, F = 10, E = 8, T_rank = 12;
+  for (int64_t W : {2, 4}) {
+    CAPTURE(W);
+    const int64_t El = E / W;
+    torch::manual_seed(17 + W);
+    auto opts = torch::TensorOptions().dtype(torch::kFloat32);
+    torch::Tensor w_in = torch::randn({E, D, F}, opts), b_in = torch::randn({E, F}, opts);
+    torch::Tensor w_out = torch::randn({E, F, D}, opts), b_out = torch::randn({E, D}, opts);
+    torch::Tensor x = torch::randn({W * T_rank, D}, opts), R = torch::randn({W * T_rank, D}, opts);
+    // Expert 5 gets no token at all; the others a random share.
+    torch::Tensor expert_T = torch::randint(0, E - 1, {W * T_rank}, torch::kInt64);
+    expert_T = expert_T + (expert_T >= 5).to(torch::kInt64);
+
+    // Reference: one process, every token, every expert.
+    std::vector<torch::Tensor> ref_params;
+    for (const auto& t : {w_in, b_in, w_out, b_out})
+      ref_params.push_back(t.clone().requires_grad_());
+    torch::Tensor x_ref = x.clone().requires_grad_();
+    sw::Dispatch d = sw::make_dispatch(expert_T.unsqueeze(1), torch::ones({W * T_rank, 1}), E, -1,
+                                       sw::DropPolicy::Position);
+    torch::Tensor y_ND =
+        sw::grouped_ffn(x_ref.index_select(0, d.token_N()), ref_params[0], ref_params[1],
+                        ref_params[2], ref_params[3], d.offsets, sw::Activation::Gelu);
+    torch::Tensor y_ref = torch::zeros_like(x).index_add(0, d.token_N(), y_ND);
+    (y_ref * R).sum().backward();
+
+    std::vector<double> worst(static_cast<size_t>(W), 0.0);
+    on_ranks(W, [&](int64_t r, sw::Comm& comm) {
+      torch::Tensor x_r = x.slice(0, r * T_rank, (r + 1) * T_rank).clone().requires_grad_();
+      torch::Tensor e_r = expert_T.slice(0, r * T_rank, (r + 1) * T_rank);
+      std::vector<torch::Tensor> p;
+      for (const auto& t : {w_in, b_in, w_out, b_out})
+        p.push_back(t.slice(0, r * El, (r + 1) * El).clone().requires_grad_());
+      sw::Dispatch dr = sw::make_dispatch(e_r.unsqueeze(1), torch::ones({T_rank, 1}), E, -1,
+                                          sw::DropPolicy::Position);
+      torch::Tensor y_r_ND =
+          sw::expert_parallel_ffn(comm, x_r.index_select(0, dr.token_N()), dr.offsets, p[0], p[1],
+                                  p[2], p[3], sw::Activation::Gelu);
+      torch::Tensor y_r = torch::zeros_like(x_r).index_add(0, dr.token_N(), y_r_ND);
+      (y_r * R.slice(0, r * T_rank, (r + 1) * T_rank)).sum().backward();
+
+      double w = diff(y_r, y_ref.detach().slice(0, r * T_rank, (r + 1) * T_rank));
+      w = std::max(w, diff(x_r.grad(), x_ref.grad().slice(0, r * T_rank, (r + 1) * T_rank)));
+      for (size_t i = 0; i < 4; ++i)
+        w = std::max(w, diff(p[i].grad(), ref_params[i].grad().slice(0, r * El, (r + 1) * El)));
+      worst[static_cast<size_t>(r)] = w;
+    });
+    const double m = *std::max_element(worst.begin(), worst.end());
+    MESSAGE("W = " << W
+                   << ": max abs difference to one process (outputs, input and expert "
+                      "gradients): "
+                   << m);
+    CHECK(m < 1e-4);
+  }
+}
