@@ -3,6 +3,7 @@
 #include <doctest/doctest.h>
 
 #include "helpers.h"
+#include "train/metrics.h"
 
 namespace {
 
@@ -162,4 +163,40 @@ TEST_CASE("switch-bench: --json elements carry the documented keys") {
   r = test::run(kBench + " --strategies magic --no-train");
   CHECK(r.rc == 2);
   CHECK(test::contains(r.output, "unknown strategy 'magic'"));
+}
+
+TEST_CASE("switch-train: SIGINT or SIGTERM stops after a step with a checkpoint, and resume goes on") {
+  const std::string base = test::scratch_dir("cli_signal");
+  for (const char* sig : {"INT", "TERM"}) {
+    CAPTURE(sig);
+    const std::string dir = base + "/run-" + sig;
+    test::CmdResult r = test::run("(" + kTrain + tiny_args(dir) +
+                                  " --set train.steps=1000000 -q & pid=$!; sleep 3; kill -" + sig +
+                                  " $pid; wait $pid; echo rc=$?)");
+    INFO(r.output);
+    CHECK(
+        test::contains(r.output, std::string("rc=") + (sig == std::string("INT") ? "130" : "143")));
+    CHECK(test::contains(r.output, std::string("stopped by SIG") + sig + " after step"));
+    CHECK(test::contains(r.output, "--resume"));
+    CHECK_FALSE(test::fs::exists(dir + "/summary.json"));
+    // The checkpoint is the step the run stopped at, and the metrics go no further.
+    int64_t ckpt_step = -1;
+    for (const auto& entry : test::fs::directory_iterator(dir)) {
+      const std::string name = entry.path().filename().string();
+      if (name.rfind("ckpt-", 0) == 0 && name.find(".tmp") == std::string::npos)
+        ckpt_step = std::max<int64_t>(ckpt_step, std::stoll(name.substr(5)));
+    }
+    REQUIRE(ckpt_step > 0);
+    CHECK(test::contains(r.output, "after step " + std::to_string(ckpt_step) + ";"));
+    int64_t last_metric = 0;
+    for (const auto& rec : sw::read_metrics(dir + "/metrics.jsonl"))
+      last_metric = std::max<int64_t>(last_metric, rec["step"].get<int64_t>());
+    CHECK(last_metric <= ckpt_step);
+
+    r = test::run(kTrain + " --out " + dir +
+                  " --resume -q --set train.steps=" + std::to_string(ckpt_step + 10));
+    INFO(r.output);
+    CHECK(r.rc == 0);
+    CHECK(test::fs::exists(dir + "/summary.json"));
+  }
 }

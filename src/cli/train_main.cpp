@@ -1,4 +1,8 @@
 // switch-train: trains a Switch Transformer language model. CLI wiring only.
+#include <signal.h>
+#include <unistd.h>
+
+#include <atomic>
 #include <filesystem>
 #include <iostream>
 
@@ -11,6 +15,24 @@
 #include "util/malloc_tuning.h"
 
 namespace {
+
+// The first SIGINT or SIGTERM asks training to stop after the current step and write a
+// checkpoint; a second SIGINT exits at once (checkpoints are renamed into place whole, so
+// nothing on disk is left half-written).
+std::atomic<int> g_stop{0};
+
+void on_signal(int sig) {
+  if (g_stop.load() != 0 && sig == SIGINT) _exit(128 + SIGINT);
+  g_stop.store(sig);
+}
+
+void install_signal_handlers() {
+  struct sigaction sa {};
+  sa.sa_handler = on_signal;
+  sigemptyset(&sa.sa_mask);
+  sigaction(SIGINT, &sa, nullptr);
+  sigaction(SIGTERM, &sa, nullptr);
+}
 
 // Keys a resumed run may change: they steer the loop, not the model or the data.
 const std::vector<std::string> kResumableKeys = {"train.steps",
@@ -100,9 +122,19 @@ int main(int argc, char** argv) {
 
   opt.out_dir = out_dir.empty() ? sw::default_run_dir() : out_dir;
   opt.resume = resume;
+  opt.stop = &g_stop;
+  install_signal_handlers();
   try {
     if (resume && !overrides.empty()) sw::write_config_file(opt.out_dir, cfg);
     sw::train(cfg, opt);
+  } catch (const sw::Interrupted& i) {
+    std::cerr << fmt::format(
+                     "switch-train: stopped by {} after step {}; checkpoint {}; continue "
+                     "with 'switch-train --out {} --resume'",
+                     i.signal == SIGINT ? "SIGINT" : "SIGTERM", i.step, i.checkpoint_dir,
+                     opt.out_dir)
+              << std::endl;
+    return 128 + i.signal;
   } catch (const sw::Error& e) {
     std::cerr << "switch-train: error: " << e.what() << std::endl;
     return 1;

@@ -278,12 +278,17 @@ nlohmann::ordered_json train(const Config& cfg, const TrainOptions& opt) {
       say(fmt::format("eval step {} | train {:.4f} | val {:.4f} | best val {:.4f}", state.step,
                       last_train, last_val, state.best_val_loss));
     }
-    if (opt.checkpoints && (state.step % cfg.train.checkpoint_every == 0 || last)) {
+    const int stop_signal = opt.stop ? opt.stop->load() : 0;
+    if (opt.checkpoints &&
+        (state.step % cfg.train.checkpoint_every == 0 || last || stop_signal != 0)) {
       state.time_s = now_s();
       state.data_rng = data_rng.state();
       save_checkpoint(opt.out_dir, cfg, data.vocab(), *model, *optimizer, state);
       prune_checkpoints(opt.out_dir, cfg.train.keep_checkpoints);
     }
+    if (stop_signal != 0 && !last)
+      throw Interrupted{stop_signal, state.step,
+                        opt.checkpoints ? newest_checkpoint(opt.out_dir).value_or("") : ""};
   }
 
   if (!std::isfinite(last_val)) {  // resumed a finished run: evaluate what is there

@@ -2,6 +2,7 @@
 // evaluation on fixed batches, metrics.jsonl, atomic checkpoints, resume and summary.json.
 #pragma once
 
+#include <atomic>
 #include <string>
 
 #include <nlohmann/json.hpp>
@@ -15,6 +16,16 @@ struct TrainOptions {
   bool resume = false;      // continue from the run's newest complete checkpoint
   bool quiet = false;       // no progress output
   bool checkpoints = true;  // false: write no checkpoint (benchmarks)
+  // When it becomes non-zero (a signal number), training stops after the current step,
+  // writes a checkpoint and throws Interrupted.
+  const std::atomic<int>* stop = nullptr;
+};
+
+// Thrown by train() when opt.stop was raised; the checkpoint of `step` is on disk.
+struct Interrupted {
+  int signal;
+  int64_t step;
+  std::string checkpoint_dir;
 };
 
 // Trains and returns the summary (also written to <out_dir>/summary.json). For a resumed
