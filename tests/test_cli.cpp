@@ -165,7 +165,8 @@ TEST_CASE("switch-bench: --json elements carry the documented keys") {
   CHECK(test::contains(r.output, "unknown strategy 'magic'"));
 }
 
-TEST_CASE("switch-train: SIGINT or SIGTERM stops after a step with a checkpoint, and resume goes on") {
+TEST_CASE(
+    "switch-train: SIGINT or SIGTERM stops after a step with a checkpoint, and resume goes on") {
   const std::string base = test::scratch_dir("cli_signal");
   for (const char* sig : {"INT", "TERM"}) {
     CAPTURE(sig);

@@ -1,11 +1,11 @@
 #include "data/dataset.h"
 
-#include <fstream>
-#include <sstream>
+#include <filesystem>
 
 #include <fmt/format.h>
 
 #include "util/error.h"
+#include "util/fs.h"
 
 namespace sw {
 
@@ -46,16 +46,11 @@ void Dataset::init(const std::u32string& text, double val_fraction, const std::s
 }
 
 std::u32string Dataset::read_text(const std::string& path) {
-  std::ifstream in(path, std::ios::binary);
-  if (!in)
-    throw Error(
-        fmt::format("data file '{}' does not exist or cannot be read (tools/setup.sh "
-                    "fetches Tiny Shakespeare into data/; or set data.path)",
-                    path));
-  std::ostringstream ss;
-  ss << in.rdbuf();
-  if (in.bad()) throw Error(fmt::format("data file '{}': read error", path));
-  std::string bytes = ss.str();
+  if (!std::filesystem::is_regular_file(path))
+    throw Error(fmt::format("data file '{}' does not exist or cannot be read (tools/setup.sh "
+                            "fetches Tiny Shakespeare into data/; or set data.path)",
+                            path));
+  const std::string bytes = read_file(path, "data file");
   if (bytes.empty()) throw Error(fmt::format("data file '{}' is empty", path));
   return utf8_decode(bytes, "data file '" + path + "'");
 }
