@@ -30,6 +30,8 @@ namespace {
 using torch::autograd::AutogradContext;
 using torch::autograd::variable_list;
 
+// The Comm is kept by address in the node: it must outlive the graph, as the process group
+// of a training run does.
 struct AllToAllRows : torch::autograd::Function<AllToAllRows> {
   static torch::Tensor forward(AutogradContext* ctx, const torch::Tensor& x, Comm* comm,
                                const std::vector<int64_t>& send, const std::vector<int64_t>& recv) {
