@@ -2,6 +2,7 @@
 // hand-worked example, and W = 2 and 4 ranks (threads of this process, each with its own
 // process group) against the single-process grouped computation, outputs and gradients.
 #include <cstdlib>
+#include <mutex>
 #include <thread>
 
 #include <doctest/doctest.h>
@@ -11,6 +12,7 @@
 #include "helpers.h"
 #include "model/dispatch.h"
 #include "model/experts.h"
+#include "model/switch_ffn.h"
 
 namespace {
 
@@ -137,4 +139,73 @@ TEST_CASE("expert-parallel FFN over Gloo equals the single-process grouped FFN")
                    << m);
     CHECK(m < 1e-4);
   }
+}
+
+TEST_CASE("one Switch layer over 2 and 4 ranks equals one process on the same global batch") {
+  // Dropless: capacity is decided per rank on its own tokens, so with dropping the ranks
+  // and one process would legitimately drop different tokens.
+  const int64_t D = 8, F = 12, E = 8, T_rank = 10;
+  for (int64_t W : {2, 4}) {
+    CAPTURE(W);
+    sw::MoeConfig moe;
+    moe.n_experts = E;
+    moe.drop_tokens = false;
+    moe.z_loss = 0;
+    torch::manual_seed(3 + W);
+    sw::SwitchFFN ref(D, F, moe, sw::Activation::Gelu);
+    {
+      torch::NoGradGuard g;
+      for (auto& p : ref->parameters())
+        p.normal_(0.0, 0.5);
+    }
+    torch::Tensor x = torch::randn({W * T_rank, D}), R = torch::randn({W * T_rank, D});
+    torch::Tensor x_ref = x.clone().requires_grad_();
+    torch::Tensor y_ref = ref->forward(x_ref).y;
+    (y_ref * R).sum().backward();
+
+    std::mutex build;
+    std::vector<double> worst(static_cast<size_t>(W), 0.0);
+    on_ranks(W, [&](int64_t r, sw::Comm& comm) {
+      sw::SwitchFFN layer{nullptr};
+      {
+        std::lock_guard<std::mutex> lock(build);
+        layer = sw::SwitchFFN(D, F, moe, sw::Activation::Gelu);
+        torch::NoGradGuard g;
+        auto src = ref->named_parameters();
+        for (auto& p : layer->named_parameters())
+          p.value().copy_(src[p.key()]);
+      }
+      layer->enable_expert_parallel(
+          std::shared_ptr<sw::Comm>(&comm, [](sw::Comm*) {}));  // owned by on_ranks
+      const int64_t lo = r * T_rank, El = E / W;
+      torch::Tensor x_r = x.slice(0, lo, lo + T_rank).clone().requires_grad_();
+      torch::Tensor y_r = layer->forward(x_r).y;
+      (y_r * R.slice(0, lo, lo + T_rank)).sum().backward();
+      // Data parallelism sums the replicated router's gradients over ranks.
+      torch::Tensor g_router = layer->router->proj->weight.grad().clone();
+      comm.all_reduce_sum(g_router);
+      double w = diff(y_r, y_ref.detach().slice(0, lo, lo + T_rank));
+      w = std::max(w, diff(x_r.grad(), x_ref.grad().slice(0, lo, lo + T_rank)));
+      w = std::max(w, diff(g_router, ref->router->proj->weight.grad()));
+      w = std::max(w, diff(layer->experts->w_in.grad(),
+                           ref->experts->w_in.grad().slice(0, r * El, (r + 1) * El)));
+      w = std::max(w, diff(layer->experts->b_out.grad(),
+                           ref->experts->b_out.grad().slice(0, r * El, (r + 1) * El)));
+      worst[static_cast<size_t>(r)] = w;
+    });
+    const double m = *std::max_element(worst.begin(), worst.end());
+    MESSAGE("W = " << W << ": max abs difference of outputs and gradients to one process: " << m);
+    CHECK(m < 1e-4);
+  }
+  sw::MoeConfig moe;
+  moe.n_experts = 6;
+  sw::SwitchFFN layer(4, 4, moe, sw::Activation::Gelu);
+  on_ranks(4, [&](int64_t r, sw::Comm& comm) {
+    if (r != 0) return;
+    CHECK(test::contains(test::error_of([&] {
+                           layer->enable_expert_parallel(
+                               std::shared_ptr<sw::Comm>(&comm, [](sw::Comm*) {}));
+                         }),
+                         "moe.n_experts = 6 is not divisible by the 4"));
+  });
 }

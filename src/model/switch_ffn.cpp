@@ -1,11 +1,29 @@
 #include "model/switch_ffn.h"
 
+#include <fmt/format.h>
+
+#include "dist/expert_parallel.h"
+#include "util/error.h"
+
 namespace sw {
 
 SwitchFFNImpl::SwitchFFNImpl(int64_t d_model, int64_t d_ff, const MoeConfig& moe, Activation act)
     : cfg(moe), strategy(parse_strategy(moe.strategy)), policy(parse_drop_policy(moe.drop_policy)) {
   router = register_module("router", Router(d_model, moe.n_experts, moe.top_k, moe.jitter));
   experts = register_module("experts", Experts(moe.n_experts, d_model, d_ff, act));
+}
+
+void SwitchFFNImpl::enable_expert_parallel(std::shared_ptr<Comm> c) {
+  const int64_t W = c->size(), E = cfg.n_experts;
+  if (E % W != 0)
+    throw Error(
+        fmt::format("moe.n_experts = {} is not divisible by the {} expert-parallel ranks", E, W));
+  const int64_t El = E / W, lo = c->rank() * El;
+  torch::NoGradGuard no_grad;
+  for (torch::Tensor* p : {&experts->w_in, &experts->b_in, &experts->w_out, &experts->b_out})
+    p->set_data(p->slice(0, lo, lo + El).clone());
+  experts->n_experts = El;
+  comm = std::move(c);
 }
 
 Routing SwitchFFNImpl::route(const torch::Tensor& x_TD) {
@@ -29,7 +47,11 @@ torch::Tensor SwitchFFNImpl::combine(const torch::Tensor& x_TD, const Routing& r
   scale_A = scale_A.to(x_TD.scalar_type());
 
   torch::Tensor token_N = d.token_N();
-  torch::Tensor y_ND = experts->forward(x_TD.index_select(0, token_N), d, strategy);
+  torch::Tensor x_ND = x_TD.index_select(0, token_N);
+  torch::Tensor y_ND =
+      comm ? expert_parallel_ffn(*comm, x_ND, d.offsets, experts->w_in, experts->b_in,
+                                 experts->w_out, experts->b_out, experts->act)
+           : experts->forward(x_ND, d, strategy);
   torch::Tensor y_TD = torch::zeros_like(x_TD).index_add(
       0, token_N, y_ND * scale_A.index_select(0, d.order_N).unsqueeze(1));
   if (d.n_dropped() > 0 && cfg.dropped == "pass") {
