@@ -47,9 +47,10 @@ void Dataset::init(const std::u32string& text, double val_fraction, const std::s
 
 std::u32string Dataset::read_text(const std::string& path) {
   if (!std::filesystem::is_regular_file(path))
-    throw Error(fmt::format("data file '{}' does not exist or cannot be read (tools/setup.sh "
-                            "fetches Tiny Shakespeare into data/; or set data.path)",
-                            path));
+    throw Error(
+        fmt::format("data file '{}' does not exist or cannot be read (tools/setup.sh "
+                    "fetches Tiny Shakespeare into data/; or set data.path)",
+                    path));
   const std::string bytes = read_file(path, "data file");
   if (bytes.empty()) throw Error(fmt::format("data file '{}' is empty", path));
   return utf8_decode(bytes, "data file '" + path + "'");
