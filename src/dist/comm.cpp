@@ -90,12 +90,41 @@ void Comm::all_to_all(torch::Tensor& out, const torch::Tensor& in,
                       const std::vector<int64_t>& in_splits) {
   torch::Tensor src = in.contiguous();
   std::vector<int64_t> o = out_splits, i = in_splits;
-  pg_->alltoall_base(out, src, o, i)->wait();
+  const int64_t row_bytes =
+      src.size(0) > 0 ? src.numel() / src.size(0) * static_cast<int64_t>(src.element_size()) : 0;
+  int64_t rows_out = 0;
+  for (size_t p = 0; p < i.size(); ++p)
+    if (static_cast<int64_t>(p) != rank_) rows_out += i[p];
+  ++stats_.all_to_all_calls;
+  stats_.all_to_all_bytes += rows_out * row_bytes;
+  guard("all-to-all", [&] { pg_->alltoall_base(out, src, o, i)->wait(); });
 }
 
 void Comm::all_reduce_sum(torch::Tensor& t) {
   std::vector<at::Tensor> v{t};
-  pg_->allreduce(v)->wait();
+  ++stats_.all_reduce_calls;
+  stats_.all_reduce_bytes += t.numel() * static_cast<int64_t>(t.element_size());
+  guard("all-reduce", [&] { pg_->allreduce(v)->wait(); });
+}
+
+void Comm::barrier() {
+  guard("barrier", [&] { pg_->barrier()->wait(); });
+}
+
+template <typename F>
+void Comm::guard(const char* what, F&& f) {
+  const auto t0 = std::chrono::steady_clock::now();
+  try {
+    f();
+    stats_.seconds += std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+  } catch (const std::exception& e) {
+    // Gloo reports a dead peer as a closed connection and a stuck one as a timeout; either
+    // way this rank cannot go on, and the message says which collective failed.
+    std::string msg = e.what();
+    if (const auto* ce = dynamic_cast<const c10::Error*>(&e)) msg = ce->what_without_backtrace();
+    throw Error(fmt::format("rank {} of {}: {} failed (another rank died or stalled?): {}", rank_,
+                            size_, what, msg));
+  }
 }
 
 }  // namespace sw

@@ -32,6 +32,15 @@ std::optional<DistEnv> dist_env_from_environment();
 // A free TCP port on 127.0.0.1, for local launches and tests.
 int64_t free_local_port();
 
+// What this rank's collectives moved and cost since the counters were last reset.
+struct CommStats {
+  int64_t all_to_all_calls = 0;
+  int64_t all_to_all_bytes = 0;  // sent to other ranks (rows kept on this rank not counted)
+  int64_t all_reduce_calls = 0;
+  int64_t all_reduce_bytes = 0;  // size of the reduced buffers
+  double seconds = 0;            // wall time inside collectives, waiting included
+};
+
 class Comm {
  public:
   // Rendezvous of env.world_size ranks; rank 0 hosts the store. Throws sw::Error on timeout.
@@ -46,12 +55,20 @@ class Comm {
   void all_to_all(torch::Tensor& out, const torch::Tensor& in,
                   const std::vector<int64_t>& out_splits, const std::vector<int64_t>& in_splits);
   void all_reduce_sum(torch::Tensor& t);
+  void barrier();
+
+  const CommStats& stats() const { return stats_; }
+  void reset_stats() { stats_ = CommStats{}; }
 
  private:
   Comm() = default;
+  // Runs a collective, turning its failure (a peer died, a timeout) into sw::Error.
+  template <typename F>
+  void guard(const char* what, F&& f);
   int64_t rank_ = 0, size_ = 1;
   c10::intrusive_ptr<c10d::Store> store_;
   c10::intrusive_ptr<c10d::ProcessGroupGloo> pg_;
+  CommStats stats_;
 };
 
 }  // namespace sw
