@@ -99,8 +99,13 @@ const std::vector<Binding>& bindings() {
            [](Config& c) { return &c.train.keep_checkpoints; }),
       bind("train.seed", Kind::Int, "seed of every random generator",
            [](Config& c) { return &c.train.seed; }),
-      bind("train.threads", Kind::Int, "intra-op threads (0: all cores)",
+      bind("train.threads", Kind::Int, "intra-op threads per rank (0: all cores / local ranks)",
            [](Config& c) { return &c.train.threads; }),
+      bind("dist.expert_parallel", Kind::Int,
+           "ranks sharing each layer's experts: 0 = all ranks, 1 = data parallel only",
+           [](Config& c) { return &c.dist.expert_parallel; }),
+      bind("dist.timeout_s", Kind::Float, "seconds a rank waits for the others before failing",
+           [](Config& c) { return &c.dist.timeout_s; }),
   };
   return table;
 }
@@ -422,6 +427,34 @@ void validate(const Config& c) {
   at_least("train.keep_checkpoints", c.train.keep_checkpoints, 1);
   at_least("train.seed", c.train.seed, 0);
   at_least("train.threads", c.train.threads, 0);
+  at_least("dist.expert_parallel", c.dist.expert_parallel, 0);
+  in_range("dist.timeout_s", c.dist.timeout_s, 0.0, inf, true, true);
+}
+
+int64_t expert_parallel_ranks(const Config& c, int64_t world_size) {
+  return c.dist.expert_parallel == 1 ? 1 : world_size;
+}
+
+void validate_world(const Config& c, int64_t world_size) {
+  const int64_t W = world_size;
+  const int64_t ep = c.dist.expert_parallel;
+  if (ep != 0 && ep != 1 && ep != W)
+    throw Error(
+        W == 1 ? fmt::format("config: dist.expert_parallel = {}: the run has 1 rank; use 0 or 1, "
+                             "or start {} ranks (switch-train --nproc {})",
+                             ep, ep, ep)
+               : fmt::format("config: dist.expert_parallel = {}: the run has {} ranks; use 0 (all "
+                             "ranks), 1 (data parallel only) or {}",
+                             ep, W, W));
+  if (c.train.batch_size % W != 0)
+    throw Error(fmt::format(
+        "config: train.batch_size = {}: the global batch must split evenly over {} ranks",
+        c.train.batch_size, W));
+  if (expert_parallel_ranks(c, W) > 1 && c.n_moe_layers() > 0 && c.moe.n_experts % W != 0)
+    throw Error(fmt::format(
+        "config: moe.n_experts = {}: must be divisible by the {} expert-parallel ranks (or "
+        "set dist.expert_parallel = 1 to replicate the experts)",
+        c.moe.n_experts, W));
 }
 
 }  // namespace sw

@@ -64,11 +64,20 @@ struct TrainConfig {
   int64_t threads = 0;  // 0: all cores
 };
 
+// Several processes (ranks, from RANK / WORLD_SIZE or switch-train --nproc): every rank
+// trains on its share of each batch (data parallelism) and, with expert parallelism, holds
+// only its slice of every MoE layer's experts.
+struct DistConfig {
+  int64_t expert_parallel = 0;  // ranks sharing one set of experts: 0 = all, 1 = none
+  double timeout_s = 300;       // rendezvous and collective timeout
+};
+
 struct Config {
   DataConfig data;
   ModelConfig model;
   MoeConfig moe;
   TrainConfig train;
+  DistConfig dist;
 
   // True when layer i (0-based) has a SwitchFeedForward instead of a dense one.
   bool is_moe_layer(int64_t i) const { return moe.every > 0 && i % moe.every == moe.every - 1; }
@@ -100,6 +109,15 @@ void apply_override(Config& c, const std::string& assignment);
 
 // Range and consistency checks; throws sw::Error naming the key and what is accepted.
 void validate(const Config& c);
+
+// The checks that depend on the number of ranks: dist.expert_parallel is 0, 1 or
+// `world_size`; train.batch_size (the global batch) and, with expert parallelism,
+// moe.n_experts are divisible by it. Throws sw::Error naming the key.
+void validate_world(const Config& c, int64_t world_size);
+
+// Expert-parallel ranks for a run of `world_size` ranks: 1 (every rank holds every expert)
+// or world_size.
+int64_t expert_parallel_ranks(const Config& c, int64_t world_size);
 
 // Parses a JSON text, turning a parse error into sw::Error with "source:line:col".
 nlohmann::json parse_json_text(const std::string& text, const std::string& source);
