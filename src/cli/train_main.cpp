@@ -3,6 +3,7 @@
 #include <unistd.h>
 
 #include <atomic>
+#include <cstdlib>
 #include <filesystem>
 #include <iostream>
 
@@ -10,6 +11,8 @@
 #include <CLI/CLI.hpp>
 
 #include "config/config.h"
+#include "dist/comm.h"
+#include "dist/launch.h"
 #include "train/trainer.h"
 #include "util/error.h"
 #include "util/malloc_tuning.h"
@@ -40,7 +43,9 @@ const std::vector<std::string> kResumableKeys = {"train.steps",
                                                  "train.eval_every",
                                                  "train.checkpoint_every",
                                                  "train.keep_checkpoints",
-                                                 "train.threads"};
+                                                 "train.threads",
+                                                 "dist.expert_parallel",
+                                                 "dist.timeout_s"};
 
 std::string list_keys() {
   const nlohmann::json defaults = sw::to_json(sw::Config{});
@@ -54,6 +59,36 @@ std::string list_keys() {
   return out;
 }
 
+// --nproc N: the same command line, minus --nproc, run as N ranks (and with --out fixed
+// here, so that every rank names the same run directory).
+int launch(int argc, char** argv, int nproc, const std::string& out_dir, bool add_out) {
+  try {
+    sw::LaunchOptions lo;
+    char exe[4096];
+    const ssize_t n = readlink("/proc/self/exe", exe, sizeof exe - 1);
+    if (n <= 0) throw sw::Error("--nproc: cannot find this program's path (/proc/self/exe)");
+    lo.exe.assign(exe, static_cast<size_t>(n));
+    lo.nproc = nproc;
+    for (int i = 1; i < argc; ++i) {
+      const std::string a = argv[i];
+      if (a == "--nproc") {
+        ++i;
+        continue;
+      }
+      if (a.rfind("--nproc=", 0) == 0) continue;
+      lo.args.push_back(a);
+    }
+    if (add_out) {
+      lo.args.push_back("--out");
+      lo.args.push_back(out_dir);
+    }
+    return sw::launch_local(lo);
+  } catch (const sw::Error& e) {
+    std::cerr << "switch-train: error: " << e.what() << std::endl;
+    return 1;
+  }
+}
+
 }  // namespace
 
 int main(int argc, char** argv) {
@@ -64,6 +99,7 @@ int main(int argc, char** argv) {
   std::string config_file, out_dir;
   std::vector<std::string> overrides;
   bool resume = false, quiet = false, print_config = false, keys = false;
+  int nproc = 1;
   app.add_option("--config", config_file, "JSON config file applied over the defaults")
       ->check(CLI::ExistingFile);
   app.add_option("--set", overrides, "override one key: --set moe.n_experts=8 (repeatable)")
@@ -71,6 +107,9 @@ int main(int argc, char** argv) {
   app.add_option("--out", out_dir, "run directory (default runs/<timestamp>)");
   app.add_flag("--resume", resume, "continue the run in --out from its newest checkpoint");
   app.add_flag("-q,--quiet", quiet, "print nothing but errors");
+  app.add_option("--nproc", nproc,
+                 "start N ranks on this machine (expert + data parallel over c10d/Gloo)")
+      ->check(CLI::Range(1, 1024));
   app.add_flag("--print-config", print_config, "print the resolved config as JSON and exit");
   app.add_flag("--list-keys", keys, "list every config key with its default and exit");
   app.footer(
@@ -110,6 +149,14 @@ int main(int argc, char** argv) {
         sw::apply_override(cfg, o);
     }
     sw::validate(cfg);
+    int64_t world = nproc;
+    if (auto env = sw::dist_env_from_environment()) {
+      if (nproc > 1)
+        throw sw::Error(
+            "--nproc starts its own ranks; it cannot run under a launcher that set WORLD_SIZE");
+      world = env->world_size;
+    }
+    sw::validate_world(cfg, world);
   } catch (const sw::Error& e) {
     std::cerr << "switch-train: error: " << e.what() << std::endl;
     return 2;
@@ -121,11 +168,12 @@ int main(int argc, char** argv) {
   }
 
   opt.out_dir = out_dir.empty() ? sw::default_run_dir() : out_dir;
+  if (nproc > 1) return launch(argc, argv, nproc, opt.out_dir, out_dir.empty());
   opt.resume = resume;
+  opt.config_changed = resume && !overrides.empty();
   opt.stop = &g_stop;
   install_signal_handlers();
   try {
-    if (resume && !overrides.empty()) sw::write_config_file(opt.out_dir, cfg);
     sw::train(cfg, opt);
   } catch (const sw::Interrupted& i) {
     std::cerr << fmt::format(

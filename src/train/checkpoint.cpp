@@ -48,7 +48,7 @@ c10::Dict<std::string, at::Tensor> state_dict(const torch::nn::Module& model) {
 
 void save_checkpoint(const std::string& run_dir, const Config& cfg, const Vocab& vocab,
                      const torch::nn::Module& model, torch::optim::Optimizer& opt,
-                     const TrainState& state) {
+                     const TrainState& state, const torch::Tensor& rank_rng) {
   const fs::path final_dir = fs::path(run_dir) / ckpt_name(state.step);
   const fs::path tmp_dir = fs::path(run_dir) / (ckpt_name(state.step) + ".tmp");
   std::error_code ec;
@@ -65,6 +65,7 @@ void save_checkpoint(const std::string& run_dir, const Config& cfg, const Vocab&
 
     c10::Dict<std::string, at::Tensor> rng;
     rng.insert("torch_cpu", at::detail::getDefaultCPUGenerator().get_state());
+    if (rank_rng.defined()) rng.insert("torch_cpu_ranks", rank_rng);
     write_file_atomic((tmp_dir / "rng.pt").string(), torch::pickle_save(rng));
 
     nlohmann::json j;
@@ -166,7 +167,8 @@ void load_weights(const std::string& ckpt_dir, torch::nn::Module& model) {
   }
 }
 
-void load_optimizer_and_rng(const std::string& ckpt_dir, torch::optim::Optimizer& opt) {
+bool load_optimizer_and_rng(const std::string& ckpt_dir, torch::optim::Optimizer& opt, int64_t rank,
+                            int64_t world) {
   const std::string optim_path = (fs::path(ckpt_dir) / "optim.pt").string();
   const std::string rng_path = (fs::path(ckpt_dir) / "rng.pt").string();
   try {
@@ -179,7 +181,16 @@ void load_optimizer_and_rng(const std::string& ckpt_dir, torch::optim::Optimizer
   try {
     auto dict = torch::pickle_load(std::vector<char>(bytes.begin(), bytes.end())).toGenericDict();
     at::Generator gen = at::detail::getDefaultCPUGenerator();
+    if (dict.contains("torch_cpu_ranks")) {
+      const at::Tensor all = dict.at("torch_cpu_ranks").toTensor();
+      if (all.size(0) == world) {
+        gen.set_state(all[rank].contiguous());
+        return true;
+      }
+    }
+    if (rank != 0) return false;
     gen.set_state(dict.at("torch_cpu").toTensor());
+    return true;
   } catch (const c10::Error& e) {
     throw Error(
         fmt::format("{}: cannot load the RNG state: {}", rng_path, e.what_without_backtrace()));

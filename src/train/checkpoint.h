@@ -1,7 +1,7 @@
 // Checkpoints: one directory per checkpoint, ckpt-<step>/, holding
 //   model.pt   the weights as a plain {name: tensor} dict (torch.load reads it in Python),
 //   optim.pt   the AdamW state,
-//   rng.pt     the torch CPU generator state,
+//   rng.pt     the torch CPU generator state (of every rank, in a run of several),
 //   state.json format version, step, wall time, data-sampler state, vocabulary, config.
 // A checkpoint is written into ckpt-<step>.tmp/, every file flushed, then the directory is
 // renamed: a crash leaves either the whole checkpoint or none of it.
@@ -34,9 +34,10 @@ struct CheckpointMeta {
   TrainState state;
 };
 
+// `rank_rng` ([W, S] uint8, optional): every rank's generator state in a run of W ranks.
 void save_checkpoint(const std::string& run_dir, const Config& cfg, const Vocab& vocab,
                      const torch::nn::Module& model, torch::optim::Optimizer& opt,
-                     const TrainState& state);
+                     const TrainState& state, const torch::Tensor& rank_rng = {});
 
 // The newest complete checkpoint directory of a run, if any.
 std::optional<std::string> newest_checkpoint(const std::string& run_dir);
@@ -47,7 +48,11 @@ CheckpointMeta read_checkpoint_meta(const std::string& ckpt_dir);
 // Loads weights into a model built from the checkpoint's config: a missing, extra or
 // mis-shaped tensor is an error that names it.
 void load_weights(const std::string& ckpt_dir, torch::nn::Module& model);
-void load_optimizer_and_rng(const std::string& ckpt_dir, torch::optim::Optimizer& opt);
+// Restores the optimizer and, for rank `rank` of `world`, the generator state. Returns
+// false when the checkpoint has none for this rank (it was written by another number of
+// ranks and this is not rank 0): the caller seeds the generator itself.
+bool load_optimizer_and_rng(const std::string& ckpt_dir, torch::optim::Optimizer& opt,
+                            int64_t rank = 0, int64_t world = 1);
 
 // Deletes all but the newest `keep` complete checkpoints, and stale *.tmp directories.
 void prune_checkpoints(const std::string& run_dir, int64_t keep);

@@ -91,6 +91,14 @@ torch::Tensor FusedAdamW::step(LossClosure closure) {
   return loss;
 }
 
+torch::optim::AdamWParamState* adamw_state(torch::optim::Optimizer& opt, const torch::Tensor& p) {
+  auto& state = opt.state();
+  using Key = typename std::decay_t<decltype(state)>::key_type;
+  auto it = state.find(state_key<Key>(p.unsafeGetTensorImpl()));
+  return it == state.end() ? nullptr
+                           : static_cast<torch::optim::AdamWParamState*>(it->second.get());
+}
+
 GradNorm grad_norm(const std::vector<torch::Tensor>& params, double max_norm) {
   double sum_sq = 0;
   for (const auto& p : params)

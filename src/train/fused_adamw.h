@@ -32,4 +32,7 @@ struct GradNorm {
 };
 GradNorm grad_norm(const std::vector<torch::Tensor>& params, double max_norm);
 
+// The AdamW state of parameter `p` in `opt`, or nullptr before its first update.
+torch::optim::AdamWParamState* adamw_state(torch::optim::Optimizer& opt, const torch::Tensor& p);
+
 }  // namespace sw

@@ -1,5 +1,6 @@
 #include "train/metrics.h"
 
+#include <cmath>
 #include <fstream>
 
 #include <fmt/format.h>
@@ -76,6 +77,31 @@ nlohmann::ordered_json RoutingAccumulator::to_json() const {
           std::vector<double>(p.data_ptr<double>(), p.data_ptr<double>() + p.numel())}});
   }
   return arr;
+}
+
+void RoutingAccumulator::sum_over_ranks(Comm& comm) {
+  // One float64 all-reduce of [tokens, dropped, counts..., prob sums...] per layer; counts
+  // stay exact in a double far beyond any run's token count.
+  std::vector<torch::Tensor> parts;
+  for (const Layer& l : layers_) {
+    auto opts = torch::TensorOptions().dtype(torch::kFloat64);
+    parts.push_back(
+        torch::tensor({static_cast<double>(l.tokens), static_cast<double>(l.dropped)}, opts));
+    parts.push_back(l.counts_E.to(torch::kFloat64));
+    parts.push_back(l.prob_sum_E.to(torch::kFloat64));
+  }
+  if (parts.empty()) return;
+  torch::Tensor buf = torch::cat(parts);
+  comm.all_reduce_sum(buf);
+  int64_t off = 0;
+  for (Layer& l : layers_) {
+    const int64_t E = l.counts_E.numel();
+    l.tokens = std::llround(buf[off].item<double>());
+    l.dropped = std::llround(buf[off + 1].item<double>());
+    l.counts_E = buf.narrow(0, off + 2, E).round().to(torch::kInt64);
+    l.prob_sum_E = buf.narrow(0, off + 2 + E, E).to(l.prob_sum_E.scalar_type());
+    off += 2 + 2 * E;
+  }
 }
 
 double RoutingAccumulator::drop_fraction() const {

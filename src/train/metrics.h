@@ -42,6 +42,8 @@ class RoutingAccumulator {
   nlohmann::ordered_json to_json() const;  // [{layer, tokens, counts, dropped, prob_sum}, ...]
   double drop_fraction() const;            // dropped / routed over all MoE layers
   void reset() { layers_.clear(); }
+  // Replaces this rank's sums by the sums over all ranks (collective).
+  void sum_over_ranks(Comm& comm);
 
  private:
   struct Layer {

@@ -2,6 +2,7 @@
 
 #include <chrono>
 #include <cmath>
+#include <csignal>
 #include <ctime>
 #include <filesystem>
 #include <iostream>
@@ -14,6 +15,7 @@
 #include "model/transformer.h"
 #include "train/checkpoint.h"
 #include "train/metrics.h"
+#include "train/parallel.h"
 #include "train/schedule.h"
 #include "util/error.h"
 #include "util/fs.h"
@@ -43,21 +45,35 @@ std::string human_duration(double s) {
 }
 
 // Mean cross-entropy over fixed batches, in eval mode, leaving the training RNG untouched.
-double evaluate(Transformer& model, const std::vector<Batch>& batches) {
+// With several ranks each evaluates its share of every batch and the means are averaged.
+double evaluate(Transformer& model, const std::vector<Batch>& batches, const Parallel& par) {
   torch::NoGradGuard no_grad;
   auto gen = at::detail::getDefaultCPUGenerator();
   const torch::Tensor rng_state = gen.get_state();
   model->eval();
   double sum = 0;
   for (const auto& b : batches) {
-    ModelOutput out = model->forward(b.x_BS);
+    ModelOutput out = model->forward(par.share(b.x_BS));
     const int64_t V = out.logits_BSV.size(-1);
-    sum += torch::cross_entropy_loss(out.logits_BSV.reshape({-1, V}), b.y_BS.reshape({-1}))
-               .item<double>();
+    sum +=
+        torch::cross_entropy_loss(out.logits_BSV.reshape({-1, V}), par.share(b.y_BS).reshape({-1}))
+            .item<double>();
   }
   model->train();
   gen.set_state(rng_state);
+  if (par.comm) {
+    torch::Tensor t = torch::tensor({sum}, torch::kFloat64);
+    par.comm->all_reduce_sum(t);
+    sum = t.item<double>() / static_cast<double>(par.world);
+  }
   return sum / static_cast<double>(batches.size());
+}
+
+// A generator seed for rank `rank` > 0, distinct per rank and per step it starts from.
+uint64_t rank_seed(int64_t seed, int64_t rank, int64_t step) {
+  uint64_t x = static_cast<uint64_t>(seed) ^ (0x9E3779B97F4A7C15ULL * static_cast<uint64_t>(rank));
+  x ^= 0xBF58476D1CE4E5B9ULL * static_cast<uint64_t>(step + 1);
+  return x >> 1;  // non-negative as int64
 }
 
 std::vector<Batch> fixed_batches(const Dataset& data, Split split, const TrainConfig& t,
@@ -69,12 +85,16 @@ std::vector<Batch> fixed_batches(const Dataset& data, Split split, const TrainCo
   return out;
 }
 
-void check_fresh_run_dir(const std::string& dir) {
+void check_no_run_in(const std::string& dir) {
   if (fs::exists(fs::path(dir) / "config.json") || fs::exists(fs::path(dir) / "metrics.jsonl"))
     throw Error(
         fmt::format("run directory '{}' already holds a run; continue it with "
                     "'switch-train --out {} --resume' or choose another --out",
                     dir, dir));
+}
+
+void create_run_dir(const std::string& dir) {
+  check_no_run_in(dir);
   std::error_code ec;
   fs::create_directories(dir, ec);
   if (ec || !fs::is_directory(dir))
@@ -84,8 +104,10 @@ void check_fresh_run_dir(const std::string& dir) {
 
 }  // namespace
 
-int64_t configure_threads(int64_t requested) {
-  int64_t n = requested > 0 ? requested : static_cast<int64_t>(std::thread::hardware_concurrency());
+int64_t configure_threads(int64_t requested, int64_t local_ranks) {
+  int64_t n = requested > 0 ? requested
+                            : static_cast<int64_t>(std::thread::hardware_concurrency()) /
+                                  std::max<int64_t>(1, local_ranks);
   if (n <= 0) n = 1;
   torch::set_num_threads(static_cast<int>(n));
   return torch::get_num_threads();
@@ -115,13 +137,22 @@ Config resume_config(const std::string& run_dir) {
 
 nlohmann::ordered_json train(const Config& cfg, const TrainOptions& opt) {
   validate(cfg);
+  const std::optional<DistEnv> env = dist_env_from_environment();
+  Parallel par;
+  par.world = env ? env->world_size : 1;
+  par.rank = env ? env->rank : 0;
+  validate_world(cfg, par.world);
+  par.expert_parallel = expert_parallel_ranks(cfg, par.world) > 1 && cfg.n_moe_layers() > 0;
   auto say = [&](const std::string& line) {
-    if (!opt.quiet) std::cout << line << std::endl;
+    if (!opt.quiet && par.root()) std::cout << line << std::endl;
   };
-  const int64_t threads = configure_threads(cfg.train.threads);
-  say(fmt::format("threads: {} (intra-op)", threads));
+  int64_t local_ranks = par.world;
+  if (const char* v = std::getenv("LOCAL_WORLD_SIZE")) local_ranks = std::max(1, std::atoi(v));
+  const int64_t threads = configure_threads(cfg.train.threads, local_ranks);
+  say(fmt::format("threads: {} (intra-op){}", threads,
+                  par.world > 1 ? fmt::format(" per rank, {} ranks", par.world) : ""));
 
-  // Where the run starts from.
+  // Where the run starts from (every rank reads the checkpoint).
   std::optional<CheckpointMeta> ckpt;
   if (opt.resume) {
     if (auto dir = newest_checkpoint(opt.out_dir)) {
@@ -140,38 +171,58 @@ nlohmann::ordered_json train(const Config& cfg, const TrainOptions& opt) {
   const int64_t V = data.vocab().size();
   say(fmt::format("data: {} ({} characters, vocabulary {}, train {} / val {})", cfg.data.path,
                   text.size(), V, data.size(Split::Train), data.size(Split::Val)));
+  if (!opt.resume) check_no_run_in(opt.out_dir);  // every rank fails alike, before rendezvous
 
-  if (!opt.resume) {
-    check_fresh_run_dir(opt.out_dir);
-    write_config_file(opt.out_dir, cfg);
+  if (env && par.world > 1) {
+    const auto timeout = std::chrono::milliseconds(static_cast<int64_t>(cfg.dist.timeout_s * 1e3));
+    par.comm = Comm::connect(*env, timeout);
+    say(fmt::format("ranks: {} joined at {}:{} ({}; global batch {} = {} per rank)", par.world,
+                    env->master_addr, env->master_port,
+                    par.expert_parallel ? fmt::format("{} experts per rank per layer",
+                                                      cfg.moe.n_experts / par.world)
+                                        : std::string("experts replicated"),
+                    cfg.train.batch_size, cfg.train.batch_size / par.world));
   }
+  if (!opt.resume && par.root()) create_run_dir(opt.out_dir);
+  if ((!opt.resume || opt.config_changed) && par.root()) write_config_file(opt.out_dir, cfg);
 
+  // Every rank builds the whole model from the same seed, so an expert's initial weights do
+  // not depend on the number of ranks; then each keeps its slice.
   torch::manual_seed(static_cast<uint64_t>(cfg.train.seed));
   Transformer model(cfg, V);
   model->train();
+  const int64_t n_params = model->n_params(), n_active = model->n_active_params();
   auto optimizer = make_optimizer(*model, cfg.train);
   say(fmt::format("model: {} layers ({} MoE, {} experts each), {} parameters, {} active per token",
                   cfg.model.n_layers, cfg.n_moe_layers(), cfg.moe.n_experts,
-                  human_count(static_cast<double>(model->n_params())),
-                  human_count(static_cast<double>(model->n_active_params()))));
+                  human_count(static_cast<double>(n_params)),
+                  human_count(static_cast<double>(n_active))));
 
-  Rng data_rng(static_cast<uint64_t>(cfg.train.seed));
+  Rng data_rng(static_cast<uint64_t>(cfg.train.seed));  // the same global stream on every rank
   TrainState state;
   const std::string metrics_path = (fs::path(opt.out_dir) / "metrics.jsonl").string();
+  bool rng_restored = false;
   if (ckpt) {
     load_weights(ckpt->dir, *model);
-    load_optimizer_and_rng(ckpt->dir, *optimizer);
+    rng_restored = load_optimizer_and_rng(ckpt->dir, *optimizer, par.rank, par.world);
     state = ckpt->state;
     data_rng.set_state(state.data_rng);
   }
-  if (opt.resume) truncate_metrics(metrics_path, state.step);
-  MetricsWriter metrics(metrics_path);
+  // Rank 0 continues the single-process generator stream; the others get their own.
+  if (par.rank > 0 && !rng_restored)
+    torch::manual_seed(rank_seed(cfg.train.seed, par.rank, state.step));
+  if (par.expert_parallel) shard_experts(model, *optimizer, par.comm);
+  const ParamSplit params = split_parameters(model, par.expert_parallel);
+
+  if (opt.resume && par.root()) truncate_metrics(metrics_path, state.step);
+  std::optional<MetricsWriter> metrics;
+  if (par.root()) metrics.emplace(metrics_path);
 
   const std::vector<Batch> val_batches = fixed_batches(data, Split::Val, cfg.train, 0x76616cULL);
   const std::vector<Batch> train_eval_batches =
       fixed_batches(data, Split::Train, cfg.train, 0x747261ULL);
 
-  const int64_t tokens_per_step = cfg.train.batch_size * cfg.model.seq_len;
+  const int64_t tokens_per_step = cfg.train.batch_size * cfg.model.seq_len;  // global
   const auto t_start = Clock::now();
   const double time_offset = state.time_s;
   auto now_s = [&] { return time_offset + seconds_since(t_start); };
@@ -180,27 +231,23 @@ nlohmann::ordered_json train(const Config& cfg, const TrainOptions& opt) {
   double interval_ce = 0, interval_lb = 0, interval_z = 0, interval_step_s = 0;
   double interval_fwd_s = 0, interval_bwd_s = 0, interval_opt_s = 0;  // phases of the steps
   int64_t interval_steps = 0;
+  CommStats interval_comm;  // this rank's collectives in the interval's training steps
   double session_step_s = 0;
   int64_t session_steps = 0;
   double last_val = std::nan(""), last_train = std::nan("");
 
   for (int64_t step = state.step; step < cfg.train.steps; ++step) {
     const auto t_step = Clock::now();
+    const CommStats comm_before = par.comm ? par.comm->stats() : CommStats{};
     const double lr = lr_at(cfg.train, step);
     set_lr(*optimizer, lr);
 
     Batch batch = data.sample(Split::Train, cfg.train.batch_size, data_rng);
-    ModelOutput out = model->forward(batch.x_BS);
-    torch::Tensor ce =
-        torch::cross_entropy_loss(out.logits_BSV.reshape({-1, V}), batch.y_BS.reshape({-1}));
+    ModelOutput out = model->forward(par.share(batch.x_BS));
+    torch::Tensor ce = torch::cross_entropy_loss(out.logits_BSV.reshape({-1, V}),
+                                                 par.share(batch.y_BS).reshape({-1}));
     AuxLosses aux = total_aux_losses(out.moe);
     torch::Tensor loss = ce + cfg.moe.alpha * aux.lb + cfg.moe.z_loss * aux.z;
-    const double loss_v = loss.item<double>();
-    if (!std::isfinite(loss_v))
-      throw Error(
-          fmt::format("step {}: the loss is {} (cross-entropy {}, load-balancing {}); "
-                      "try a lower train.lr. The last checkpoint is kept.",
-                      step + 1, loss_v, ce.item<double>(), aux.lb.item<double>()));
 
     const auto t_backward = Clock::now();
     interval_fwd_s += std::chrono::duration<double>(t_backward - t_step).count();
@@ -208,9 +255,34 @@ nlohmann::ordered_json train(const Config& cfg, const TrainOptions& opt) {
     loss.backward();
     const auto t_optimizer = Clock::now();
     interval_bwd_s += std::chrono::duration<double>(t_optimizer - t_backward).count();
+
+    // The step's values over all ranks: losses averaged, a stop request from any rank
+    // stops every rank after this same step.
+    const int stop_local = opt.stop ? opt.stop->load() : 0;
+    std::vector<double> v = {ce.item<double>(), aux.lb.item<double>(), aux.z.item<double>(),
+                             static_cast<double>(stop_local)};
+    double grad_sq = std::nan("");
+    if (par.comm) {
+      grad_sq = reduce_gradients(*par.comm, params, v);
+      for (int i = 0; i < 3; ++i)
+        v[i] /= static_cast<double>(par.world);
+    }
+    const double ce_v = v[0], lb_v = v[1], z_v = v[2];
+    const double loss_v = ce_v + cfg.moe.alpha * lb_v + cfg.moe.z_loss * z_v;
+    if (!std::isfinite(loss_v))
+      throw Error(
+          fmt::format("step {}: the loss is {} (cross-entropy {}, load-balancing {}); "
+                      "try a lower train.lr. The last checkpoint is kept.",
+                      step + 1, loss_v, ce_v, lb_v));
     double grad_norm = std::nan("");
     if (cfg.train.grad_clip > 0) {
-      const GradNorm g = sw::grad_norm(model->parameters(), cfg.train.grad_clip);
+      GradNorm g{};
+      if (par.comm) {
+        g.norm = std::sqrt(grad_sq);
+        g.clip_scale = std::min(1.0, cfg.train.grad_clip / (g.norm + 1e-6));
+      } else {
+        g = sw::grad_norm(model->parameters(), cfg.train.grad_clip);
+      }
       grad_norm = g.norm;
       optimizer->set_grad_scale(g.clip_scale);  // clipping, applied inside the update
     }
@@ -218,18 +290,27 @@ nlohmann::ordered_json train(const Config& cfg, const TrainOptions& opt) {
     interval_opt_s += seconds_since(t_optimizer);
 
     const double step_s = seconds_since(t_step);
+    if (par.comm) {
+      const CommStats& c = par.comm->stats();
+      interval_comm.all_to_all_calls += c.all_to_all_calls - comm_before.all_to_all_calls;
+      interval_comm.all_to_all_bytes += c.all_to_all_bytes - comm_before.all_to_all_bytes;
+      interval_comm.all_reduce_calls += c.all_reduce_calls - comm_before.all_reduce_calls;
+      interval_comm.all_reduce_bytes += c.all_reduce_bytes - comm_before.all_reduce_bytes;
+      interval_comm.seconds += c.seconds - comm_before.seconds;
+    }
     interval_step_s += step_s;
     session_step_s += step_s;
     ++session_steps;
     ++interval_steps;
-    interval_ce += ce.item<double>();
-    interval_lb += aux.lb.item<double>();
-    interval_z += aux.z.item<double>();
+    interval_ce += ce_v;
+    interval_lb += lb_v;
+    interval_z += z_v;
     routing.add(out.moe);
     state.step = step + 1;
 
     const bool last = state.step == cfg.train.steps;
     if (state.step % cfg.train.log_every == 0 || last) {
+      if (par.comm) routing.sum_over_ranks(*par.comm);
       const double tok_s = static_cast<double>(interval_steps * tokens_per_step) / interval_step_s;
       const double ce_mean = interval_ce / static_cast<double>(interval_steps);
       const double lb_mean = interval_lb / static_cast<double>(interval_steps);
@@ -252,7 +333,17 @@ nlohmann::ordered_json train(const Config& cfg, const TrainOptions& opt) {
           {"steps_in_record", interval_steps},
           {"layers", routing.to_json()}};
       if (std::isfinite(grad_norm)) rec["grad_norm"] = grad_norm;
-      metrics.write(rec);
+      if (par.comm) {  // rank 0's collectives per training step
+        const double n = static_cast<double>(interval_steps);
+        rec["comm"] = {
+            {"ms", 1000.0 * interval_comm.seconds / n},
+            {"all_to_all_calls", static_cast<double>(interval_comm.all_to_all_calls) / n},
+            {"all_to_all_bytes", static_cast<double>(interval_comm.all_to_all_bytes) / n},
+            {"all_reduce_calls", static_cast<double>(interval_comm.all_reduce_calls) / n},
+            {"all_reduce_bytes", static_cast<double>(interval_comm.all_reduce_bytes) / n}};
+        interval_comm = CommStats{};
+      }
+      if (metrics) metrics->write(rec);
       const double eta = session_step_s / static_cast<double>(session_steps) *
                          static_cast<double>(cfg.train.steps - state.step);
       say(
@@ -267,24 +358,42 @@ nlohmann::ordered_json train(const Config& cfg, const TrainOptions& opt) {
       routing.reset();
     }
     if (state.step % cfg.train.eval_every == 0 || last) {
-      last_val = evaluate(model, val_batches);
-      last_train = evaluate(model, train_eval_batches);
+      last_val = evaluate(model, val_batches, par);
+      last_train = evaluate(model, train_eval_batches, par);
       state.best_val_loss = std::min(state.best_val_loss, last_val);
-      metrics.write(nlohmann::ordered_json{{"kind", "eval"},
-                                           {"step", state.step},
-                                           {"time_s", now_s()},
-                                           {"val_loss", last_val},
-                                           {"train_loss", last_train}});
+      if (metrics)
+        metrics->write(nlohmann::ordered_json{{"kind", "eval"},
+                                              {"step", state.step},
+                                              {"time_s", now_s()},
+                                              {"val_loss", last_val},
+                                              {"train_loss", last_train}});
       say(fmt::format("eval step {} | train {:.4f} | val {:.4f} | best val {:.4f}", state.step,
                       last_train, last_val, state.best_val_loss));
     }
-    const int stop_signal = opt.stop ? opt.stop->load() : 0;
+    int stop_signal = 0;
+    if (v[3] > 0) {  // this rank's own signal, or the one another rank received
+      const int mine = opt.stop ? opt.stop->load() : 0;
+      stop_signal = mine != 0 ? mine : SIGTERM;
+    }
     if (opt.checkpoints &&
         (state.step % cfg.train.checkpoint_every == 0 || last || stop_signal != 0)) {
       state.time_s = now_s();
       state.data_rng = data_rng.state();
-      save_checkpoint(opt.out_dir, cfg, data.vocab(), *model, *optimizer, state);
-      prune_checkpoints(opt.out_dir, cfg.train.keep_checkpoints);
+      auto save = [&](const torch::Tensor& rank_rng) {
+        if (!par.root()) return;
+        save_checkpoint(opt.out_dir, cfg, data.vocab(), *model, *optimizer, state, rank_rng);
+        prune_checkpoints(opt.out_dir, cfg.train.keep_checkpoints);
+      };
+      if (par.comm) {
+        const torch::Tensor rank_rng = gather_rng_states(*par.comm);
+        if (par.expert_parallel)
+          with_full_experts(*par.comm, model, *optimizer, [&] { save(rank_rng); });
+        else
+          save(rank_rng);
+        par.comm->barrier();  // no rank goes on (or stops) before the checkpoint is on disk
+      } else {
+        save({});
+      }
     }
     if (stop_signal != 0 && !last)
       throw Interrupted{stop_signal, state.step,
@@ -292,8 +401,8 @@ nlohmann::ordered_json train(const Config& cfg, const TrainOptions& opt) {
   }
 
   if (!std::isfinite(last_val)) {  // resumed a finished run: evaluate what is there
-    last_val = evaluate(model, val_batches);
-    last_train = evaluate(model, train_eval_batches);
+    last_val = evaluate(model, val_batches, par);
+    last_train = evaluate(model, train_eval_batches, par);
     state.best_val_loss = std::min(state.best_val_loss, last_val);
   }
   const double wall_s = now_s();
@@ -307,11 +416,14 @@ nlohmann::ordered_json train(const Config& cfg, const TrainOptions& opt) {
                            ? static_cast<double>(session_steps * tokens_per_step) / session_step_s
                            : 0.0},
       {"tokens_trained", state.step * tokens_per_step},
-      {"params_total", model->n_params()},
-      {"params_active", model->n_active_params()},
+      {"params_total", n_params},
+      {"params_active", n_active},
       {"threads", threads},
+      {"ranks", par.world},
+      {"expert_parallel", par.expert_parallel},
   };
-  write_file_atomic((fs::path(opt.out_dir) / "summary.json").string(), summary.dump(2) + "\n");
+  if (par.root())
+    write_file_atomic((fs::path(opt.out_dir) / "summary.json").string(), summary.dump(2) + "\n");
   say(fmt::format("done: {} steps in {} | val loss {:.4f} (best {:.4f}) | {} tok/s | run in {}",
                   state.step, human_duration(wall_s), last_val, state.best_val_loss,
                   human_count(summary["tokens_per_s"].get<double>()), opt.out_dir));

@@ -12,10 +12,11 @@
 namespace sw {
 
 struct TrainOptions {
-  std::string out_dir;      // the run directory
-  bool resume = false;      // continue from the run's newest complete checkpoint
-  bool quiet = false;       // no progress output
-  bool checkpoints = true;  // false: write no checkpoint (benchmarks)
+  std::string out_dir;          // the run directory
+  bool resume = false;          // continue from the run's newest complete checkpoint
+  bool config_changed = false;  // resume with overrides: rewrite the run's config.json
+  bool quiet = false;           // no progress output
+  bool checkpoints = true;      // false: write no checkpoint (benchmarks)
   // When it becomes non-zero (a signal number), training stops after the current step,
   // writes a checkpoint and throws Interrupted.
   const std::atomic<int>* stop = nullptr;
@@ -29,7 +30,9 @@ struct Interrupted {
 };
 
 // Trains and returns the summary (also written to <out_dir>/summary.json). For a resumed
-// run `cfg` must be the run's own config (see resume_config).
+// run `cfg` must be the run's own config (see resume_config). When WORLD_SIZE is set this
+// process is one rank of a run (RANK, MASTER_ADDR, MASTER_PORT; LOCAL_WORLD_SIZE shares the
+// cores): rank 0 prints, writes metrics, checkpoints and the summary.
 nlohmann::ordered_json train(const Config& cfg, const TrainOptions& opt);
 
 // The config of an existing run directory (its config.json), for --resume.
@@ -38,8 +41,9 @@ Config resume_config(const std::string& run_dir);
 // Writes <run_dir>/config.json (atomically).
 void write_config_file(const std::string& run_dir, const Config& cfg);
 
-// Sets LibTorch's intra-op thread count (0: all cores) and returns the count in use.
-int64_t configure_threads(int64_t requested);
+// Sets LibTorch's intra-op thread count (0: all cores shared by `local_ranks` processes)
+// and returns the count in use.
+int64_t configure_threads(int64_t requested, int64_t local_ranks = 1);
 
 // A default run directory name: runs/<YYYYmmdd-HHMMSS>.
 std::string default_run_dir();

@@ -1,0 +1,54 @@
+// Training on several ranks. Every rank takes its share of each global batch (data
+// parallelism); with expert parallelism it also holds only its slice of every MoE layer's
+// experts. Replicated parameters stay identical on every rank because their gradients are
+// averaged before the (deterministic) update; expert gradients stay on their owner.
+// Checkpoints always hold whole layers, so a run written by W ranks resumes on any number.
+#pragma once
+
+#include <functional>
+#include <memory>
+#include <vector>
+
+#include <torch/torch.h>
+
+#include "dist/comm.h"
+#include "model/transformer.h"
+
+namespace sw {
+
+struct Parallel {
+  std::shared_ptr<Comm> comm;    // null: a single process
+  int64_t rank = 0, world = 1;   // this rank, number of ranks
+  bool expert_parallel = false;  // experts sharded over the ranks
+  bool root() const { return rank == 0; }
+  // This rank's rows [rank*n/W, (rank+1)*n/W) of a global batch of n rows.
+  torch::Tensor share(const torch::Tensor& rows) const;
+};
+
+// The parameters by how their gradients combine across ranks.
+struct ParamSplit {
+  std::vector<torch::Tensor> replicated;  // the same on every rank: gradients averaged
+  std::vector<torch::Tensor> sharded;     // this rank's experts: gradients stay local
+};
+ParamSplit split_parameters(Transformer& model, bool expert_parallel);
+
+// Keeps this rank's slice of every MoE layer's experts and narrows their optimizer state
+// (if any, e.g. just loaded from a checkpoint) the same way.
+void shard_experts(Transformer& model, torch::optim::Optimizer& opt,
+                   const std::shared_ptr<Comm>& comm);
+
+// After backward, one all-reduce: replicated gradients become the mean over ranks, sharded
+// gradients are divided by W (the loss is the mean of W ranks' losses, and each of them
+// reaches this rank's experts), and `values` become their sums over ranks. Returns the
+// squared global gradient norm (the same on every rank).
+double reduce_gradients(Comm& comm, const ParamSplit& params, std::vector<double>& values);
+
+// Runs `f` with each sharded expert parameter and its AdamW moments replaced by the whole
+// [E, ...] tensor gathered from all ranks, then restores this rank's slice (collective).
+void with_full_experts(Comm& comm, Transformer& model, torch::optim::Optimizer& opt,
+                       const std::function<void()>& f);
+
+// Every rank's CPU generator state, stacked [W, S] as uint8 (collective).
+torch::Tensor gather_rng_states(Comm& comm);
+
+}  // namespace sw

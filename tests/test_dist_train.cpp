@@ -1,0 +1,236 @@
+// Training on several processes, as a user runs it: switch-train --nproc N, or ranks started
+// by hand from RANK / WORLD_SIZE / MASTER_ADDR / MASTER_PORT. Same loss curve as one
+// process, checkpoints that move between rank counts, and failures that end the run.
+#include <algorithm>
+#include <cmath>
+
+#include <doctest/doctest.h>
+
+#include "dist/comm.h"
+#include "helpers.h"
+#include "train/metrics.h"
+
+namespace {
+
+const std::string kTrain = SWITCH_TRAIN_BIN;
+const std::string kSample = SWITCH_SAMPLE_BIN;
+
+// The tiny config on one thread per rank. `exact` makes one process and W ranks compute
+// the same thing: no dropping (capacity is decided per rank on its own tokens) and no
+// load-balancing loss (a product of per-rank statistics).
+std::string tiny_args(const std::string& out, bool exact) {
+  std::string a = " --config " + test::source_path("configs/tiny.json") +
+                  " --set data.path=" + test::data_path() + " --set train.threads=1 --out " + out;
+  if (exact) a += " --set moe.drop_tokens=false --set moe.alpha=0";
+  return a;
+}
+
+// The value a record is compared on: cross-entropy for train records, val loss for evals.
+double loss_of(const nlohmann::json& r) {
+  return r["kind"] == "train" ? r["ce"].get<double>() : r["val_loss"].get<double>();
+}
+
+// Largest |difference| of the losses of two metrics files with the same records, whose
+// routing counts must also agree exactly.
+double max_loss_diff(const std::string& a_path, const std::string& b_path) {
+  auto a = sw::read_metrics(a_path), b = sw::read_metrics(b_path);
+  REQUIRE(a.size() == b.size());
+  double worst = 0;
+  for (size_t i = 0; i < a.size(); ++i) {
+    REQUIRE(a[i]["kind"] == b[i]["kind"]);
+    REQUIRE(a[i]["step"] == b[i]["step"]);
+    worst = std::max(worst, std::abs(loss_of(a[i]) - loss_of(b[i])));
+    if (a[i]["kind"] == "train")
+      for (size_t l = 0; l < a[i]["layers"].size(); ++l)
+        CHECK(a[i]["layers"][l]["counts"] == b[i]["layers"][l]["counts"]);
+  }
+  return worst;
+}
+
+// A copy of `run` as it was at checkpoint `step`: config, that checkpoint, its metrics.
+void copy_run_at(const std::string& run, const std::string& to, int64_t step) {
+  test::fs::create_directories(to);
+  test::fs::copy(run + "/config.json", to + "/config.json");
+  const std::string ck =
+      "/ckpt-" + std::string(6 - std::to_string(step).size(), '0') + std::to_string(step);
+  test::fs::copy(run + ck, to + ck, test::fs::copy_options::recursive);
+  test::fs::copy(run + "/metrics.jsonl", to + "/metrics.jsonl");  // resume truncates it
+}
+
+}  // namespace
+
+TEST_CASE("switch-train --nproc 2 and 4 follow one process's loss curve on the same global batch") {
+  const std::string base = test::scratch_dir("dist_curve");
+  test::CmdResult r = test::run(kTrain + tiny_args(base + "/w1", true) + " -q");
+  INFO(r.output);
+  REQUIRE(r.rc == 0);
+  for (int W : {2, 4}) {
+    CAPTURE(W);
+    const std::string dir = base + "/w" + std::to_string(W);
+    r = test::run(kTrain + tiny_args(dir, true) + " --nproc " + std::to_string(W));
+    INFO(r.output);
+    REQUIRE(r.rc == 0);
+    CHECK(test::contains(r.output, "[rank 0] ranks: " + std::to_string(W) + " joined"));
+    CHECK(test::contains(r.output, "[rank 0] done: 60 steps"));
+    const double diff = max_loss_diff(base + "/w1/metrics.jsonl", dir + "/metrics.jsonl");
+    MESSAGE("W = " << W << ": max |loss difference| vs one process over all records: " << diff);
+    CHECK(diff < 1e-5);
+    const auto summary = nlohmann::json::parse(test::read_file(dir + "/summary.json"));
+    CHECK(summary["ranks"] == W);
+    CHECK(summary["expert_parallel"] == true);
+  }
+  // Data parallel only: every rank holds every expert.
+  const std::string dp = base + "/dp2";
+  r = test::run(kTrain + tiny_args(dp, true) + " --set dist.expert_parallel=1 --nproc 2 -q");
+  INFO(r.output);
+  REQUIRE(r.rc == 0);
+  const double diff = max_loss_diff(base + "/w1/metrics.jsonl", dp + "/metrics.jsonl");
+  MESSAGE("data parallel, W = 2: max |loss difference| vs one process: " << diff);
+  CHECK(diff < 1e-5);
+}
+
+TEST_CASE("a checkpoint of 2 ranks resumes in one process, and samples") {
+  const std::string base = test::scratch_dir("dist_resume");
+  // The reference: one process, straight through.
+  test::CmdResult r = test::run(kTrain + tiny_args(base + "/w1", true) + " -q");
+  REQUIRE(r.rc == 0);
+  r = test::run(kTrain + tiny_args(base + "/w2", true) + " --nproc 2 -q");
+  INFO(r.output);
+  REQUIRE(r.rc == 0);
+
+  // Written by 2 ranks at step 30, continued by one process: the one-process curve.
+  copy_run_at(base + "/w2", base + "/w2to1", 30);
+  r = test::run(kTrain + " --out " + base + "/w2to1 --resume -q");
+  INFO(r.output);
+  REQUIRE(r.rc == 0);
+  const double diff = max_loss_diff(base + "/w1/metrics.jsonl", base + "/w2to1/metrics.jsonl");
+  MESSAGE("2 ranks to step 30, then 1 process: max |loss difference| vs one process: " << diff);
+  CHECK(diff < 1e-5);
+
+  // The weights file holds whole layers: switch-sample reads it like any other.
+  r = test::run(kSample + " --run " + base + "/w2 --chars 40 --seed 3");
+  CHECK(r.rc == 0);
+  CHECK(r.output.size() >= 40);
+  CHECK(r.output == test::run(kSample + " --run " + base + "/w2to1 --chars 40 --seed 3").output);
+}
+
+TEST_CASE("2 ranks with token dropping resume bitwise from their checkpoint") {
+  // Dropping draws random priorities on every rank: each rank's generator is checkpointed.
+  const std::string base = test::scratch_dir("dist_exact_resume");
+  test::CmdResult r = test::run(kTrain + tiny_args(base + "/straight", false) + " --nproc 2 -q");
+  INFO(r.output);
+  REQUIRE(r.rc == 0);
+  copy_run_at(base + "/straight", base + "/resumed", 30);
+  r = test::run(kTrain + " --out " + base + "/resumed --resume --nproc 2 -q");
+  INFO(r.output);
+  REQUIRE(r.rc == 0);
+  auto a = sw::read_metrics(base + "/straight/metrics.jsonl");
+  auto b = sw::read_metrics(base + "/resumed/metrics.jsonl");
+  REQUIRE(a.size() == b.size());
+  CHECK(a.back()["val_loss"] == b.back()["val_loss"]);
+  CHECK(a[a.size() - 2]["layers"] == b[b.size() - 2]["layers"]);
+  CHECK_MESSAGE(test::read_file(base + "/straight/ckpt-000060/model.pt") ==
+                    test::read_file(base + "/resumed/ckpt-000060/model.pt"),
+                "weights after a 2-rank resume differ from the straight 2-rank run");
+}
+
+TEST_CASE("a rank killed mid-run makes the other exit with an error, not hang") {
+  const std::string base = test::scratch_dir("dist_dead_rank");
+  const int64_t port = sw::free_local_port();
+  auto rank_cmd = [&](int rank) {
+    return "RANK=" + std::to_string(rank) +
+           " WORLD_SIZE=2 MASTER_ADDR=127.0.0.1 MASTER_PORT=" + std::to_string(port) +
+           (rank == 0 ? " timeout 120 " : " ") + kTrain + tiny_args(base + "/run", false) +
+           " --set train.steps=1000000 --set dist.timeout_s=100 -q";
+  };
+  // Rank 1 is killed once both are training; rank 0 must notice well before any timeout
+  // (`timeout` would end a hang with 124).
+  test::CmdResult r =
+      test::run("(" + rank_cmd(0) + " > " + base + "/rank0.log 2>&1 & p0=$!; " + rank_cmd(1) +
+                " > /dev/null 2>&1 & p1=$!; sleep 4; kill -9 $p1; " +
+                "t0=$(date +%s); wait $p0; echo rc0=$? seconds=$(($(date +%s) - t0)))");
+  const std::string log = test::read_file(base + "/rank0.log");
+  INFO(r.output);
+  INFO(log);
+  CHECK(test::contains(r.output, "rc0=1 "));
+  CHECK(test::contains(log, "failed (another rank died or stalled?)"));
+  const auto pos = r.output.find("seconds=");
+  REQUIRE(pos != std::string::npos);
+  const int seconds = std::stoi(r.output.substr(pos + 8));
+  MESSAGE("rank 0 exited " << seconds << " s after rank 1 was killed");
+  CHECK(seconds < 30);
+}
+
+TEST_CASE("--nproc: a killed rank brings the run down with a non-zero exit naming it") {
+  const std::string base = test::scratch_dir("dist_launcher_kill");
+  test::CmdResult r =
+      test::run("(" + kTrain + tiny_args(base + "/run", false) +
+                " --set train.steps=1000000 -q --nproc 2 & lp=$!; sleep 4; " +
+                "kill -9 $(cut -d' ' -f2 /proc/$lp/task/$lp/children); t0=$(date +%s); " +
+                "wait $lp; echo rc=$? seconds=$(($(date +%s) - t0)))");
+  INFO(r.output);
+  CHECK(test::contains(r.output, "switch-train: rank 1 was killed by signal 9; stopping"));
+  CHECK(test::contains(r.output, "rc=137 "));
+  const auto pos = r.output.find("seconds=");
+  REQUIRE(pos != std::string::npos);
+  CHECK(std::stoi(r.output.substr(pos + 8)) < 30);
+}
+
+TEST_CASE("--nproc: SIGINT stops every rank after the same step with one checkpoint") {
+  const std::string base = test::scratch_dir("dist_sigint");
+  const std::string dir = base + "/run";
+  test::CmdResult r = test::run("(" + kTrain + tiny_args(dir, false) +
+                                " --set train.steps=1000000 -q --nproc 2 & lp=$!; sleep 4; " +
+                                "kill -INT $lp; wait $lp; echo rc=$?)");
+  INFO(r.output);
+  CHECK(test::contains(r.output, "rc=130"));
+  CHECK(test::contains(r.output, "[rank 0] switch-train: stopped by SIGINT after step"));
+  CHECK(test::contains(r.output, "[rank 1] switch-train: stopped by SIGINT after step"));
+  int64_t ckpt_step = -1;
+  for (const auto& entry : test::fs::directory_iterator(dir)) {
+    const std::string name = entry.path().filename().string();
+    if (name.rfind("ckpt-", 0) == 0 && name.find(".tmp") == std::string::npos)
+      ckpt_step = std::max<int64_t>(ckpt_step, std::stoll(name.substr(5)));
+  }
+  REQUIRE(ckpt_step > 0);
+  CHECK(test::contains(r.output, "[rank 0] switch-train: stopped by SIGINT after step " +
+                                     std::to_string(ckpt_step) + ";"));
+  CHECK(test::contains(r.output, "[rank 1] switch-train: stopped by SIGINT after step " +
+                                     std::to_string(ckpt_step) + ";"));
+  r = test::run(kTrain + " --out " + dir +
+                " --resume -q --nproc 2 --set train.steps=" + std::to_string(ckpt_step + 10));
+  INFO(r.output);
+  CHECK(r.rc == 0);
+  CHECK(test::fs::exists(dir + "/summary.json"));
+}
+
+TEST_CASE("--nproc and the dist keys: bad combinations exit 2 naming the key") {
+  const std::string base = test::scratch_dir("dist_bad");
+  struct Case {
+    std::string args, message;
+  };
+  const std::vector<Case> cases = {
+      {" --nproc 2 --set dist.expert_parallel=3",
+       "dist.expert_parallel = 3: the run has 2 ranks; use 0 (all ranks), 1 (data parallel only) "
+       "or 2"},
+      {" --nproc 3", "train.batch_size = 8: the global batch must split evenly over 3 ranks"},
+      {" --nproc 8 --set train.batch_size=16",
+       "moe.n_experts = 4: must be divisible by the 8 expert-parallel ranks"},
+      {" --set dist.expert_parallel=2",
+       "dist.expert_parallel = 2: the run has 1 rank; use 0 or 1, or start 2 ranks "
+       "(switch-train --nproc 2)"},
+      {" --nproc 0", "--nproc"},
+  };
+  for (const auto& c : cases) {
+    CAPTURE(c.args);
+    test::CmdResult r = test::run(kTrain + tiny_args(base + "/run", false) + c.args);
+    INFO(r.output);
+    CHECK(r.rc == 2);
+    CHECK(test::contains(r.output, c.message));
+    CHECK_FALSE(test::fs::exists(base + "/run/config.json"));
+  }
+  test::CmdResult r =
+      test::run("WORLD_SIZE=2 RANK=0 " + kTrain + tiny_args(base + "/run", false) + " --nproc 2");
+  CHECK(r.rc == 2);
+  CHECK(test::contains(r.output, "--nproc starts its own ranks"));
+}
