@@ -1,0 +1,303 @@
+#include "sweep/runner.h"
+
+#include <fcntl.h>
+#include <signal.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <chrono>
+#include <cmath>
+#include <cstring>
+#include <ctime>
+#include <filesystem>
+#include <iostream>
+#include <map>
+#include <thread>
+
+#include <fmt/format.h>
+
+#include "util/error.h"
+#include "util/fs.h"
+
+extern char** environ;
+
+namespace sw {
+namespace fs = std::filesystem;
+
+namespace {
+
+using ojson = nlohmann::ordered_json;
+
+std::vector<char*> c_strings(std::vector<std::string>& v) {
+  std::vector<char*> out;
+  for (auto& s : v)
+    out.push_back(s.data());
+  out.push_back(nullptr);
+  return out;
+}
+
+// Starts `argv` with stdout and stderr appended to `log`, in its own process group (so a
+// terminal's Ctrl-C reaches it once, forwarded by the sweep).
+pid_t spawn(std::vector<std::string> argv, const std::string& log) {
+  const int fd = ::open(log.c_str(), O_WRONLY | O_CREAT | O_APPEND | O_CLOEXEC, 0644);
+  if (fd < 0) throw Error(fmt::format("cannot open '{}': {}", log, std::strerror(errno)));
+  std::vector<char*> args = c_strings(argv);
+  const pid_t pid = fork();
+  if (pid < 0) {
+    ::close(fd);
+    throw Error(fmt::format("cannot fork: {}", std::strerror(errno)));
+  }
+  if (pid == 0) {
+    setpgid(0, 0);
+    dup2(fd, STDOUT_FILENO);
+    dup2(fd, STDERR_FILENO);
+    execve(args[0], args.data(), environ);
+    const char msg[] = "switch-sweep: cannot start switch-train\n";
+    (void)!write(STDERR_FILENO, msg, sizeof msg - 1);
+    _exit(127);
+  }
+  ::close(fd);
+  return pid;
+}
+
+std::string last_line(const std::string& path) {
+  std::string text;
+  try {
+    text = read_file(path, "log");
+  } catch (const Error&) {
+    return "";
+  }
+  while (!text.empty() && text.back() == '\n')
+    text.pop_back();
+  const size_t nl = text.rfind('\n');
+  return nl == std::string::npos ? text : text.substr(nl + 1);
+}
+
+std::string fmt_num(const ojson& v, const char* spec) {
+  if (v.is_null()) return "";
+  return fmt::format(fmt::runtime(spec), v.get<double>());
+}
+
+}  // namespace
+
+const char* to_string(PointState s) {
+  switch (s) {
+    case PointState::Fresh:
+      return "new";
+    case PointState::Done:
+      return "done";
+    case PointState::Resume:
+      return "resume";
+    case PointState::Changed:
+      return "changed";
+  }
+  return "?";
+}
+
+PointState point_state(const SweepPoint& p, const std::string& run_dir) {
+  const fs::path cfg_path = fs::path(run_dir) / "config.json";
+  if (!fs::exists(cfg_path)) return PointState::Fresh;
+  Config existing;
+  try {
+    apply_file(existing, cfg_path.string());
+  } catch (const Error&) {
+    return PointState::Changed;
+  }
+  if (comparable_config(existing) != comparable_config(p.config)) return PointState::Changed;
+  const fs::path summary = fs::path(run_dir) / "summary.json";
+  if (fs::exists(summary)) {
+    try {
+      const auto s = nlohmann::json::parse(read_file(summary.string(), "run summary"));
+      if (s.value("steps", int64_t{-1}) == p.config.train.steps) return PointState::Done;
+    } catch (const std::exception&) {
+    }
+  }
+  return PointState::Resume;
+}
+
+int run_sweep(const Sweep& s, const SweepOptions& opt, int* stopped) {
+  *stopped = 0;
+  const int64_t cores =
+      opt.cores > 0 ? opt.cores : std::max<int64_t>(1, std::thread::hardware_concurrency());
+  const int jobs = std::max(1, opt.jobs);
+  const int64_t threads = std::max<int64_t>(1, cores / jobs);
+  auto say = [&](const std::string& line) {
+    if (!opt.quiet) std::cout << line << std::endl;
+  };
+  fs::create_directories(fs::path(opt.out_dir) / ".points");
+  write_file_atomic((fs::path(opt.out_dir) / "sweep.json").string(),
+                    read_file(s.path, "sweep file"));
+
+  struct Running {
+    size_t index;
+    std::chrono::steady_clock::time_point start;
+  };
+  std::map<pid_t, Running> running;
+  const size_t n = s.points.size();
+  size_t next = 0;
+  int failed = 0;
+  auto label = [&](size_t i) { return fmt::format("[{}/{}] {}", i + 1, n, s.points[i].name); };
+
+  auto launch = [&](size_t i) -> bool {
+    const SweepPoint& p = s.points[i];
+    const std::string dir = (fs::path(opt.out_dir) / p.name).string();
+    const PointState st = point_state(p, dir);
+    if (st == PointState::Done) {
+      say(label(i) + ": already done, skipped");
+      return false;
+    }
+    // One job: the point's own thread count (0: every core); several: the cores shared out.
+    const int64_t t = jobs > 1                     ? threads
+                      : p.config.train.threads > 0 ? p.config.train.threads
+                                                   : cores;
+    std::vector<std::string> argv = {opt.train_exe, "-q", "--out", dir};
+    int64_t shown_threads = t;
+    if (st == PointState::Resume) {
+      // With the thread count it started with, so that it ends as a straight run would.
+      argv.push_back("--resume");
+      Config started;
+      apply_file(started, (fs::path(dir) / "config.json").string());
+      shown_threads = started.train.threads > 0 ? started.train.threads : cores;
+    } else {
+      if (st == PointState::Changed) {
+        const fs::path stale =
+            fs::path(opt.out_dir) / ".stale" /
+            fmt::format("{}-{}", p.name, static_cast<int64_t>(std::time(nullptr)));
+        fs::create_directories(stale.parent_path());
+        fs::rename(dir, stale);
+        say(fmt::format("{}: its directory held another config; moved to {}", label(i),
+                        stale.string()));
+      }
+      const std::string cfg = (fs::path(opt.out_dir) / ".points" / (p.name + ".json")).string();
+      write_file_atomic(cfg, to_json(p.config).dump(2) + "\n");
+      argv.insert(argv.end(), {"--config", cfg, "--set", fmt::format("train.threads={}", t)});
+    }
+    fs::create_directories(dir);
+    const pid_t pid = spawn(argv, (fs::path(dir) / "train.log").string());
+    running[pid] = {i, std::chrono::steady_clock::now()};
+    say(fmt::format("{}: {} ({} thread{})", label(i),
+                    st == PointState::Resume ? "resuming from its checkpoint" : "training",
+                    shown_threads, shown_threads == 1 ? "" : "s"));
+    return true;
+  };
+
+  int forwarded = 0;
+  while (next < n || !running.empty()) {
+    const int sig = opt.stop ? opt.stop->load() : 0;
+    if (sig != 0 && sig != forwarded) {  // forward each new request once
+      for (const auto& [pid, _] : running)
+        kill(pid, sig);
+      forwarded = sig;
+      *stopped = sig;
+    }
+    while (*stopped == 0 && next < n && static_cast<int>(running.size()) < jobs)
+      launch(next++);
+    if (running.empty()) break;
+    int status = 0;
+    const pid_t pid = waitpid(-1, &status, 0);
+    if (pid < 0) {
+      if (errno == EINTR) continue;
+      throw Error(fmt::format("waiting for a point: {}", std::strerror(errno)));
+    }
+    auto it = running.find(pid);
+    if (it == running.end()) continue;
+    const size_t i = it->second.index;
+    const double secs =
+        std::chrono::duration<double>(std::chrono::steady_clock::now() - it->second.start).count();
+    running.erase(it);
+    const std::string dir = (fs::path(opt.out_dir) / s.points[i].name).string();
+    const int code = WIFEXITED(status) ? WEXITSTATUS(status) : 128 + WTERMSIG(status);
+    if (code == 0) {
+      const ojson r = summarize_run(dir);
+      say(fmt::format("{}: done in {:.0f} s | val loss {} | {} tok/s", label(i), secs,
+                      fmt_num(r["final_val_loss"], "{:.4f}"),
+                      fmt_num(r["tokens_per_s"], "{:.0f}")));
+    } else if (*stopped != 0 && (code == 130 || code == 143)) {
+      say(fmt::format("{}: stopped with a checkpoint; run the sweep again to resume it", label(i)));
+    } else {
+      ++failed;
+      say(fmt::format("{}: FAILED (exit {}): {} (log: {}/train.log)", label(i), code,
+                      last_line(dir + "/train.log"), dir));
+    }
+  }
+  return failed;
+}
+
+std::string write_sweep_summary(const Sweep& s, const std::string& out_dir) {
+  // The columns: every key some point overrides, in first-seen order.
+  std::vector<std::string> keys;
+  for (const auto& p : s.points)
+    for (const auto& [k, _] : p.overrides.items())
+      if (std::find(keys.begin(), keys.end(), k) == keys.end()) keys.push_back(k);
+
+  std::vector<ojson> rows;
+  for (const auto& p : s.points) {
+    const std::string dir = (fs::path(out_dir) / p.name).string();
+    ojson row = {{"point", p.name}};
+    const PointState st = point_state(p, dir);
+    row["status"] = st == PointState::Done     ? "done"
+                    : st == PointState::Resume ? "incomplete"
+                    : st == PointState::Fresh  ? "not run"
+                                               : "stale";
+    row["overrides"] = p.overrides;
+    ojson r = st == PointState::Fresh || st == PointState::Changed ? summarize_run("/nonexistent")
+                                                                   : summarize_run(dir);
+    for (auto& [k, v] : r.items())
+      row[k] = v;
+    rows.push_back(std::move(row));
+  }
+  auto key_of = [](const ojson& r) {
+    return r["best_val_loss"].is_null() ? std::numeric_limits<double>::infinity()
+                                        : r["best_val_loss"].get<double>();
+  };
+  std::stable_sort(rows.begin(), rows.end(),
+                   [&](const ojson& a, const ojson& b) { return key_of(a) < key_of(b); });
+
+  auto cell = [](const ojson& v) { return v.is_string() ? v.get<std::string>() : v.dump(); };
+  // Markdown.
+  std::string md = "| # | point | ";
+  for (const auto& k : keys)
+    md += k + " | ";
+  md +=
+      "best val | final val | final train | dropped % | load CV | tokens/s | wall s | status "
+      "|\n|";
+  for (size_t i = 0; i < keys.size() + 10; ++i)
+    md += "---|";
+  md += "\n";
+  std::string csv = "point,status";
+  for (const auto& k : keys)
+    csv += "," + k;
+  csv +=
+      ",best_val_loss,final_val_loss,final_train_loss,drop_frac,load_cv,tokens_per_s,wall_s,"
+      "steps,params_total,params_active\n";
+  for (size_t i = 0; i < rows.size(); ++i) {
+    const ojson& r = rows[i];
+    md += fmt::format("| {} | {} | ", i + 1, r["point"].get<std::string>());
+    csv += r["point"].get<std::string>() + "," + r["status"].get<std::string>();
+    for (const auto& k : keys) {
+      const std::string v = r["overrides"].contains(k) ? cell(r["overrides"][k]) : "";
+      md += v + " | ";
+      csv += "," + v;
+    }
+    const ojson& drop = r["drop_frac"];
+    md += fmt::format("{} | {} | {} | {} | {} | {} | {} | {} |\n",
+                      fmt_num(r["best_val_loss"], "{:.4f}"), fmt_num(r["final_val_loss"], "{:.4f}"),
+                      fmt_num(r["final_train_loss"], "{:.4f}"),
+                      drop.is_null() ? "" : fmt::format("{:.2f}", 100.0 * drop.get<double>()),
+                      fmt_num(r["load_cv"], "{:.3f}"), fmt_num(r["tokens_per_s"], "{:.0f}"),
+                      fmt_num(r["wall_s"], "{:.0f}"), r["status"].get<std::string>());
+    for (const char* k :
+         {"best_val_loss", "final_val_loss", "final_train_loss", "drop_frac", "load_cv",
+          "tokens_per_s", "wall_s", "steps", "params_total", "params_active"})
+      csv += "," + (r[k].is_null() ? std::string() : r[k].dump());
+    csv += "\n";
+  }
+  const ojson summary = {{"sweep", s.path}, {"points", rows}};
+  write_file_atomic((fs::path(out_dir) / "summary.json").string(), summary.dump(2) + "\n");
+  write_file_atomic((fs::path(out_dir) / "summary.csv").string(), csv);
+  write_file_atomic((fs::path(out_dir) / "summary.md").string(), md);
+  return md;
+}
+
+}  // namespace sw

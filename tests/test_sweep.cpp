@@ -1,0 +1,234 @@
+// Sweeps: grid expansion and naming, validation of every point before anything runs, and
+// switch-sweep end to end (skip on rerun, resume of an interrupted point, rerun of a
+// changed one, the summary against the runs' own summaries, the pictures).
+#include <algorithm>
+#include <thread>
+
+#include <doctest/doctest.h>
+
+#include "helpers.h"
+#include "sweep/runner.h"
+#include "sweep/sweep.h"
+#include "train/checkpoint.h"
+#include "train/metrics.h"
+
+namespace {
+
+const std::string kSweep = SWITCH_SWEEP_BIN;
+
+sw::Sweep parse(const std::string& text) {
+  return sw::parse_sweep(text, "sweep.json", test::source_path("configs"));
+}
+
+// A sweep file of tiny runs in `dir`.
+std::string tiny_sweep(const std::string& dir, const std::string& grid, int64_t steps = 20,
+                       const std::string& extra_set = "") {
+  const std::string path = dir + "/sweep.json";
+  test::write_file(path, R"({"base": ")" + test::source_path("configs/tiny.json") +
+                             R"(", "set": {"data.path": ")" + test::data_path() +
+                             R"(", "train.steps": )" + std::to_string(steps) +
+                             R"(, "train.eval_every": 10, "train.checkpoint_every": 10)" +
+                             extra_set + R"(}, "grid": )" + grid + "}");
+  return path;
+}
+
+}  // namespace
+
+TEST_CASE("sweep: variants x grid x seeds, in order, with readable names") {
+  sw::Sweep s = parse(R"({
+    "base": "tiny.json",
+    "set": {"train.steps": 7},
+    "grid": {"moe.capacity_factor": [1.0, 2.0, 1.25], "moe.drop_tokens": [true, false]},
+    "variants": [{"name": "dense", "set": {"moe.every": 0}}, {"name": "switch"}],
+    "seeds": [1, 2]
+  })");
+  REQUIRE(s.points.size() == 2 * 3 * 2 * 2);
+  CHECK(s.grid_keys == std::vector<std::string>{"moe.capacity_factor", "moe.drop_tokens"});
+  CHECK(s.points[0].name == "dense_capacity_factor-1.0_drop_tokens-true_seed-1");
+  CHECK(s.points[1].name == "dense_capacity_factor-1.0_drop_tokens-true_seed-2");
+  CHECK(s.points[2].name == "dense_capacity_factor-1.0_drop_tokens-false_seed-1");
+  CHECK(s.points[4].name == "dense_capacity_factor-2.0_drop_tokens-true_seed-1");
+  CHECK(s.points[23].name == "switch_capacity_factor-1.25_drop_tokens-false_seed-2");
+  const sw::Config& c = s.points[23].config;
+  CHECK(c.moe.capacity_factor == 1.25);
+  CHECK_FALSE(c.moe.drop_tokens);
+  CHECK(c.train.seed == 2);
+  CHECK(c.train.steps == 7);     // "set" reaches every point
+  CHECK(c.model.d_model == 32);  // the base file, found beside the sweep file
+  CHECK(c.moe.every == 1);       // the switch variant keeps the base
+  CHECK(s.points[0].config.moe.every == 0);
+  CHECK(s.points[23].overrides.dump() ==
+        R"({"moe.capacity_factor":1.25,"moe.drop_tokens":false,"train.seed":2})");
+  CHECK(s.points[0].overrides.dump() ==
+        R"({"moe.every":0,"moe.capacity_factor":1.0,"moe.drop_tokens":true,"train.seed":1})");
+
+  // No grid, variants or seeds: one point on the built-in defaults.
+  sw::Sweep one = parse("{}");
+  REQUIRE(one.points.size() == 1);
+  CHECK(one.points[0].name == "base");
+  CHECK(sw::to_json(one.points[0].config) == sw::to_json(sw::Config{}));
+  // An inline base and string values.
+  sw::Sweep inl =
+      parse(R"({"base": {"model": {"d_model": 64}}, "grid": {"moe.drop_policy": ["position"]}})");
+  CHECK(inl.points[0].name == "drop_policy-position");
+  CHECK(inl.points[0].config.model.d_model == 64);
+}
+
+TEST_CASE("sweep: every point is validated first, errors name the point and the key") {
+  struct Case {
+    std::string text, message;
+  };
+  const std::vector<Case> cases = {
+      {R"({"grid": {"moe.capacity_factor": [1.0, 2.0, 0.0], "moe.drop_tokens": [true, false]}})",
+       "sweep.json: point 5 (capacity_factor-0.0_drop_tokens-true): config: "
+       "moe.capacity_factor = 0: must be in (0, inf)"},
+      {R"({"grid": {"moe.n_expert": [2]}})",
+       "sweep.json: point 1 (n_expert-2): unknown config key 'moe.n_expert' (did you mean "
+       "'moe.n_experts'?)"},
+      {R"({"grid": {"moe.n_experts": ["four"]}})", "moe.n_experts"},
+      {R"({"grid": {"moe.n_experts": []}})",
+       "sweep.json: grid key 'moe.n_experts' needs a non-empty list of values"},
+      {R"({"grids": {}})",
+       "sweep.json: unknown sweep key 'grids' (known: base, set, grid, variants, seeds)"},
+      {R"({"variants": [{"name": "a"}, {"name": "a"}]})",
+       "sweep.json: variants[1]: name 'a' is used twice"},
+      {R"({"variants": [{"name": "a/b"}]})", "name 'a/b' must be letters, digits"},
+      {R"({"variants": [{"set": {}}]})", "variants[0]: needs a \"name\""},
+      {R"({"seeds": [1, -2]})", "seed -2 is not a non-negative integer"},
+      {R"({"base": "no-such-file.json"})", "no-such-file.json"},
+      {R"({"base": 3})", "'base' must be a config file path or a config object"},
+      {"{\n  \"grid\": {\"moe.top_k\": [1,]}\n}", "sweep.json:2:"},
+      {R"({"set": {"model.n_heads": 3}})",
+       "model.d_model = 128: must be divisible by "
+       "model.n_heads = 3"},
+  };
+  for (const auto& c : cases) {
+    CAPTURE(c.text);
+    const std::string msg = test::error_of([&] { parse(c.text); });
+    CHECK_MESSAGE(test::contains(msg, c.message), msg);
+  }
+}
+
+TEST_CASE("switch-sweep: a bad point fails before anything runs, --dry-run lists the points") {
+  const std::string dir = test::scratch_dir("sweep_bad");
+  const std::string file = tiny_sweep(dir, R"({"moe.capacity_factor": [1.0, 2.0, -1.0]})");
+  test::CmdResult r = test::run(kSweep + " " + file + " --out " + dir + "/out");
+  INFO(r.output);
+  CHECK(r.rc == 2);
+  CHECK(test::contains(r.output, "point 3 (capacity_factor--1.0): config: moe.capacity_factor"));
+  CHECK_FALSE(test::fs::exists(dir + "/out"));
+
+  const std::string good = tiny_sweep(dir, R"({"moe.n_experts": [2, 4], "moe.top_k": [1, 2]})");
+  r = test::run(kSweep + " " + good + " --out " + dir + "/out --dry-run");
+  INFO(r.output);
+  CHECK(r.rc == 0);
+  CHECK(test::contains(r.output, "4 points"));
+  CHECK(test::contains(r.output, "n_experts-4_top_k-2"));
+  CHECK_FALSE(test::fs::exists(dir + "/out"));
+}
+
+TEST_CASE("switch-sweep: runs, summary, skip on rerun, resume, rerun of what changed, plots") {
+  const std::string dir = test::scratch_dir("sweep_run");
+  const std::string out = dir + "/out";
+  std::string file = tiny_sweep(dir, R"({"moe.capacity_factor": [1.0, 2.0]})");
+  test::CmdResult r = test::run(kSweep + " " + file + " --out " + out + " --jobs 2");
+  INFO(r.output);
+  REQUIRE(r.rc == 0);
+  const unsigned half = std::max(1u, std::thread::hardware_concurrency() / 2);
+  CHECK(test::contains(r.output, "capacity_factor-1.0: training (" + std::to_string(half) +
+                                     " thread"));  // the cores shared by the 2 jobs
+
+  // The summary's numbers are the runs' own.
+  const auto summary = nlohmann::json::parse(test::read_file(out + "/summary.json"));
+  REQUIRE(summary["points"].size() == 2);
+  for (const auto& p : summary["points"]) {
+    const std::string run = out + "/" + p["point"].get<std::string>();
+    const auto own = nlohmann::json::parse(test::read_file(run + "/summary.json"));
+    CHECK(p["status"] == "done");
+    CHECK(p["final_val_loss"] == own["final_val_loss"]);
+    CHECK(p["best_val_loss"] == own["best_val_loss"]);
+    CHECK(p["tokens_per_s"] == own["tokens_per_s"]);
+    double drop = 0, steps = 0;
+    for (const auto& rec : sw::read_metrics(run + "/metrics.jsonl"))
+      if (rec["kind"] == "train") {
+        drop += rec["drop_frac"].get<double>() * rec["steps_in_record"].get<double>();
+        steps += rec["steps_in_record"].get<double>();
+      }
+    CHECK(p["drop_frac"].get<double>() == doctest::Approx(drop / steps));
+    CHECK(p["load_cv"].get<double>() >= 0);
+  }
+  CHECK(summary["points"][0]["best_val_loss"] <= summary["points"][1]["best_val_loss"]);
+  const std::string md = test::read_file(out + "/summary.md");
+  CHECK(test::contains(md, "| moe.capacity_factor |"));
+  CHECK(test::contains(test::read_file(out + "/summary.csv"),
+                       "point,status,moe.capacity_factor,best_val_loss"));
+
+  // Pictures: non-empty PNGs for the sweep and for each run.
+  for (const std::string png :
+       {"/plots/val_loss.png", "/plots/train_loss.png", "/capacity_factor-1.0/plots/loss.png",
+        "/capacity_factor-1.0/plots/expert_load.png", "/capacity_factor-2.0/plots/dropped.png"}) {
+    CAPTURE(png);
+    REQUIRE(test::fs::exists(out + png));
+    CHECK(test::read_file(out + png).substr(1, 3) == "PNG");
+    CHECK(test::fs::file_size(out + png) > 5000);
+  }
+
+  // Again: nothing to do.
+  r = test::run(kSweep + " " + file + " --out " + out + " --no-plot");
+  INFO(r.output);
+  CHECK(r.rc == 0);
+  CHECK(test::contains(r.output, "[1/2] capacity_factor-1.0: already done, skipped"));
+  CHECK(test::contains(r.output, "[2/2] capacity_factor-2.0: already done, skipped"));
+
+  // An interrupted point (its last checkpoint and summary gone) resumes and ends where the
+  // straight run ended.
+  const std::string run2 = out + "/capacity_factor-2.0";
+  const std::string straight = test::read_file(run2 + "/ckpt-000020/model.pt");
+  test::fs::remove_all(run2 + "/ckpt-000020");
+  test::fs::remove(run2 + "/summary.json");
+  r = test::run(kSweep + " " + file + " --out " + out + " --no-plot");
+  INFO(r.output);
+  CHECK(r.rc == 0);
+  CHECK(test::contains(r.output, "[1/2] capacity_factor-1.0: already done, skipped"));
+  CHECK(test::contains(r.output, "[2/2] capacity_factor-2.0: resuming from its checkpoint"));
+  CHECK(test::read_file(run2 + "/ckpt-000020/model.pt") == straight);
+
+  // A changed grid: the new point runs, the unchanged one is kept.
+  file = tiny_sweep(dir, R"({"moe.capacity_factor": [1.0, 1.5]})");
+  r = test::run(kSweep + " " + file + " --out " + out + " --no-plot");
+  INFO(r.output);
+  CHECK(r.rc == 0);
+  CHECK(test::contains(r.output, "[1/2] capacity_factor-1.0: already done, skipped"));
+  CHECK(test::contains(r.output, "[2/2] capacity_factor-1.5: training"));
+  // A changed base: the point's old run is moved aside, not overwritten, and rerun.
+  file = tiny_sweep(dir, R"({"moe.capacity_factor": [1.0]})", 20, R"(, "moe.alpha": 0.02)");
+  r = test::run(kSweep + " " + file + " --out " + out + " --no-plot");
+  INFO(r.output);
+  CHECK(r.rc == 0);
+  CHECK(test::contains(r.output, "capacity_factor-1.0: its directory held another config"));
+  CHECK(test::fs::is_directory(out + "/.stale"));
+
+  // --summary rewrites the table without training.
+  test::fs::remove(out + "/summary.md");
+  r = test::run(kSweep + " " + file + " --out " + out + " --summary --no-plot");
+  CHECK(r.rc == 0);
+  CHECK(test::fs::exists(out + "/summary.md"));
+}
+
+TEST_CASE("switch-sweep: SIGINT stops the running point with a checkpoint, a rerun resumes it") {
+  const std::string dir = test::scratch_dir("sweep_sigint");
+  const std::string out = dir + "/out";
+  const std::string file =
+      tiny_sweep(dir, R"({"moe.capacity_factor": [1.0]})", 1000000,
+                 R"(, "train.checkpoint_every": 1000000, "train.eval_every": 1000000)");
+  test::CmdResult r = test::run("(" + kSweep + " " + file + " --out " + out +
+                                " --no-plot & p=$!; sleep 3; kill -INT $p; wait $p; echo rc=$?)");
+  INFO(r.output);
+  CHECK(test::contains(r.output, "rc=130"));
+  CHECK(test::contains(r.output, "stopped with a checkpoint"));
+  CHECK(test::contains(r.output, "switch-sweep: stopped by SIGINT"));
+  CHECK(sw::newest_checkpoint(out + "/capacity_factor-1.0").has_value());
+  r = test::run(kSweep + " " + file + " --out " + out + " --dry-run");
+  CHECK(test::contains(r.output, "capacity_factor-1.0"));
+  CHECK(test::contains(r.output, "resume"));
+}

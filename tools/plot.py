@@ -1,0 +1,179 @@
+#!/usr/bin/env python3
+"""Pictures of switch runs, drawn with matplotlib (Debian: python3-matplotlib).
+
+Usage: tools/plot.py DIR [DIR ...]
+
+A run directory (it holds metrics.jsonl) gets DIR/plots/:
+  loss.png         train and val loss against steps and against wall time
+  expert_load.png  per MoE layer, the fraction of routed tokens each expert received
+                   over the steps (a heatmap; 1/E everywhere is perfect balance)
+  dropped.png      fraction of routed tokens dropped over the steps
+A sweep directory (it holds sweep.json, written by switch-sweep) gets those for every point,
+and DIR/plots/ with all points on one chart: val_loss.png (against steps and wall time) and
+train_loss.png. Prints the files it wrote.
+"""
+import json
+import os
+import sys
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+
+def read_metrics(run):
+    records = []
+    with open(os.path.join(run, "metrics.jsonl")) as f:
+        for line in f:
+            line = line.strip()
+            if not line:
+                continue
+            try:
+                records.append(json.loads(line))
+            except json.JSONDecodeError:
+                pass  # a torn last line after a crash
+    train = [r for r in records if r.get("kind") == "train"]
+    evals = [r for r in records if r.get("kind") == "eval"]
+    return train, evals
+
+
+def save(fig, path, written):
+    fig.savefig(path, dpi=110, bbox_inches="tight")
+    plt.close(fig)
+    written.append(path)
+
+
+def plot_run(run, written):
+    train, evals = read_metrics(run)
+    if not train:
+        return
+    out = os.path.join(run, "plots")
+    os.makedirs(out, exist_ok=True)
+    name = os.path.basename(os.path.normpath(run))
+
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4), sharey=True)
+    for ax, x in zip(axes, ("step", "time_s")):
+        ax.plot([r[x] for r in train], [r["ce"] for r in train], label="train (cross-entropy)",
+                lw=1)
+        if evals:
+            ax.plot([r[x] for r in evals], [r["val_loss"] for r in evals], "o-", label="val",
+                    ms=3)
+        ax.set_xlabel("step" if x == "step" else "wall time (s)")
+        ax.grid(alpha=0.3)
+    axes[0].set_ylabel("loss (nats per character)")
+    axes[0].legend()
+    fig.suptitle(f"{name}: loss")
+    save(fig, os.path.join(out, "loss.png"), written)
+
+    layers = train[0].get("layers") or []
+    if layers:
+        fig, axes = plt.subplots(len(layers), 1, figsize=(11, 1.2 + 1.6 * len(layers)),
+                                 squeeze=False, sharex=True)
+        steps = [r["step"] for r in train]
+        first = steps[0] - train[0].get("steps_in_record", 1)  # each column is one record
+        for li, layer in enumerate(layers):
+            E = len(layer["counts"])
+            frac = []
+            for r in train:
+                c = r["layers"][li]["counts"]
+                total = float(sum(c)) or 1.0
+                frac.append([v / total for v in c])
+            ax = axes[li][0]
+            im = ax.imshow(list(map(list, zip(*frac))), aspect="auto", origin="lower",
+                           cmap="viridis", vmin=0, vmax=max(2.0 / E, 0.05),
+                           extent=[first, steps[-1], -0.5, E - 0.5],
+                           interpolation="nearest")
+            ax.set_ylabel(f"layer {layer['layer']}\nexpert")
+            fig.colorbar(im, ax=ax, label="fraction of tokens")
+        axes[-1][0].set_xlabel("step")
+        fig.suptitle(f"{name}: expert load (balanced = 1/E)")
+        save(fig, os.path.join(out, "expert_load.png"), written)
+
+        fig, ax = plt.subplots(figsize=(8, 3.5))
+        ax.plot([r["step"] for r in train], [100 * r.get("drop_frac", 0) for r in train], lw=1)
+        ax.set_xlabel("step")
+        ax.set_ylabel("dropped (% of routed tokens)")
+        ax.grid(alpha=0.3)
+        ax.set_title(f"{name}: dropped tokens")
+        save(fig, os.path.join(out, "dropped.png"), written)
+
+
+def plot_sweep(sweep_dir, written):
+    runs = []
+    summary = os.path.join(sweep_dir, "summary.json")
+    if os.path.exists(summary):
+        with open(summary) as f:
+            names = [p["point"] for p in json.load(f)["points"]]
+    else:
+        names = sorted(os.listdir(sweep_dir))
+    for name in names:
+        run = os.path.join(sweep_dir, name)
+        if os.path.exists(os.path.join(run, "metrics.jsonl")):
+            plot_run(run, written)
+            runs.append((name, *read_metrics(run)))
+    if not runs:
+        return
+    out = os.path.join(sweep_dir, "plots")
+    os.makedirs(out, exist_ok=True)
+    cmap = plt.get_cmap("tab10" if len(runs) <= 10 else "tab20")
+    title = os.path.basename(os.path.normpath(sweep_dir))
+
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5), sharey=True)
+    for i, (name, _, evals) in enumerate(runs):
+        for ax, x in zip(axes, ("step", "time_s")):
+            ax.plot([r[x] for r in evals], [r["val_loss"] for r in evals], "o-", ms=2.5, lw=1.2,
+                    color=cmap(i % cmap.N), label=name)
+    for ax, label in zip(axes, ("step", "wall time (s)")):
+        ax.set_xlabel(label)
+        ax.grid(alpha=0.3)
+    axes[0].set_ylabel("val loss")
+    axes[1].legend(fontsize=7, loc="upper right")
+    fig.suptitle(f"{title}: validation loss (legend: best val loss first)")
+    save(fig, os.path.join(out, "val_loss.png"), written)
+
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5), sharey=True)
+    for i, (name, train, _) in enumerate(runs):
+        for ax, x in zip(axes, ("step", "time_s")):
+            ax.plot([r[x] for r in train], [r["ce"] for r in train], lw=1,
+                    color=cmap(i % cmap.N), label=name)
+    for ax, label in zip(axes, ("step", "wall time (s)")):
+        ax.set_xlabel(label)
+        ax.grid(alpha=0.3)
+    axes[0].set_ylabel("train loss (cross-entropy)")
+    axes[1].legend(fontsize=7, loc="upper right")
+    fig.suptitle(f"{title}: training loss")
+    save(fig, os.path.join(out, "train_loss.png"), written)
+
+
+def main(argv):
+    if len(argv) < 2 or argv[1] in ("-h", "--help"):
+        print(__doc__.strip())
+        return 0 if len(argv) >= 2 else 2
+    written = []
+    sweeps = []
+    for d in argv[1:]:
+        if os.path.exists(os.path.join(d, "sweep.json")):
+            plot_sweep(d, written)
+            sweeps.append(os.path.join(d, "plots"))
+        elif os.path.exists(os.path.join(d, "metrics.jsonl")):
+            plot_run(d, written)
+        else:
+            print(f"plot.py: '{d}' is neither a run (metrics.jsonl) nor a sweep (sweep.json)",
+                  file=sys.stderr)
+            return 2
+    top = [w for w in written if os.path.dirname(w) in sweeps]
+    per_run = [w for w in written if w not in top]
+    for w in top:
+        print(f"plot: {w}")
+    runs = sorted({os.path.dirname(w) for w in per_run})
+    if len(runs) == 1:
+        for w in per_run:
+            print(f"plot: {w}")
+    elif runs:
+        print(f"plot: {len(per_run)} more in the plots/ directory of each of {len(runs)} runs")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv))
