@@ -1,5 +1,7 @@
 // End to end through the library: a tiny run whose loss falls, its files, exact resume,
 // checkpoint errors, and sampling.
+#include <cmath>
+
 #include <doctest/doctest.h>
 
 #include "helpers.h"
@@ -143,6 +145,61 @@ TEST_CASE("checkpoint errors: truncated weights, another architecture, another v
     test::write_file(ckpt + "/state.json", state);
     std::string e = test::error_of([&] { sw::read_checkpoint_meta(ckpt); });
     CHECK(test::contains(e, "format version 99"));
+  }
+}
+
+namespace {
+
+// Sets one element of tensor `name` in a checkpoint's model.pt to NaN.
+void poison(const std::string& ckpt, const std::string& name) {
+  const std::string path = ckpt + "/model.pt";
+  const std::string bytes = test::read_file(path);
+  auto dict = torch::pickle_load(std::vector<char>(bytes.begin(), bytes.end())).toGenericDict();
+  torch::Tensor t = dict.at(name).toTensor();
+  t.view({-1})[0] = std::nan("");
+  const std::vector<char> out = torch::pickle_save(dict);
+  test::write_file(path, std::string(out.begin(), out.end()));
+}
+
+}  // namespace
+
+TEST_CASE("a non-finite loss stops the run naming the step and the layer, keeping the checkpoint") {
+  struct Case {
+    std::string tensor, where;
+  };
+  const std::vector<Case> cases = {
+      {"blocks.1.ffn.router.proj.weight",
+       "first non-finite: block 1: router logits "
+       "(blocks.1.ffn.router)"},
+      {"blocks.0.ffn.experts.w_out",
+       "first non-finite: block 0: experts' output "
+       "(blocks.0.ffn.experts)"},
+      {"blocks.1.attn.qkv.weight", "first non-finite: block 1: attention (blocks.1.attn)"},
+  };
+  for (const auto& k : cases) {
+    CAPTURE(k.tensor);
+    const std::string dir = test::scratch_dir("nonfinite");
+    sw::Config c = test::tiny_config();
+    c.train.steps = 30;
+    train_tiny(dir, c);
+    poison(dir + "/ckpt-000030", k.tensor);
+    sw::Config r = sw::resume_config(dir);
+    r.train.steps = 60;
+    sw::TrainOptions opt;
+    opt.out_dir = dir;
+    opt.quiet = true;
+    opt.resume = true;
+    const std::string e = test::error_of([&] { sw::train(r, opt); });
+    CHECK(test::contains(e, "step 31: the loss is not finite"));
+    CHECK_MESSAGE(test::contains(e, k.where), e);
+    CHECK(test::contains(e, "The last checkpoint is kept"));
+    CHECK(sw::newest_checkpoint(dir).value_or("") == dir + "/ckpt-000030");
+
+    // Skipping cannot help with poisoned weights: it skips, then stops after 10 in a row.
+    r.train.on_nonfinite = "skip";
+    const std::string e2 = test::error_of([&] { sw::train(r, opt); });
+    CHECK_MESSAGE(test::contains(e2, "step 41: the loss is not finite"), e2);
+    CHECK(test::contains(e2, "(11 steps in a row)"));
   }
 }
 

@@ -44,6 +44,7 @@ const std::vector<std::string> kResumableKeys = {"train.steps",
                                                  "train.checkpoint_every",
                                                  "train.keep_checkpoints",
                                                  "train.threads",
+                                                 "train.on_nonfinite",
                                                  "dist.expert_parallel",
                                                  "dist.timeout_s"};
 

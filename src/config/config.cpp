@@ -101,6 +101,9 @@ const std::vector<Binding>& bindings() {
            [](Config& c) { return &c.train.seed; }),
       bind("train.threads", Kind::Int, "intra-op threads per rank (0: all cores / local ranks)",
            [](Config& c) { return &c.train.threads; }),
+      bind("train.on_nonfinite", Kind::String,
+           "a non-finite loss or gradient: stop (keep the last checkpoint) | skip the step",
+           [](Config& c) { return &c.train.on_nonfinite; }),
       bind("dist.expert_parallel", Kind::Int,
            "ranks sharing each layer's experts: 0 = all ranks, 1 = data parallel only",
            [](Config& c) { return &c.dist.expert_parallel; }),
@@ -427,6 +430,7 @@ void validate(const Config& c) {
   at_least("train.keep_checkpoints", c.train.keep_checkpoints, 1);
   at_least("train.seed", c.train.seed, 0);
   at_least("train.threads", c.train.threads, 0);
+  one_of("train.on_nonfinite", c.train.on_nonfinite, {"stop", "skip"});
   at_least("dist.expert_parallel", c.dist.expert_parallel, 0);
   in_range("dist.timeout_s", c.dist.timeout_s, 0.0, inf, true, true);
 }

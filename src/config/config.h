@@ -61,7 +61,8 @@ struct TrainConfig {
   int64_t checkpoint_every = 500;
   int64_t keep_checkpoints = 2;
   int64_t seed = 1337;
-  int64_t threads = 0;  // 0: all cores
+  int64_t threads = 0;                // 0: all cores
+  std::string on_nonfinite = "stop";  // a non-finite loss or gradient: stop | skip the step
 };
 
 // Several processes (ranks, from RANK / WORLD_SIZE or switch-train --nproc): every rank

@@ -2,6 +2,8 @@
 
 #include <cmath>
 
+#include <fmt/format.h>
+
 namespace sw {
 
 BlockImpl::BlockImpl(const Config& c, bool moe) {
@@ -82,6 +84,42 @@ ModelOutput TransformerImpl::forward(const torch::Tensor& idx_BS) {
   }
   out.logits_BSV = head(ln_f(x));
   return out;
+}
+
+std::string TransformerImpl::first_nonfinite(const torch::Tensor& idx_BS) {
+  torch::NoGradGuard no_grad;
+  std::string first;
+  auto check = [&](const torch::Tensor& t, const std::string& what) {
+    if (first.empty() && !torch::isfinite(t).all().item<bool>()) first = what;
+  };
+  const int64_t S = idx_BS.size(1);
+  torch::Tensor x = tok_emb(idx_BS);
+  if (pos_emb) x = x + pos_emb(torch::arange(S, idx_BS.options()));
+  check(x, "the embeddings (tok_emb, pos_emb)");
+  x = emb_drop(x);
+  for (size_t i = 0; i < block_list.size(); ++i) {
+    BlockImpl& b = *block_list[i];
+    const std::string at = fmt::format("block {}: ", i);
+    x = x + b.attn(b.ln_attn(x));
+    check(x, at + fmt::format("attention (blocks.{}.attn)", i));
+    torch::Tensor h = b.ln_ffn(x);
+    if (b.switch_) {
+      SwitchFFNImpl& f = *b.switch_;
+      torch::Tensor h_TD = h.reshape({-1, h.size(-1)});
+      Routing r = f.route(h_TD);
+      check(r.logits_TE, at + fmt::format("router logits (blocks.{}.ffn.router)", i));
+      Dispatch d = f.dispatch(r, h_TD.size(0));
+      torch::Tensor y = f.combine(h_TD, r, d).view(h.sizes());
+      check(y, at + fmt::format("experts' output (blocks.{}.ffn.experts)", i));
+      x = x + b.ffn_drop(y);
+    } else {
+      torch::Tensor y = b.dense(h);
+      check(y, at + fmt::format("feed-forward output (blocks.{}.ffn)", i));
+      x = x + b.ffn_drop(y);
+    }
+  }
+  check(head(ln_f(x)), "the output head (ln_f, head)");
+  return first;
 }
 
 int64_t TransformerImpl::n_params() const {

@@ -36,6 +36,12 @@ struct TransformerImpl : torch::nn::Module {
   TransformerImpl(const Config& c, int64_t vocab_size);
   ModelOutput forward(const torch::Tensor& idx_BS);
 
+  // Runs the forward pass checking every stage (embeddings, each block's attention, router
+  // logits, experts or dense FFN, the head) and names the first whose output holds a NaN or
+  // an infinity, e.g. "block 2: router logits (blocks.2.ffn.router)"; "" when all are
+  // finite. Every stage runs whatever it finds, so ranks of a run stay in step.
+  std::string first_nonfinite(const torch::Tensor& idx_BS);
+
   int64_t n_params() const;
   // Parameters one token uses: all but the experts it is not routed to.
   int64_t n_active_params() const;

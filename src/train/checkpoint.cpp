@@ -73,6 +73,7 @@ void save_checkpoint(const std::string& run_dir, const Config& cfg, const Vocab&
     j["step"] = state.step;
     j["time_s"] = state.time_s;
     j["data_rng"] = state.data_rng;
+    j["skipped_steps"] = state.skipped_steps;
     j["best_val_loss"] = std::isfinite(state.best_val_loss) ? nlohmann::json(state.best_val_loss)
                                                             : nlohmann::json(nullptr);
     j["vocab"] = utf8_encode(vocab.chars());
@@ -116,6 +117,7 @@ CheckpointMeta read_checkpoint_meta(const std::string& ckpt_dir) {
     m.state.time_s = j.at("time_s").get<double>();
     m.state.data_rng = j.at("data_rng").get<std::array<uint64_t, 4>>();
     if (!j.at("best_val_loss").is_null()) m.state.best_val_loss = j["best_val_loss"].get<double>();
+    m.state.skipped_steps = j.value("skipped_steps", int64_t{0});
     m.vocab = Vocab(utf8_decode(j.at("vocab").get<std::string>(), path + " vocab"));
     apply_json(m.config, j.at("config"), path + " config");
   } catch (const nlohmann::json::exception& e) {

@@ -25,6 +25,7 @@ struct TrainState {
   double time_s = 0;  // wall seconds of training so far
   std::array<uint64_t, 4> data_rng{};
   double best_val_loss = std::numeric_limits<double>::infinity();
+  int64_t skipped_steps = 0;  // non-finite steps not applied (train.on_nonfinite = skip)
 };
 
 struct CheckpointMeta {

@@ -69,6 +69,26 @@ double evaluate(Transformer& model, const std::vector<Batch>& batches, const Par
   return sum / static_cast<double>(batches.size());
 }
 
+// With train.on_nonfinite = skip, this many non-finite steps in a row stop the run anyway.
+constexpr int64_t kMaxConsecutiveSkips = 10;
+
+// The parameters whose gradients hold a NaN or an infinity, e.g.
+// "gradients of blocks.1.ffn.experts.w_in, blocks.1.ffn.router.proj.weight".
+std::string nonfinite_gradients(torch::nn::Module& model) {
+  std::vector<std::string> names;
+  for (const auto& item : model.named_parameters()) {
+    const torch::Tensor& gr = item.value().grad();
+    if (gr.defined() && !torch::isfinite(gr).all().item<bool>()) names.push_back(item.key());
+  }
+  if (names.empty()) return "";
+  if (names.size() > 4) {
+    const size_t more = names.size() - 3;
+    names.resize(3);
+    names.push_back(fmt::format("and {} more", more));
+  }
+  return fmt::format("gradients of {}", fmt::join(names, ", "));
+}
+
 // A generator seed for rank `rank` > 0, distinct per rank and per step it starts from.
 uint64_t rank_seed(int64_t seed, int64_t rank, int64_t step) {
   uint64_t x = static_cast<uint64_t>(seed) ^ (0x9E3779B97F4A7C15ULL * static_cast<uint64_t>(rank));
@@ -231,7 +251,8 @@ nlohmann::ordered_json train(const Config& cfg, const TrainOptions& opt) {
   double interval_ce = 0, interval_lb = 0, interval_z = 0, interval_step_s = 0;
   double interval_fwd_s = 0, interval_bwd_s = 0, interval_opt_s = 0;  // phases of the steps
   int64_t interval_steps = 0;
-  CommStats interval_comm;  // this rank's collectives in the interval's training steps
+  int64_t consecutive_skips = 0;  // non-finite steps in a row (train.on_nonfinite = skip)
+  CommStats interval_comm;        // this rank's collectives in the interval's training steps
   double session_step_s = 0;
   int64_t session_steps = 0;
   double last_val = std::nan(""), last_train = std::nan("");
@@ -269,24 +290,42 @@ nlohmann::ordered_json train(const Config& cfg, const TrainOptions& opt) {
     }
     const double ce_v = v[0], lb_v = v[1], z_v = v[2];
     const double loss_v = ce_v + cfg.moe.alpha * lb_v + cfg.moe.z_loss * z_v;
-    if (!std::isfinite(loss_v))
-      throw Error(
-          fmt::format("step {}: the loss is {} (cross-entropy {}, load-balancing {}); "
-                      "try a lower train.lr. The last checkpoint is kept.",
-                      step + 1, loss_v, ce_v, lb_v));
-    double grad_norm = std::nan("");
-    if (cfg.train.grad_clip > 0) {
-      GradNorm g{};
-      if (par.comm) {
-        g.norm = std::sqrt(grad_sq);
-        g.clip_scale = std::min(1.0, cfg.train.grad_clip / (g.norm + 1e-6));
-      } else {
-        g = sw::grad_norm(model->parameters(), cfg.train.grad_clip);
-      }
-      grad_norm = g.norm;
-      optimizer->set_grad_scale(g.clip_scale);  // clipping, applied inside the update
+    GradNorm g{};
+    if (par.comm) {
+      g.norm = std::sqrt(grad_sq);
+      g.clip_scale = std::min(1.0, cfg.train.grad_clip / (g.norm + 1e-6));
+    } else {
+      g = sw::grad_norm(model->parameters(), cfg.train.grad_clip);
     }
-    optimizer->step();
+    const double grad_norm = g.norm;
+    const bool finite = std::isfinite(loss_v) && std::isfinite(grad_norm);
+    if (!finite) {
+      // Name where it came from: the first stage of a forward pass on this batch whose
+      // output is not finite, else the parameters whose gradients are not.
+      std::string where = model->first_nonfinite(par.share(batch.x_BS));
+      if (where.empty()) where = nonfinite_gradients(*model);
+      std::string what = fmt::format(
+          "step {}: {} (cross-entropy {}, load-balancing {}, gradient norm {}){}", step + 1,
+          std::isfinite(loss_v) ? "the gradients are not finite" : "the loss is not finite", ce_v,
+          lb_v, grad_norm, where.empty() ? "" : "; first non-finite: " + where);
+      if (cfg.train.on_nonfinite != "skip" || consecutive_skips >= kMaxConsecutiveSkips) {
+        const auto kept = newest_checkpoint(opt.out_dir);
+        throw Error(fmt::format(
+            "{}{}. {}; try a lower train.lr{}.", what,
+            consecutive_skips > 0 ? fmt::format(" ({} steps in a row)", consecutive_skips + 1) : "",
+            kept ? "The last checkpoint is kept: " + *kept : std::string("No checkpoint yet"),
+            cfg.train.on_nonfinite == "skip" ? "" : " or train.on_nonfinite=skip"));
+      }
+      ++consecutive_skips;
+      ++state.skipped_steps;
+      model->zero_grad(/*set_to_none=*/true);
+      say(what + "; step skipped (train.on_nonfinite=skip)");
+    } else {
+      consecutive_skips = 0;
+      if (cfg.train.grad_clip > 0)
+        optimizer->set_grad_scale(g.clip_scale);  // clipping, applied inside the update
+      optimizer->step();
+    }
     interval_opt_s += seconds_since(t_optimizer);
 
     const double step_s = seconds_since(t_step);
@@ -301,15 +340,17 @@ nlohmann::ordered_json train(const Config& cfg, const TrainOptions& opt) {
     interval_step_s += step_s;
     session_step_s += step_s;
     ++session_steps;
-    ++interval_steps;
-    interval_ce += ce_v;
-    interval_lb += lb_v;
-    interval_z += z_v;
-    routing.add(out.moe);
+    if (finite) {  // a skipped step's values stay out of the averages
+      ++interval_steps;
+      interval_ce += ce_v;
+      interval_lb += lb_v;
+      interval_z += z_v;
+      routing.add(out.moe);
+    }
     state.step = step + 1;
 
     const bool last = state.step == cfg.train.steps;
-    if (state.step % cfg.train.log_every == 0 || last) {
+    if ((state.step % cfg.train.log_every == 0 || last) && interval_steps > 0) {
       if (par.comm) routing.sum_over_ranks(*par.comm);
       const double tok_s = static_cast<double>(interval_steps * tokens_per_step) / interval_step_s;
       const double ce_mean = interval_ce / static_cast<double>(interval_steps);
@@ -332,7 +373,8 @@ nlohmann::ordered_json train(const Config& cfg, const TrainOptions& opt) {
           {"ms_optimizer", 1000.0 * interval_opt_s / static_cast<double>(interval_steps)},
           {"steps_in_record", interval_steps},
           {"layers", routing.to_json()}};
-      if (std::isfinite(grad_norm)) rec["grad_norm"] = grad_norm;
+      rec["grad_norm"] = grad_norm;  // of the record's last step, before clipping
+      if (state.skipped_steps > 0) rec["skipped_steps"] = state.skipped_steps;
       if (par.comm) {  // rank 0's collectives per training step
         const double n = static_cast<double>(interval_steps);
         rec["comm"] = {
@@ -419,6 +461,7 @@ nlohmann::ordered_json train(const Config& cfg, const TrainOptions& opt) {
       {"params_total", n_params},
       {"params_active", n_active},
       {"threads", threads},
+      {"skipped_steps", state.skipped_steps},
       {"ranks", par.world},
       {"expert_parallel", par.expert_parallel},
   };
