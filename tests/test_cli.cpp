@@ -3,6 +3,8 @@
 #include <doctest/doctest.h>
 
 #include "helpers.h"
+#include "model/transformer.h"
+#include "train/checkpoint.h"
 #include "train/metrics.h"
 
 namespace {
@@ -200,4 +202,72 @@ TEST_CASE(
     CHECK(r.rc == 0);
     CHECK(test::fs::exists(dir + "/summary.json"));
   }
+}
+
+TEST_CASE("switch-train: killed with SIGKILL again and again, it resumes to the straight run") {
+  // Checkpoints every 10 steps; each attempt is killed at a different moment (during a
+  // step, an evaluation or a checkpoint write) and the next resumes from what is on disk.
+  const std::string base = test::scratch_dir("cli_kill9");
+  const std::string args =
+      " --set train.steps=500 --set train.checkpoint_every=10 "
+      "--set train.keep_checkpoints=3 --set train.eval_every=50 -q";
+  test::CmdResult r = test::run(kTrain + tiny_args(base + "/straight") + args);
+  REQUIRE(r.rc == 0);
+  const std::string dir = base + "/killed";
+  const double delays[] = {0.35, 0.9, 0.5, 1.3, 0.7, 1.1, 0.45};
+  int killed = 0;
+  for (size_t i = 0; i < sizeof delays / sizeof delays[0]; ++i) {
+    const bool started = test::fs::exists(dir + "/config.json");  // else killed too early
+    const std::string cmd =
+        started ? kTrain + " --out " + dir + " --resume -q" : kTrain + tiny_args(dir) + args;
+    r = test::run("(" + cmd + " & p=$!; sleep " + std::to_string(delays[i]) +
+                  "; kill -9 $p 2>/dev/null && echo KILLED; wait $p; echo rc=$?)");
+    if (test::contains(r.output, "KILLED") && test::contains(r.output, "rc=137")) ++killed;
+    // Whatever moment it died at, the newest checkpoint loads and the metrics parse.
+    if (auto ck = sw::newest_checkpoint(dir)) {
+      sw::CheckpointMeta meta = sw::read_checkpoint_meta(*ck);
+      sw::Transformer m(meta.config, meta.vocab.size());
+      sw::load_weights(*ck, *m);
+    }
+    if (test::fs::exists(dir + "/metrics.jsonl")) sw::read_metrics(dir + "/metrics.jsonl");
+    if (test::fs::exists(dir + "/summary.json")) break;  // it finished before the kill
+  }
+  MESSAGE(killed << " attempts were killed mid-run");
+  CHECK(killed >= 3);
+  r = test::run(kTrain + " --out " + dir + " --resume -q");
+  INFO(r.output);
+  REQUIRE(r.rc == 0);
+  CHECK_MESSAGE(test::read_file(base + "/straight/ckpt-000500/model.pt") ==
+                    test::read_file(dir + "/ckpt-000500/model.pt"),
+                "weights after repeated SIGKILL and resume differ from the straight run");
+  // Metrics: one record per step boundary, as in the straight run.
+  CHECK(sw::read_metrics(dir + "/metrics.jsonl").size() ==
+        sw::read_metrics(base + "/straight/metrics.jsonl").size());
+}
+
+TEST_CASE(
+    "switch-train: a write that fails (disk full) is an error and the last checkpoint stays") {
+  const std::string dir = test::scratch_dir("cli_disk_full") + "/run";
+  test::CmdResult r =
+      test::run(kTrain + tiny_args(dir) + " --set train.steps=30 --set train.checkpoint_every=30");
+  REQUIRE(r.rc == 0);
+  // A 64 KiB file-size limit: the next checkpoint's model.pt (about 190 KB) cannot be
+  // written, as on a full disk.
+  r = test::run("(ulimit -f 64; " + kTrain + " --out " + dir +
+                " --resume -q --set train.steps=60)");
+  INFO(r.output);
+  CHECK(r.rc == 1);
+  CHECK(test::contains(r.output, "cannot write '" + dir + "/ckpt-000060.tmp/model.pt.tmp'"));
+  CHECK(test::contains(r.output, "File too large"));
+  CHECK(sw::newest_checkpoint(dir).value_or("") == dir + "/ckpt-000030");
+  CHECK_FALSE(test::fs::exists(dir + "/ckpt-000060.tmp"));
+  CHECK(test::run(kSample + " --run " + dir + " --chars 20").rc == 0);
+  // With room again, the run goes on from step 30.
+  r = test::run(kTrain + " --out " + dir + " --resume -q --set train.steps=60");
+  CHECK(r.rc == 0);
+
+  // An output directory that cannot be created.
+  r = test::run(kTrain + tiny_args(dir + "/config.json/sub"));
+  CHECK(r.rc == 1);
+  CHECK(test::contains(r.output, "cannot create run directory '" + dir + "/config.json/sub'"));
 }

@@ -35,6 +35,9 @@ void install_signal_handlers() {
   sigemptyset(&sa.sa_mask);
   sigaction(SIGINT, &sa, nullptr);
   sigaction(SIGTERM, &sa, nullptr);
+  // Over a file-size limit (ulimit -f) a write then fails with EFBIG and is reported like a
+  // full disk, instead of the signal killing the process.
+  signal(SIGXFSZ, SIG_IGN);
 }
 
 // Keys a resumed run may change: they steer the loop, not the model or the data.
