@@ -17,7 +17,7 @@ DATA_SIZE=1115394
 DATA_SHA256=86c4e6aa9db7c042ec79f339dcb96d42b0075e16b8fc2e86bf0ca57e2dc565ed
 PACKAGES=(build-essential cmake curl ca-certificates ccache libtorch-dev libgloo-dev
           libopenblas0-openmp libcli11-dev nlohmann-json3-dev libfmt-dev doctest-dev python3
-          python3-matplotlib)
+          python3-matplotlib clang)
 
 local_data=""
 build=1
@@ -36,22 +36,27 @@ say() { echo "setup: $*"; }
 die() { echo "setup: error: $*" >&2; exit 1; }
 
 # --- 1. Debian packages ------------------------------------------------------------------
-missing=()
-for p in "${PACKAGES[@]}"; do
-  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
-done
-if [ ${#missing[@]} -gt 0 ]; then
+installed() { dpkg-query -W -f='${Status}' "$1" 2>/dev/null | grep -q "install ok installed"; }
+updated=0
+install_missing() {  # install_missing PACKAGE...: apt-get install those not installed yet
+  local missing=()
+  for p in "$@"; do installed "$p" || missing+=("$p"); done
+  [ ${#missing[@]} -gt 0 ] || return 0
   say "installing ${missing[*]}"
-  SUDO=""
+  local SUDO=""
   if [ "$(id -u)" -ne 0 ]; then
     command -v sudo >/dev/null || die "need root (or sudo) to install: ${missing[*]}"
     SUDO=sudo
   fi
-  $SUDO apt-get update -q
+  [ $updated = 1 ] || { $SUDO apt-get update -q; updated=1; }
   DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -q --no-install-recommends "${missing[@]}"
-else
-  say "Debian packages: all present"
-fi
+}
+install_missing "${PACKAGES[@]}"
+# libFuzzer's runtime ships apart from clang, versioned like it (libclang-rt-14-dev on bookworm).
+clang_major=$(clang --version | sed -n 's/.*clang version \([0-9]*\).*/\1/p' | head -1)
+[ -n "$clang_major" ] || die "cannot tell clang's version"
+install_missing "libclang-rt-${clang_major}-dev"
+say "Debian packages: all present"
 
 # --- 2. Tiny Shakespeare -----------------------------------------------------------------
 verify() {  # verify FILE: exact size and sha256

@@ -295,6 +295,11 @@ nlohmann::json parse_json_text(const std::string& text, const std::string& sourc
     size_t colon = what.rfind(": ");
     std::string reason = colon == std::string::npos ? what : what.substr(colon + 2);
     throw Error(fmt::format("{}:{}:{}: malformed JSON: {}", source, line, col, reason));
+  } catch (const nlohmann::json::exception& e) {  // e.g. a number too large for a double
+    std::string what = e.what();
+    const size_t bracket = what.find("] ");
+    throw Error(fmt::format("{}: malformed JSON: {}", source,
+                            bracket == std::string::npos ? what : what.substr(bracket + 2)));
   }
 }
 

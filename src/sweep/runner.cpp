@@ -17,6 +17,7 @@
 
 #include <fmt/format.h>
 
+#include "train/metrics.h"
 #include "util/error.h"
 #include "util/fs.h"
 
@@ -80,6 +81,60 @@ std::string fmt_num(const ojson& v, const char* spec) {
 }
 
 }  // namespace
+
+nlohmann::ordered_json summarize_run(const std::string& run_dir) {
+  ojson out = {{"final_train_loss", nullptr}, {"final_val_loss", nullptr},
+               {"best_val_loss", nullptr},    {"drop_frac", nullptr},
+               {"load_cv", nullptr},          {"tokens_per_s", nullptr},
+               {"wall_s", nullptr},           {"steps", nullptr},
+               {"params_total", nullptr},     {"params_active", nullptr}};
+  const fs::path summary = fs::path(run_dir) / "summary.json";
+  if (fs::exists(summary)) {
+    const nlohmann::json s =
+        parse_json_text(read_file(summary.string(), "run summary"), summary.string());
+    for (const char* k : {"final_train_loss", "final_val_loss", "best_val_loss", "tokens_per_s",
+                          "wall_s", "steps", "params_total", "params_active"})
+      if (s.contains(k)) out[k] = s[k];
+  }
+  const fs::path metrics = fs::path(run_dir) / "metrics.jsonl";
+  if (!fs::exists(metrics)) return out;
+  double drop = 0, steps = 0;
+  std::vector<std::vector<double>> load;  // per layer, per expert: assignments routed
+  for (const auto& r : read_metrics(metrics.string())) {
+    if (r.value("kind", "") != "train") continue;
+    const double n = r.value("steps_in_record", 1.0);
+    drop += r.value("drop_frac", 0.0) * n;
+    steps += n;
+    if (!r.contains("layers")) continue;
+    const auto& layers = r["layers"];
+    load.resize(std::max(load.size(), layers.size()));
+    for (size_t l = 0; l < layers.size(); ++l) {
+      const auto& counts = layers[l]["counts"];
+      load[l].resize(std::max(load[l].size(), counts.size()));
+      for (size_t e = 0; e < counts.size(); ++e)
+        load[l][e] += counts[e].get<double>();
+    }
+  }
+  if (steps > 0) out["drop_frac"] = drop / steps;
+  double cv_sum = 0;
+  int layers = 0;
+  for (const auto& l : load) {
+    if (l.size() < 2) continue;
+    double mean = 0, var = 0;
+    for (double c : l)
+      mean += c;
+    mean /= static_cast<double>(l.size());
+    for (double c : l)
+      var += (c - mean) * (c - mean);
+    var /= static_cast<double>(l.size());
+    if (mean > 0) {
+      cv_sum += std::sqrt(var) / mean;
+      ++layers;
+    }
+  }
+  if (layers > 0) out["load_cv"] = cv_sum / layers;
+  return out;
+}
 
 const char* to_string(PointState s) {
   switch (s) {

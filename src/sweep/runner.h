@@ -21,6 +21,13 @@ struct SweepOptions {
   const std::atomic<int>* stop = nullptr;  // a signal number: stop launching, forward it
 };
 
+// What a sweep's table shows of one finished (or partial) run directory: the run's
+// summary.json keys, plus from metrics.jsonl the mean dropped fraction over training
+// (weighted by steps) and `load_cv`, the coefficient of variation (std / mean) of the
+// tokens routed to each expert over the whole run, averaged over MoE layers (null for a
+// dense model). Missing files give nulls.
+nlohmann::ordered_json summarize_run(const std::string& run_dir);
+
 // What run_sweep will do with a point, from what its directory holds.
 enum class PointState {
   Fresh,    // nothing there yet

@@ -1,13 +1,10 @@
 #include "sweep/sweep.h"
 
-#include <cmath>
 #include <filesystem>
-#include <fstream>
 #include <set>
 
 #include <fmt/format.h>
 
-#include "train/metrics.h"
 #include "util/error.h"
 #include "util/fs.h"
 
@@ -157,9 +154,18 @@ Sweep parse_sweep(const std::string& text, const std::string& source, const std:
   }
 
   // The product: variants x grid (last key fastest) x seeds.
+  // A sweep is a list of training runs: refuse products no one could run (and that would
+  // not fit in memory), checking before multiplying past the limit.
+  constexpr size_t kMaxPoints = 10000;
   size_t grid_points = 1;
-  for (const auto& g : grid)
+  const size_t outer = variants.size() * seeds.size();
+  for (const auto& g : grid) {
+    if (g.second.size() > kMaxPoints / (grid_points * outer))
+      throw Error(fmt::format("{}: the sweep has more than {} points", source, kMaxPoints));
     grid_points *= g.second.size();
+  }
+  if (grid_points * outer > kMaxPoints)
+    throw Error(fmt::format("{}: the sweep has more than {} points", source, kMaxPoints));
   std::set<std::string> names;
   for (const Variant& var : variants)
     for (size_t gi = 0; gi < grid_points; ++gi)
@@ -210,60 +216,6 @@ Sweep load_sweep(const std::string& path, const std::vector<std::string>& sets) 
   const std::string text = read_file(path, "sweep file");
   std::string dir = fs::path(path).parent_path().string();
   return parse_sweep(text, path, dir.empty() ? "." : dir, sets);
-}
-
-nlohmann::ordered_json summarize_run(const std::string& run_dir) {
-  ojson out = {{"final_train_loss", nullptr}, {"final_val_loss", nullptr},
-               {"best_val_loss", nullptr},    {"drop_frac", nullptr},
-               {"load_cv", nullptr},          {"tokens_per_s", nullptr},
-               {"wall_s", nullptr},           {"steps", nullptr},
-               {"params_total", nullptr},     {"params_active", nullptr}};
-  const fs::path summary = fs::path(run_dir) / "summary.json";
-  if (fs::exists(summary)) {
-    const nlohmann::json s =
-        parse_json_text(read_file(summary.string(), "run summary"), summary.string());
-    for (const char* k : {"final_train_loss", "final_val_loss", "best_val_loss", "tokens_per_s",
-                          "wall_s", "steps", "params_total", "params_active"})
-      if (s.contains(k)) out[k] = s[k];
-  }
-  const fs::path metrics = fs::path(run_dir) / "metrics.jsonl";
-  if (!fs::exists(metrics)) return out;
-  double drop = 0, steps = 0;
-  std::vector<std::vector<double>> load;  // per layer, per expert: assignments routed
-  for (const auto& r : read_metrics(metrics.string())) {
-    if (r.value("kind", "") != "train") continue;
-    const double n = r.value("steps_in_record", 1.0);
-    drop += r.value("drop_frac", 0.0) * n;
-    steps += n;
-    if (!r.contains("layers")) continue;
-    const auto& layers = r["layers"];
-    load.resize(std::max(load.size(), layers.size()));
-    for (size_t l = 0; l < layers.size(); ++l) {
-      const auto& counts = layers[l]["counts"];
-      load[l].resize(std::max(load[l].size(), counts.size()));
-      for (size_t e = 0; e < counts.size(); ++e)
-        load[l][e] += counts[e].get<double>();
-    }
-  }
-  if (steps > 0) out["drop_frac"] = drop / steps;
-  double cv_sum = 0;
-  int layers = 0;
-  for (const auto& l : load) {
-    if (l.size() < 2) continue;
-    double mean = 0, var = 0;
-    for (double c : l)
-      mean += c;
-    mean /= static_cast<double>(l.size());
-    for (double c : l)
-      var += (c - mean) * (c - mean);
-    var /= static_cast<double>(l.size());
-    if (mean > 0) {
-      cv_sum += std::sqrt(var) / mean;
-      ++layers;
-    }
-  }
-  if (layers > 0) out["load_cv"] = cv_sum / layers;
-  return out;
 }
 
 }  // namespace sw

@@ -46,13 +46,6 @@ Sweep load_sweep(const std::string& path, const std::vector<std::string>& sets =
 Sweep parse_sweep(const std::string& text, const std::string& source, const std::string& dir,
                   const std::vector<std::string>& sets = {});
 
-// What a sweep's table shows of one finished (or partial) run directory: the run's
-// summary.json keys, plus from metrics.jsonl the mean dropped fraction over training
-// (weighted by steps) and `load_cv`, the coefficient of variation (std / mean) of the
-// tokens routed to each expert over the whole run, averaged over MoE layers (null for a
-// dense model). Missing files give nulls.
-nlohmann::ordered_json summarize_run(const std::string& run_dir);
-
 // The same config with train.threads cleared: what decides whether a run directory already
 // holds a point (the thread count changes speed, not results).
 nlohmann::json comparable_config(const Config& c);

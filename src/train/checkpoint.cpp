@@ -68,17 +68,7 @@ void save_checkpoint(const std::string& run_dir, const Config& cfg, const Vocab&
     if (rank_rng.defined()) rng.insert("torch_cpu_ranks", rank_rng);
     write_file_atomic((tmp_dir / "rng.pt").string(), torch::pickle_save(rng));
 
-    nlohmann::json j;
-    j["format_version"] = kCheckpointFormat;
-    j["step"] = state.step;
-    j["time_s"] = state.time_s;
-    j["data_rng"] = state.data_rng;
-    j["skipped_steps"] = state.skipped_steps;
-    j["best_val_loss"] = std::isfinite(state.best_val_loss) ? nlohmann::json(state.best_val_loss)
-                                                            : nlohmann::json(nullptr);
-    j["vocab"] = utf8_encode(vocab.chars());
-    j["config"] = to_json(cfg);
-    write_file_atomic((tmp_dir / "state.json").string(), j.dump(2) + "\n");
+    write_file_atomic((tmp_dir / "state.json").string(), checkpoint_state_json(cfg, vocab, state));
   } catch (const c10::Error& e) {
     fs::remove_all(tmp_dir, ec);
     throw Error(fmt::format("cannot write checkpoint '{}': {}", tmp_dir.string(),
@@ -103,26 +93,8 @@ std::optional<std::string> newest_checkpoint(const std::string& run_dir) {
 
 CheckpointMeta read_checkpoint_meta(const std::string& ckpt_dir) {
   const std::string path = (fs::path(ckpt_dir) / "state.json").string();
-  nlohmann::json j = parse_json_text(read_file(path, "checkpoint state"), path);
-  CheckpointMeta m;
+  CheckpointMeta m = parse_checkpoint_state(read_file(path, "checkpoint state"), path);
   m.dir = ckpt_dir;
-  try {
-    const int version = j.at("format_version").get<int>();
-    if (version != kCheckpointFormat)
-      throw Error(
-          fmt::format("{}: checkpoint format version {} is not supported (this build "
-                      "reads version {})",
-                      path, version, kCheckpointFormat));
-    m.state.step = j.at("step").get<int64_t>();
-    m.state.time_s = j.at("time_s").get<double>();
-    m.state.data_rng = j.at("data_rng").get<std::array<uint64_t, 4>>();
-    if (!j.at("best_val_loss").is_null()) m.state.best_val_loss = j["best_val_loss"].get<double>();
-    m.state.skipped_steps = j.value("skipped_steps", int64_t{0});
-    m.vocab = Vocab(utf8_decode(j.at("vocab").get<std::string>(), path + " vocab"));
-    apply_json(m.config, j.at("config"), path + " config");
-  } catch (const nlohmann::json::exception& e) {
-    throw Error(fmt::format("{}: malformed checkpoint state: {}", path, e.what()));
-  }
   return m;
 }
 

@@ -15,25 +15,9 @@
 
 #include "config/config.h"
 #include "data/vocab.h"
+#include "train/checkpoint_state.h"
 
 namespace sw {
-
-constexpr int kCheckpointFormat = 1;
-
-struct TrainState {
-  int64_t step = 0;   // completed optimizer steps
-  double time_s = 0;  // wall seconds of training so far
-  std::array<uint64_t, 4> data_rng{};
-  double best_val_loss = std::numeric_limits<double>::infinity();
-  int64_t skipped_steps = 0;  // non-finite steps not applied (train.on_nonfinite = skip)
-};
-
-struct CheckpointMeta {
-  std::string dir;
-  Config config;
-  Vocab vocab;
-  TrainState state;
-};
 
 // `rank_rng` ([W, S] uint8, optional): every rank's generator state in a run of W ranks.
 void save_checkpoint(const std::string& run_dir, const Config& cfg, const Vocab& vocab,
@@ -43,7 +27,7 @@ void save_checkpoint(const std::string& run_dir, const Config& cfg, const Vocab&
 // The newest complete checkpoint directory of a run, if any.
 std::optional<std::string> newest_checkpoint(const std::string& run_dir);
 
-// Reads state.json; a missing or malformed file or another format version is an error.
+// Reads <ckpt_dir>/state.json (parse_checkpoint_state).
 CheckpointMeta read_checkpoint_meta(const std::string& ckpt_dir);
 
 // Loads weights into a model built from the checkpoint's config: a missing, extra or
