@@ -1,5 +1,8 @@
 // switch-sample: generates text from a trained run. CLI wiring only.
+#include <chrono>
 #include <iostream>
+
+#include <fmt/format.h>
 
 #include <CLI/CLI.hpp>
 
@@ -23,6 +26,10 @@ int main(int argc, char** argv) {
       ->capture_default_str();
   app.add_option("--seed", opt.seed, "sampling seed")->capture_default_str();
   app.add_option("--threads", threads, "intra-op threads (0: all cores)")->capture_default_str();
+  bool no_cache = false, stats = false;
+  app.add_flag("--no-cache", no_cache,
+               "recompute the whole context for every character (same text, slower)");
+  app.add_flag("--stats", stats, "print characters per second to stderr at the end");
   try {
     app.parse(argc, argv);
   } catch (const CLI::ParseError& e) {
@@ -32,9 +39,17 @@ int main(int argc, char** argv) {
 
   try {
     sw::configure_threads(threads);
+    opt.kv_cache = !no_cache;
     sw::Sampler sampler(run_dir);
+    const auto t0 = std::chrono::steady_clock::now();
     sampler.generate(opt, [](const std::string& piece) { std::cout << piece << std::flush; });
     std::cout << std::endl;
+    const double s = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+    if (stats)
+      std::cerr << fmt::format("switch-sample: {} characters in {:.3f} s: {:.0f} characters/s ({})",
+                               opt.chars, s, static_cast<double>(opt.chars) / s,
+                               no_cache ? "no cache" : "key/value cache")
+                << std::endl;
   } catch (const sw::Error& e) {
     std::cerr << "switch-sample: error: " << e.what() << std::endl;
     return 1;

@@ -5,9 +5,18 @@
 
 namespace sw {
 
+// Keys and values of the positions seen so far, for generation one position at a time.
+struct KVCache {
+  torch::Tensor k_BHTD, v_BHTD;  // room for max_len positions
+  int64_t len = 0;               // positions filled
+};
+
 struct CausalSelfAttentionImpl : torch::nn::Module {
   CausalSelfAttentionImpl(int64_t d_model, int64_t n_heads, int64_t max_len, double dropout);
   torch::Tensor forward(const torch::Tensor& x_BSD);
+  // x_BSD holds positions cache.len .. cache.len + S - 1: their keys and values join the
+  // cache and each attends to every cached position up to its own. Inference only.
+  torch::Tensor forward_cached(const torch::Tensor& x_BSD, KVCache& cache);
 
   int64_t n_heads;
   torch::nn::Linear qkv{nullptr}, proj{nullptr};

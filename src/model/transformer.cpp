@@ -86,6 +86,21 @@ ModelOutput TransformerImpl::forward(const torch::Tensor& idx_BS) {
   return out;
 }
 
+torch::Tensor TransformerImpl::forward_cached(const torch::Tensor& idx_BS,
+                                              std::vector<KVCache>& caches) {
+  caches.resize(block_list.size());
+  const int64_t S = idx_BS.size(1), start = caches[0].len;
+  torch::Tensor x = tok_emb(idx_BS);
+  if (pos_emb) x = x + pos_emb(torch::arange(start, start + S, idx_BS.options()));
+  for (size_t i = 0; i < block_list.size(); ++i) {
+    BlockImpl& b = *block_list[i];
+    x = x + b.attn->forward_cached(b.ln_attn(x), caches[i]);
+    torch::Tensor h = b.ln_ffn(x);
+    x = x + (b.switch_ ? b.switch_(h).y : b.dense(h));
+  }
+  return head(ln_f(x));
+}
+
 std::string TransformerImpl::first_nonfinite(const torch::Tensor& idx_BS) {
   torch::NoGradGuard no_grad;
   std::string first;

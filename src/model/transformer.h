@@ -36,6 +36,10 @@ struct TransformerImpl : torch::nn::Module {
   TransformerImpl(const Config& c, int64_t vocab_size);
   ModelOutput forward(const torch::Tensor& idx_BS);
 
+  // Generation with key/value caches (one per block, filled from position caches[0].len):
+  // the logits of idx_BS's positions. Eval mode; no routing statistics.
+  torch::Tensor forward_cached(const torch::Tensor& idx_BS, std::vector<KVCache>& caches);
+
   // Runs the forward pass checking every stage (embeddings, each block's attention, router
   // logits, experts or dense FFN, the head) and names the first whose output holds a NaN or
   // an infinity, e.g. "block 2: router logits (blocks.2.ffn.router)"; "" when all are

@@ -53,13 +53,30 @@ std::string Sampler::generate(const SampleOptions& opt,
   torch::NoGradGuard no_grad;
   at::Generator gen = at::detail::createCPUGenerator(opt.seed);
   const int64_t ctx = cfg_.model.seq_len;
+  const int64_t keep = std::max<int64_t>(1, ctx / 2);  // kept when the context is full
+  int64_t begin = std::max<int64_t>(0, static_cast<int64_t>(ids.size()) - ctx);
+  std::vector<KVCache> caches;  // hold positions begin .. begin + caches[0].len - 1
   std::string out;
   for (int64_t n = 0; n < opt.chars; ++n) {
-    const int64_t start = std::max<int64_t>(0, static_cast<int64_t>(ids.size()) - ctx);
-    torch::Tensor idx_BS =
-        torch::tensor(std::vector<int64_t>(ids.begin() + start, ids.end()), torch::kInt64)
-            .unsqueeze(0);
-    torch::Tensor logits_V = model_->forward(idx_BS).logits_BSV[0][-1].to(torch::kFloat32);
+    if (static_cast<int64_t>(ids.size()) - begin > ctx) {
+      begin = static_cast<int64_t>(ids.size()) - keep;
+      caches.clear();
+    }
+    torch::Tensor logits_V;
+    if (opt.kv_cache) {
+      // Feed what the caches have not seen: the whole context after a reset, else the
+      // newest character.
+      const int64_t seen = caches.empty() ? 0 : caches[0].len;
+      torch::Tensor idx_BS =
+          torch::tensor(std::vector<int64_t>(ids.begin() + begin + seen, ids.end()), torch::kInt64)
+              .unsqueeze(0);
+      logits_V = model_->forward_cached(idx_BS, caches)[0][-1].to(torch::kFloat32);
+    } else {
+      torch::Tensor idx_BS =
+          torch::tensor(std::vector<int64_t>(ids.begin() + begin, ids.end()), torch::kInt64)
+              .unsqueeze(0);
+      logits_V = model_->forward(idx_BS).logits_BSV[0][-1].to(torch::kFloat32);
+    }
     int64_t next;
     if (opt.temperature == 0) {
       next = logits_V.argmax().item<int64_t>();
