@@ -1,7 +1,6 @@
 // switch-sweep: runs every point of a sweep file, resumable, then writes a summary table and
 // the pictures. CLI wiring only.
 #include <signal.h>
-#include <unistd.h>
 
 #include <atomic>
 #include <cstdlib>
@@ -14,6 +13,7 @@
 #include "sweep/runner.h"
 #include "sweep/sweep.h"
 #include "util/error.h"
+#include "util/process.h"
 
 namespace fs = std::filesystem;
 
@@ -22,13 +22,6 @@ namespace {
 std::atomic<int> g_stop{0};
 void on_signal(int sig) {
   g_stop.store(sig);
-}
-
-std::string exe_dir() {
-  char buf[4096];
-  const ssize_t n = readlink("/proc/self/exe", buf, sizeof buf - 1);
-  if (n <= 0) throw sw::Error("cannot find this program's path (/proc/self/exe)");
-  return fs::path(std::string(buf, static_cast<size_t>(n))).parent_path().string();
 }
 
 // A python3 that has matplotlib: Debian's first (python3-matplotlib), then PATH's.
@@ -97,7 +90,7 @@ int main(int argc, char** argv) {
       sigaction(SIGTERM, &sa, nullptr);
       sw::SweepOptions opt;
       opt.out_dir = out_dir;
-      opt.train_exe = exe_dir() + "/switch-train";
+      opt.train_exe = (fs::path(sw::self_exe()).parent_path() / "switch-train").string();
       opt.jobs = jobs;
       opt.quiet = quiet;
       opt.stop = &g_stop;

@@ -16,6 +16,7 @@
 #include "train/trainer.h"
 #include "util/error.h"
 #include "util/malloc_tuning.h"
+#include "util/process.h"
 
 namespace {
 
@@ -68,10 +69,7 @@ std::string list_keys() {
 int launch(int argc, char** argv, int nproc, const std::string& out_dir, bool add_out) {
   try {
     sw::LaunchOptions lo;
-    char exe[4096];
-    const ssize_t n = readlink("/proc/self/exe", exe, sizeof exe - 1);
-    if (n <= 0) throw sw::Error("--nproc: cannot find this program's path (/proc/self/exe)");
-    lo.exe.assign(exe, static_cast<size_t>(n));
+    lo.exe = sw::self_exe();
     lo.nproc = nproc;
     for (int i = 1; i < argc; ++i) {
       const std::string a = argv[i];

@@ -15,6 +15,7 @@
 
 #include "dist/comm.h"
 #include "util/error.h"
+#include "util/process.h"
 
 extern char** environ;
 
@@ -67,14 +68,6 @@ std::vector<std::string> rank_environment(int rank, int nproc, int64_t port) {
   env.push_back("MASTER_ADDR=127.0.0.1");
   env.push_back(fmt::format("MASTER_PORT={}", port));
   return env;
-}
-
-std::vector<char*> c_strings(std::vector<std::string>& v) {
-  std::vector<char*> out;
-  for (auto& s : v)
-    out.push_back(s.data());
-  out.push_back(nullptr);
-  return out;
 }
 
 }  // namespace

@@ -20,6 +20,7 @@
 #include "train/metrics.h"
 #include "util/error.h"
 #include "util/fs.h"
+#include "util/process.h"
 
 extern char** environ;
 
@@ -29,14 +30,6 @@ namespace fs = std::filesystem;
 namespace {
 
 using ojson = nlohmann::ordered_json;
-
-std::vector<char*> c_strings(std::vector<std::string>& v) {
-  std::vector<char*> out;
-  for (auto& s : v)
-    out.push_back(s.data());
-  out.push_back(nullptr);
-  return out;
-}
 
 // Starts `argv` with stdout and stderr appended to `log`, in its own process group (so a
 // terminal's Ctrl-C reaches it once, forwarded by the sweep).
