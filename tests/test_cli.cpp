@@ -271,3 +271,24 @@ TEST_CASE(
   CHECK(r.rc == 1);
   CHECK(test::contains(r.output, "cannot create run directory '" + dir + "/config.json/sub'"));
 }
+
+TEST_CASE("switch-train: --keep N bounds the checkpoints on disk, also on resume") {
+  const std::string dir = test::scratch_dir("cli_keep") + "/run";
+  auto checkpoints = [&] {
+    int n = 0;
+    for (const auto& e : test::fs::directory_iterator(dir))
+      n += e.path().filename().string().rfind("ckpt-", 0) == 0 ? 1 : 0;
+    return n;
+  };
+  test::CmdResult r =
+      test::run(kTrain + tiny_args(dir) +
+                " --set train.steps=40 --set train.checkpoint_every=10 --keep 1 -q");
+  INFO(r.output);
+  REQUIRE(r.rc == 0);
+  CHECK(checkpoints() == 1);
+  CHECK(sw::newest_checkpoint(dir).value_or("") == dir + "/ckpt-000040");
+  r = test::run(kTrain + " --out " + dir + " --resume --set train.steps=80 --keep 3 -q");
+  REQUIRE(r.rc == 0);
+  CHECK(checkpoints() == 3);
+  CHECK(test::run(kTrain + tiny_args(dir + "2") + " --keep 0").rc == 2);
+}

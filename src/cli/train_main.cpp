@@ -108,6 +108,9 @@ int main(int argc, char** argv) {
       ->type_name("KEY=VALUE");
   app.add_option("--out", out_dir, "run directory (default runs/<timestamp>)");
   app.add_flag("--resume", resume, "continue the run in --out from its newest checkpoint");
+  int64_t keep = 0;
+  app.add_option("--keep", keep, "keep only the newest N checkpoints (train.keep_checkpoints)")
+      ->check(CLI::Range(int64_t{1}, int64_t{1} << 40));
   app.add_flag("-q,--quiet", quiet, "print nothing but errors");
   app.add_option("--nproc", nproc,
                  "start N ranks on this machine (expert + data parallel over c10d/Gloo)")
@@ -128,6 +131,8 @@ int main(int argc, char** argv) {
     std::cout << list_keys();
     return 0;
   }
+
+  if (keep > 0) overrides.push_back(fmt::format("train.keep_checkpoints={}", keep));
 
   sw::Config cfg;
   sw::TrainOptions opt;
