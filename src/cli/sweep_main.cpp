@@ -117,6 +117,9 @@ int main(int argc, char** argv) {
   } catch (const sw::Error& e) {
     std::cerr << "switch-sweep: error: " << e.what() << std::endl;
     return 1;
+  } catch (const std::exception& e) {  // e.g. a filesystem error moving a stale run aside
+    std::cerr << "switch-sweep: error: " << e.what() << std::endl;
+    return 1;
   }
 
   if (!no_plot) {
