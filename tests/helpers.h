@@ -1,6 +1,7 @@
 // Shared test helpers: scratch directories, files, running the binaries, the tiny config.
 #pragma once
 
+#include <algorithm>
 #include <cstdio>
 #include <filesystem>
 #include <fstream>
@@ -72,6 +73,17 @@ inline sw::Config tiny_config() {
   sw::apply_file(c, source_path("configs/tiny.json"));
   c.data.path = data_path();
   return c;
+}
+
+// The step of a run directory's newest complete checkpoint (ckpt-<step>/), -1 if none.
+inline int64_t newest_checkpoint_step(const std::string& run_dir) {
+  int64_t step = -1;
+  for (const auto& entry : fs::directory_iterator(run_dir)) {
+    const std::string name = entry.path().filename().string();
+    if (name.rfind("ckpt-", 0) == 0 && name.find(".tmp") == std::string::npos)
+      step = std::max<int64_t>(step, std::stoll(name.substr(5)));
+  }
+  return step;
 }
 
 // Runs `f` and returns the sw::Error message it throws (fails the test if it does not).

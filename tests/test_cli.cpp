@@ -183,12 +183,7 @@ TEST_CASE(
     CHECK(test::contains(r.output, "--resume"));
     CHECK_FALSE(test::fs::exists(dir + "/summary.json"));
     // The checkpoint is the step the run stopped at, and the metrics go no further.
-    int64_t ckpt_step = -1;
-    for (const auto& entry : test::fs::directory_iterator(dir)) {
-      const std::string name = entry.path().filename().string();
-      if (name.rfind("ckpt-", 0) == 0 && name.find(".tmp") == std::string::npos)
-        ckpt_step = std::max<int64_t>(ckpt_step, std::stoll(name.substr(5)));
-    }
+    const int64_t ckpt_step = test::newest_checkpoint_step(dir);
     REQUIRE(ckpt_step > 0);
     CHECK(test::contains(r.output, "after step " + std::to_string(ckpt_step) + ";"));
     int64_t last_metric = 0;

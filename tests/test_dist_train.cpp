@@ -186,12 +186,7 @@ TEST_CASE("--nproc: SIGINT stops every rank after the same step with one checkpo
   CHECK(test::contains(r.output, "rc=130"));
   CHECK(test::contains(r.output, "[rank 0] switch-train: stopped by SIGINT after step"));
   CHECK(test::contains(r.output, "[rank 1] switch-train: stopped by SIGINT after step"));
-  int64_t ckpt_step = -1;
-  for (const auto& entry : test::fs::directory_iterator(dir)) {
-    const std::string name = entry.path().filename().string();
-    if (name.rfind("ckpt-", 0) == 0 && name.find(".tmp") == std::string::npos)
-      ckpt_step = std::max<int64_t>(ckpt_step, std::stoll(name.substr(5)));
-  }
+  const int64_t ckpt_step = test::newest_checkpoint_step(dir);
   REQUIRE(ckpt_step > 0);
   CHECK(test::contains(r.output, "[rank 0] switch-train: stopped by SIGINT after step " +
                                      std::to_string(ckpt_step) + ";"));

@@ -119,31 +119,27 @@ def plot_sweep(sweep_dir, written):
     cmap = plt.get_cmap("tab10" if len(runs) <= 10 else "tab20")
     title = os.path.basename(os.path.normpath(sweep_dir))
 
-    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5), sharey=True)
-    for i, (name, _, evals) in enumerate(runs):
-        for ax, x in zip(axes, ("step", "time_s")):
-            ax.plot([r[x] for r in evals], [r["val_loss"] for r in evals], "o-", ms=2.5, lw=1.2,
-                    color=cmap(i % cmap.N), label=name)
-    for ax, label in zip(axes, ("step", "wall time (s)")):
-        ax.set_xlabel(label)
-        ax.grid(alpha=0.3)
-    axes[0].set_ylabel("val loss")
-    axes[1].legend(fontsize=7, loc="upper right")
-    fig.suptitle(f"{title}: validation loss (legend: best val loss first)")
-    save(fig, os.path.join(out, "val_loss.png"), written)
+    def chart(records_of, key, ylabel, suptitle, filename, style):
+        """One figure, every point's curve against steps and against wall time."""
+        fig, axes = plt.subplots(1, 2, figsize=(12, 4.5), sharey=True)
+        for i, run in enumerate(runs):
+            recs = records_of(run)
+            for ax, x in zip(axes, ("step", "time_s")):
+                ax.plot([r[x] for r in recs], [r[key] for r in recs], color=cmap(i % cmap.N),
+                        label=run[0], **style)
+        for ax, label in zip(axes, ("step", "wall time (s)")):
+            ax.set_xlabel(label)
+            ax.grid(alpha=0.3)
+        axes[0].set_ylabel(ylabel)
+        axes[1].legend(fontsize=7, loc="upper right")
+        fig.suptitle(f"{title}: {suptitle}")
+        save(fig, os.path.join(out, filename), written)
 
-    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5), sharey=True)
-    for i, (name, train, _) in enumerate(runs):
-        for ax, x in zip(axes, ("step", "time_s")):
-            ax.plot([r[x] for r in train], [r["ce"] for r in train], lw=1,
-                    color=cmap(i % cmap.N), label=name)
-    for ax, label in zip(axes, ("step", "wall time (s)")):
-        ax.set_xlabel(label)
-        ax.grid(alpha=0.3)
-    axes[0].set_ylabel("train loss (cross-entropy)")
-    axes[1].legend(fontsize=7, loc="upper right")
-    fig.suptitle(f"{title}: training loss")
-    save(fig, os.path.join(out, "train_loss.png"), written)
+    chart(lambda run: run[2], "val_loss", "val loss",
+          "validation loss (legend: best val loss first)", "val_loss.png",
+          dict(marker="o", ms=2.5, lw=1.2))
+    chart(lambda run: run[1], "ce", "train loss (cross-entropy)", "training loss",
+          "train_loss.png", dict(lw=1))
 
 
 def main(argv):
