@@ -109,6 +109,19 @@ TEST_CASE("sweep: every point is validated first, errors name the point and the 
   }
 }
 
+TEST_CASE("sweep: every bundled sweep file loads, each point valid") {
+  int n = 0;
+  for (const auto& entry : test::fs::directory_iterator(test::source_path("configs/sweeps"))) {
+    if (entry.path().extension() != ".json") continue;
+    CAPTURE(entry.path().string());
+    sw::Sweep s;
+    CHECK_NOTHROW(s = sw::load_sweep(entry.path().string()));
+    CHECK(s.points.size() >= 2);
+    ++n;
+  }
+  CHECK(n >= 3);
+}
+
 TEST_CASE("switch-sweep: a bad point fails before anything runs, --dry-run lists the points") {
   const std::string dir = test::scratch_dir("sweep_bad");
   const std::string file = tiny_sweep(dir, R"({"moe.capacity_factor": [1.0, 2.0, -1.0]})");
@@ -158,6 +171,25 @@ TEST_CASE("switch-sweep: runs, summary, skip on rerun, resume, rerun of what cha
     CHECK(p["load_cv"].get<double>() >= 0);
   }
   CHECK(summary["points"][0]["best_val_loss"] <= summary["points"][1]["best_val_loss"]);
+  // Equal wall time is the shorter run's: it is read there at its last eval, and the other
+  // at its newest eval by that time, as its metrics say.
+  const double equal_s = summary["equal_time_s"].get<double>();
+  CHECK(equal_s == std::min(summary["points"][0]["wall_s"].get<double>(),
+                            summary["points"][1]["wall_s"].get<double>()));
+  for (const auto& p : summary["points"]) {
+    const std::string run = out + "/" + p["point"].get<std::string>();
+    nlohmann::json last;
+    for (const auto& rec : sw::read_metrics(run + "/metrics.jsonl"))
+      if (rec["kind"] == "eval" && rec["time_s"].get<double>() <= equal_s) last = rec;
+    if (last.is_null()) {  // a slower run with no eval yet by then (a loaded machine)
+      CHECK(p["val_at_equal_time"].is_null());
+      CHECK(p["wall_s"].get<double>() > equal_s);
+      continue;
+    }
+    CHECK(p["val_at_equal_time"] == last["val_loss"]);
+    CHECK(p["step_at_equal_time"] == last["step"]);
+    if (p["wall_s"].get<double>() == equal_s) CHECK(p["val_at_equal_time"] == p["final_val_loss"]);
+  }
   const std::string md = test::read_file(out + "/summary.md");
   CHECK(test::contains(md, "| moe.capacity_factor |"));
   CHECK(test::contains(test::read_file(out + "/summary.csv"),
@@ -213,6 +245,31 @@ TEST_CASE("switch-sweep: runs, summary, skip on rerun, resume, rerun of what cha
   r = test::run(kSweep + " " + file + " --out " + out + " --summary --no-plot");
   CHECK(r.rc == 0);
   CHECK(test::fs::exists(out + "/summary.md"));
+}
+
+TEST_CASE("switch-sweep: an expert-count sweep with a dense point gets its curve") {
+  const std::string dir = test::scratch_dir("sweep_experts");
+  const std::string out = dir + "/out";
+  std::string file = tiny_sweep(dir, R"({"moe.n_experts": [2, 4]})");
+  // The grid and a dense variant in one file: variants x grid, so dense runs at each E, and
+  // the curve reads moe.every = 0 as one expert whatever moe.n_experts says.
+  std::string text = test::read_file(file);
+  text.insert(text.rfind('}'),
+              R"(, "variants": [{"name": "dense", "set": {"moe.every": 0}}, {"name": "switch"}])");
+  test::write_file(file, text);
+  test::CmdResult r = test::run(kSweep + " " + file + " --out " + out + " --jobs 2");
+  INFO(r.output);
+  REQUIRE(r.rc == 0);
+  const auto summary = nlohmann::json::parse(test::read_file(out + "/summary.json"));
+  REQUIRE(summary["points"].size() == 4);
+  int at_equal = 0;  // the shortest run has one; a slower one may have no eval by then
+  for (const auto& p : summary["points"])
+    if (p["wall_s"] == summary["equal_time_s"]) at_equal += p["val_at_equal_time"].is_number();
+  CHECK(at_equal >= 1);
+  CHECK(test::contains(test::read_file(out + "/summary.md"), "params active / total"));
+  CHECK(test::contains(r.output, "plots/experts.png"));
+  REQUIRE(test::fs::exists(out + "/plots/experts.png"));
+  CHECK(test::fs::file_size(out + "/plots/experts.png") > 5000);
 }
 
 TEST_CASE("switch-sweep: SIGINT stops the running point with a checkpoint, a rerun resumes it") {

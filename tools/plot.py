@@ -10,7 +10,9 @@ A run directory (it holds metrics.jsonl) gets DIR/plots/:
   dropped.png      fraction of routed tokens dropped over the steps
 A sweep directory (it holds sweep.json, written by switch-sweep) gets those for every point,
 and DIR/plots/ with all points on one chart: val_loss.png (against steps and wall time) and
-train_loss.png. Prints the files it wrote.
+train_loss.png; a sweep over the expert count (moe.n_experts, with or without a dense point,
+moe.every = 0) also gets experts.png: val loss at equal steps and at equal wall time, and
+tokens/s, against the number of experts. Prints the files it wrote.
 """
 import json
 import os
@@ -135,11 +137,58 @@ def plot_sweep(sweep_dir, written):
         fig.suptitle(f"{title}: {suptitle}")
         save(fig, os.path.join(out, filename), written)
 
+    if os.path.exists(summary):
+        plot_expert_curve(sweep_dir, out, title, written)
+
     chart(lambda run: run[2], "val_loss", "val loss",
           "validation loss (legend: best val loss first)", "val_loss.png",
           dict(marker="o", ms=2.5, lw=1.2))
     chart(lambda run: run[1], "ce", "train loss (cross-entropy)", "training loss",
           "train_loss.png", dict(lw=1))
+
+
+def plot_expert_curve(sweep_dir, out, title, written):
+    """experts.png when the sweep varies only the expert count (a dense point, moe.every = 0,
+    counts as one expert): val loss at equal steps and at equal wall time, and tokens/s,
+    against the number of experts."""
+    with open(os.path.join(sweep_dir, "summary.json")) as f:
+        summary = json.load(f)
+    points = [p for p in summary["points"] if p.get("status") == "done"]
+    keys = {k for p in summary["points"] for k in (p.get("overrides") or {})}
+    if not keys or not keys <= {"moe.n_experts", "moe.every"} or len(points) < 3:
+        return
+    rows = []
+    for p in points:
+        with open(os.path.join(sweep_dir, p["point"], "config.json")) as f:
+            moe = json.load(f)["moe"]
+        experts = 1 if moe["every"] == 0 else moe["n_experts"]
+        rows.append((experts, moe["every"] == 0, p))
+    rows.sort(key=lambda r: (r[0], not r[1]))
+    rows = [r for i, r in enumerate(rows) if i == 0 or r[0] != rows[i - 1][0]]  # one per x
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.2))
+    xs = [r[0] for r in rows]
+    for key, label, style in (("final_val_loss", "val loss at equal steps", "o-"),
+                              ("val_at_equal_time", "val loss at equal wall time "
+                               f"({summary.get('equal_time_s') or 0:.0f} s)", "s--")):
+        ys = [r[2].get(key) for r in rows]
+        if all(y is not None for y in ys):  # summaries written before the key was added lack it
+            axes[0].plot(xs, ys, style, label=label)
+    for x, dense, p in rows:
+        if dense:
+            axes[0].annotate("dense", (x, p["final_val_loss"]), textcoords="offset points",
+                             xytext=(6, 4), fontsize=8)
+    axes[1].plot(xs, [r[2]["tokens_per_s"] for r in rows], "o-")
+    for ax in axes:
+        ax.set_xscale("log", base=2)
+        ax.set_xticks(sorted(set(xs)))
+        ax.set_xticklabels([str(x) for x in sorted(set(xs))])
+        ax.set_xlabel("experts per MoE layer (1 = dense)")
+        ax.grid(alpha=0.3)
+    axes[0].set_ylabel("val loss")
+    axes[0].legend(fontsize=8)
+    axes[1].set_ylabel("training tokens/s")
+    fig.suptitle(f"{title}: more experts at the same active compute per token")
+    save(fig, os.path.join(out, "experts.png"), written)
 
 
 def main(argv):

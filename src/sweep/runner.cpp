@@ -12,6 +12,7 @@
 #include <ctime>
 #include <filesystem>
 #include <iostream>
+#include <limits>
 #include <map>
 #include <thread>
 
@@ -73,7 +74,26 @@ std::string fmt_num(const ojson& v, const char* spec) {
   return fmt::format(fmt::runtime(spec), v.get<double>());
 }
 
+// Params as "0.82 M".
+std::string fmt_params(const ojson& v) {
+  if (v.is_null()) return "";
+  return fmt::format("{:.2f} M", v.get<double>() / 1e6);
+}
+
 }  // namespace
+
+nlohmann::ordered_json val_at_time(const std::string& run_dir, double t_s) {
+  ojson out = {{"step", nullptr}, {"time_s", nullptr}, {"val_loss", nullptr}};
+  const fs::path metrics = fs::path(run_dir) / "metrics.jsonl";
+  if (!fs::exists(metrics)) return out;
+  for (const auto& r : read_metrics(metrics.string())) {
+    if (r.value("kind", "") != "eval" || !r.contains("val_loss")) continue;
+    const double t = r.value("time_s", std::numeric_limits<double>::infinity());
+    if (t > t_s) continue;
+    out = {{"step", r["step"]}, {"time_s", t}, {"val_loss", r["val_loss"]}};
+  }
+  return out;
+}
 
 nlohmann::ordered_json summarize_run(const std::string& run_dir) {
   ojson out = {{"final_train_loss", nullptr}, {"final_val_loss", nullptr},
@@ -295,6 +315,20 @@ std::string write_sweep_summary(const Sweep& s, const std::string& out_dir) {
       row[k] = v;
     rows.push_back(std::move(row));
   }
+  // Equal wall time: the shortest finished run's wall time; every run's val loss then.
+  double equal_s = std::numeric_limits<double>::infinity();
+  for (const auto& r : rows)
+    if (r["status"] == "done" && !r["wall_s"].is_null())
+      equal_s = std::min(equal_s, r["wall_s"].get<double>());
+  const bool have_equal = std::isfinite(equal_s);
+  for (size_t i = 0; i < rows.size(); ++i) {
+    const ojson at = have_equal ? val_at_time((fs::path(out_dir) / s.points[i].name).string(),
+                                              equal_s * (1 + 1e-9))
+                                : val_at_time("/nonexistent", 0);
+    rows[i]["val_at_equal_time"] = at["val_loss"];
+    rows[i]["step_at_equal_time"] = at["step"];
+  }
+
   auto key_of = [](const ojson& r) {
     return r["best_val_loss"].is_null() ? std::numeric_limits<double>::infinity()
                                         : r["best_val_loss"].get<double>();
@@ -307,10 +341,12 @@ std::string write_sweep_summary(const Sweep& s, const std::string& out_dir) {
   std::string md = "| # | point | ";
   for (const auto& k : keys)
     md += k + " | ";
-  md +=
-      "best val | final val | final train | dropped % | load CV | tokens/s | wall s | status "
-      "|\n|";
-  for (size_t i = 0; i < keys.size() + 10; ++i)
+  const std::string at_col =
+      have_equal ? fmt::format("val @ {:.0f} s (step)", equal_s) : "val @ equal time";
+  md += "best val | final val | " + at_col +
+        " | final train | dropped % | load CV | tokens/s | wall s | params active / total | "
+        "status |\n|";
+  for (size_t i = 0; i < keys.size() + 12; ++i)
     md += "---|";
   md += "\n";
   std::string csv = "point,status";
@@ -318,7 +354,7 @@ std::string write_sweep_summary(const Sweep& s, const std::string& out_dir) {
     csv += "," + k;
   csv +=
       ",best_val_loss,final_val_loss,final_train_loss,drop_frac,load_cv,tokens_per_s,wall_s,"
-      "steps,params_total,params_active\n";
+      "steps,params_total,params_active,val_at_equal_time,step_at_equal_time\n";
   for (size_t i = 0; i < rows.size(); ++i) {
     const ojson& r = rows[i];
     md += fmt::format("| {} | {} | ", i + 1, r["point"].get<std::string>());
@@ -329,19 +365,28 @@ std::string write_sweep_summary(const Sweep& s, const std::string& out_dir) {
       csv += "," + v;
     }
     const ojson& drop = r["drop_frac"];
-    md += fmt::format("{} | {} | {} | {} | {} | {} | {} | {} |\n",
+    const std::string at = r["val_at_equal_time"].is_null()
+                               ? ""
+                               : fmt::format("{:.4f} ({})", r["val_at_equal_time"].get<double>(),
+                                             r["step_at_equal_time"].get<int64_t>());
+    const std::string params =
+        r["params_active"].is_null()
+            ? ""
+            : fmt_params(r["params_active"]) + " / " + fmt_params(r["params_total"]);
+    md += fmt::format("{} | {} | {} | {} | {} | {} | {} | {} | {} | {} |\n",
                       fmt_num(r["best_val_loss"], "{:.4f}"), fmt_num(r["final_val_loss"], "{:.4f}"),
-                      fmt_num(r["final_train_loss"], "{:.4f}"),
+                      at, fmt_num(r["final_train_loss"], "{:.4f}"),
                       drop.is_null() ? "" : fmt::format("{:.2f}", 100.0 * drop.get<double>()),
                       fmt_num(r["load_cv"], "{:.3f}"), fmt_num(r["tokens_per_s"], "{:.0f}"),
-                      fmt_num(r["wall_s"], "{:.0f}"), r["status"].get<std::string>());
-    for (const char* k :
-         {"best_val_loss", "final_val_loss", "final_train_loss", "drop_frac", "load_cv",
-          "tokens_per_s", "wall_s", "steps", "params_total", "params_active"})
+                      fmt_num(r["wall_s"], "{:.0f}"), params, r["status"].get<std::string>());
+    for (const char* k : {"best_val_loss", "final_val_loss", "final_train_loss", "drop_frac",
+                          "load_cv", "tokens_per_s", "wall_s", "steps", "params_total",
+                          "params_active", "val_at_equal_time", "step_at_equal_time"})
       csv += "," + (r[k].is_null() ? std::string() : r[k].dump());
     csv += "\n";
   }
-  const ojson summary = {{"sweep", s.path}, {"points", rows}};
+  const ojson summary = {
+      {"sweep", s.path}, {"equal_time_s", have_equal ? ojson(equal_s) : ojson()}, {"points", rows}};
   write_file_atomic((fs::path(out_dir) / "summary.json").string(), summary.dump(2) + "\n");
   write_file_atomic((fs::path(out_dir) / "summary.csv").string(), csv);
   write_file_atomic((fs::path(out_dir) / "summary.md").string(), md);

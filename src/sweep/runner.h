@@ -28,6 +28,10 @@ struct SweepOptions {
 // dense model). Missing files give nulls.
 nlohmann::ordered_json summarize_run(const std::string& run_dir);
 
+// The run's newest eval record at or before `t_s` seconds of its wall time (evaluations
+// included): {step, time_s, val_loss}, nulls when there is none.
+nlohmann::ordered_json val_at_time(const std::string& run_dir, double t_s);
+
 // What run_sweep will do with a point, from what its directory holds.
 enum class PointState {
   Fresh,    // nothing there yet
@@ -45,7 +49,10 @@ const char* to_string(PointState s);
 int run_sweep(const Sweep& s, const SweepOptions& opt, int* stopped);
 
 // Writes <out>/summary.json, summary.csv and summary.md from the points' run directories
-// (sorted by best val loss, unfinished points last) and returns the markdown table.
+// (sorted by best val loss, unfinished points last) and returns the markdown table. Besides
+// each run's own figures, a row has its val loss at equal wall time: at the wall time of the
+// shortest finished run (`equal_time_s`), the newest eval by then (`val_at_equal_time`,
+// `step_at_equal_time`) — the comparison for points that differ in speed.
 std::string write_sweep_summary(const Sweep& s, const std::string& out_dir);
 
 }  // namespace sw
