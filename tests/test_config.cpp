@@ -29,11 +29,39 @@ TEST_CASE("the compiled-in defaults are valid and equal configs/default.json") {
   CHECK(file == sw::to_json(Config{}));
 }
 
-TEST_CASE("configs/tiny.json is valid") {
-  Config c;
-  sw::apply_file(c, test::source_path("configs/tiny.json"));
-  CHECK_NOTHROW(sw::validate(c));
-  CHECK(c.model.d_model == 32);
+TEST_CASE("every bundled config is valid and sets what its name says") {
+  int n = 0;
+  for (const auto& entry : test::fs::directory_iterator(test::source_path("configs"))) {
+    if (entry.path().extension() != ".json") continue;
+    CAPTURE(entry.path().string());
+    Config c;
+    CHECK_NOTHROW(sw::apply_file(c, entry.path().string()));
+    CHECK_NOTHROW(sw::validate(c));
+    ++n;
+  }
+  CHECK(n >= 4);
+  Config tiny, dense, labml;
+  sw::apply_file(tiny, test::source_path("configs/tiny.json"));
+  CHECK(tiny.model.d_model == 32);
+  // nanoGPT's CPU recipe: a dense GPT, 4 layers of width 128, context 64, batch 12, 2000 steps.
+  sw::apply_file(dense, test::source_path("configs/dense_nanogpt.json"));
+  CHECK(dense.moe.every == 0);
+  CHECK(dense.model.n_layers == 4);
+  CHECK(dense.model.d_model == 128);
+  CHECK(dense.model.d_ff == 512);
+  CHECK(dense.model.seq_len == 64);
+  CHECK(dense.train.batch_size == 12);
+  CHECK(dense.train.steps == 2000);
+  CHECK(dense.train.lr == doctest::Approx(1e-3));
+  // labml's Switch experiment: 6 layers, d_ff 256, 4 experts, capacity 1.2, no positions.
+  sw::apply_file(labml, test::source_path("configs/labml.json"));
+  CHECK(labml.model.n_layers == 6);
+  CHECK(labml.model.d_ff == 256);
+  CHECK_FALSE(labml.model.pos_emb);
+  CHECK(labml.moe.n_experts == 4);
+  CHECK(labml.moe.capacity_factor == doctest::Approx(1.2));
+  CHECK(labml.moe.drop_tokens);
+  CHECK(labml.train.batch_size == 32);
 }
 
 TEST_CASE("JSON round trip keeps every value") {
