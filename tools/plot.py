@@ -103,10 +103,11 @@ def plot_run(run, written):
 
 def plot_sweep(sweep_dir, written):
     runs = []
-    summary = os.path.join(sweep_dir, "summary.json")
-    if os.path.exists(summary):
-        with open(summary) as f:
-            names = [p["point"] for p in json.load(f)["points"]]
+    summary = None
+    if os.path.exists(os.path.join(sweep_dir, "summary.json")):
+        with open(os.path.join(sweep_dir, "summary.json")) as f:
+            summary = json.load(f)
+        names = [p["point"] for p in summary["points"]]
     else:
         names = sorted(os.listdir(sweep_dir))
     for name in names:
@@ -137,8 +138,8 @@ def plot_sweep(sweep_dir, written):
         fig.suptitle(f"{title}: {suptitle}")
         save(fig, os.path.join(out, filename), written)
 
-    if os.path.exists(summary):
-        plot_expert_curve(sweep_dir, out, title, written)
+    if summary is not None:
+        plot_expert_curve(sweep_dir, summary, out, title, written)
 
     chart(lambda run: run[2], "val_loss", "val loss",
           "validation loss (legend: best val loss first)", "val_loss.png",
@@ -147,12 +148,10 @@ def plot_sweep(sweep_dir, written):
           "train_loss.png", dict(lw=1))
 
 
-def plot_expert_curve(sweep_dir, out, title, written):
+def plot_expert_curve(sweep_dir, summary, out, title, written):
     """experts.png when the sweep varies only the expert count (a dense point, moe.every = 0,
     counts as one expert): val loss at equal steps and at equal wall time, and tokens/s,
     against the number of experts."""
-    with open(os.path.join(sweep_dir, "summary.json")) as f:
-        summary = json.load(f)
     points = [p for p in summary["points"] if p.get("status") == "done"]
     keys = {k for p in summary["points"] for k in (p.get("overrides") or {})}
     if not keys or not keys <= {"moe.n_experts", "moe.every"} or len(points) < 3:

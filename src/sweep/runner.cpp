@@ -322,9 +322,11 @@ std::string write_sweep_summary(const Sweep& s, const std::string& out_dir) {
       equal_s = std::min(equal_s, r["wall_s"].get<double>());
   const bool have_equal = std::isfinite(equal_s);
   for (size_t i = 0; i < rows.size(); ++i) {
-    const ojson at = have_equal ? val_at_time((fs::path(out_dir) / s.points[i].name).string(),
-                                              equal_s * (1 + 1e-9))
-                                : val_at_time("/nonexistent", 0);
+    rows[i]["val_at_equal_time"] = nullptr;
+    rows[i]["step_at_equal_time"] = nullptr;
+    if (!have_equal) continue;
+    const ojson at =
+        val_at_time((fs::path(out_dir) / s.points[i].name).string(), equal_s * (1 + 1e-9));
     rows[i]["val_at_equal_time"] = at["val_loss"];
     rows[i]["step_at_equal_time"] = at["step"];
   }
