@@ -137,10 +137,21 @@ TEST_CASE("switch-bench: --json elements carry the documented keys") {
   REQUIRE(r.rc == 0);
   nlohmann::json all = nlohmann::json::parse(r.output);
   REQUIRE(all.is_array());
-  // Per (tokens, E): dense, loop, capacity, grouped and grouped dropless; then 2 train rows.
-  REQUIRE(all.size() == 2 * 5 + 2);
+  // Per (tokens, E): dense, loop, capacity, grouped and grouped dropless; one attention row
+  // per token count; then 2 train rows.
+  REQUIRE(all.size() == 2 * 5 + 1 + 2);
   std::set<std::string> strategies;
   for (const auto& e : all) {
+    if (e["kind"] == "attention") {
+      for (const char* key :
+           {"tokens", "seq_len", "d_model", "n_heads", "fused_median_ms", "composed_median_ms"})
+        CHECK_MESSAGE(e.contains(key), key);
+      CHECK(e["tokens"] == 64);
+      CHECK(e["d_model"] == 16);
+      CHECK(e["fused_median_ms"].get<double>() > 0);
+      CHECK(e["composed_median_ms"].get<double>() > 0);
+      continue;
+    }
     for (const char* key :
          {"kind", "strategy", "experts", "tokens", "d_model", "d_ff", "top_k", "median_ms"})
       CHECK_MESSAGE(e.contains(key), key);
@@ -155,16 +166,20 @@ TEST_CASE("switch-bench: --json elements carry the documented keys") {
     }
   }
   CHECK(strategies == std::set<std::string>{"dense", "loop", "capacity", "grouped"});
-  CHECK(all[10]["experts"] == 1);
-  CHECK(all[11]["experts"] == 2);
-  CHECK(all[11]["params_total"].get<int64_t>() > all[10]["params_total"].get<int64_t>());
+  CHECK(all[10]["kind"] == "attention");
+  CHECK(all[11]["experts"] == 1);
+  CHECK(all[12]["experts"] == 2);
+  CHECK(all[12]["params_total"].get<int64_t>() > all[11]["params_total"].get<int64_t>());
   // Same active size: only the routers grow, by one output (128 weights + a bias) per layer.
-  CHECK(all[11]["params_active"].get<int64_t>() - all[10]["params_active"].get<int64_t>() ==
+  CHECK(all[12]["params_active"].get<int64_t>() - all[11]["params_active"].get<int64_t>() ==
         4 * (128 + 1));
 
   r = test::run(kBench + " --strategies magic --no-train");
   CHECK(r.rc == 2);
   CHECK(test::contains(r.output, "unknown strategy 'magic'"));
+  r = test::run(kBench + " --no-layer --no-train --d-model 30 --n-heads 4");
+  CHECK(r.rc == 2);
+  CHECK(test::contains(r.output, "--n-heads 4 does not divide --d-model 30"));
 }
 
 TEST_CASE(

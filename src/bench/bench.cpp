@@ -7,6 +7,7 @@
 #include <torch/torch.h>
 
 #include "bench/memory.h"
+#include "model/attention.h"
 #include "model/ffn.h"
 #include "model/switch_ffn.h"
 #include "train/metrics.h"
@@ -123,6 +124,43 @@ std::vector<LayerResult> bench_layers(const std::vector<LayerCase>& cases, int r
   return results;
 }
 
+AttentionResult bench_attention(int64_t tokens, int64_t seq_len, int64_t d_model, int64_t n_heads,
+                                int reps, int warmup, uint64_t seed) {
+  torch::manual_seed(seed);
+  CausalSelfAttention attn(d_model, n_heads, seq_len, /*dropout=*/0.0);
+  const int64_t B = std::max<int64_t>(1, tokens / seq_len);
+  torch::Tensor x = torch::randn({B, seq_len, d_model}).requires_grad_(true);
+  torch::Tensor grad_y = torch::randn({B, seq_len, d_model});
+  auto step = [&](bool fused) {
+    attn->zero_grad(/*set_to_none=*/true);
+    x.mutable_grad() = torch::Tensor();
+    (fused ? attn->forward(x) : attn->forward_composed(x)).backward(grad_y);
+  };
+  for (int w = 0; w < warmup; ++w) {
+    step(true);
+    step(false);
+  }
+  std::vector<double> fused_ms, composed_ms;
+  for (int rep = 0; rep < reps; ++rep) {
+    for (bool fused : {true, false}) {
+      const auto t0 = std::chrono::steady_clock::now();
+      step(fused);
+      (fused ? fused_ms : composed_ms)
+          .push_back(
+              std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t0)
+                  .count());
+    }
+  }
+  AttentionResult r;
+  r.tokens = B * seq_len;
+  r.seq_len = seq_len;
+  r.d_model = d_model;
+  r.n_heads = n_heads;
+  r.fused_ms = median(fused_ms);
+  r.composed_ms = median(composed_ms);
+  return r;
+}
+
 TrainResult bench_train(const Config& cfg, const std::string& scratch_dir) {
   std::filesystem::remove_all(scratch_dir);
   TrainOptions opt;
@@ -172,6 +210,16 @@ nlohmann::ordered_json to_json(const LayerResult& r) {
           {"peak_bytes", r.peak_bytes},
           {"param_grad_bytes", r.param_grad_bytes},
           {"dropped_frac", r.dropped_frac}};
+}
+
+nlohmann::ordered_json to_json(const AttentionResult& r) {
+  return {{"kind", "attention"},
+          {"tokens", r.tokens},
+          {"seq_len", r.seq_len},
+          {"d_model", r.d_model},
+          {"n_heads", r.n_heads},
+          {"fused_median_ms", r.fused_ms},
+          {"composed_median_ms", r.composed_ms}};
 }
 
 nlohmann::ordered_json to_json(const TrainResult& r, const Config& cfg) {

@@ -32,6 +32,17 @@ struct LayerResult {
 std::vector<LayerResult> bench_layers(const std::vector<LayerCase>& cases, int reps, int warmup,
                                       uint64_t seed = 0);
 
+struct AttentionResult {
+  int64_t tokens = 0, seq_len = 0, d_model = 0, n_heads = 0;
+  double fused_ms = 0, composed_ms = 0;  // medians of forward + backward
+};
+
+// One causal self-attention layer (projections included), forward + backward on
+// tokens / seq_len sequences: the fused operation against the same attention composed from
+// LibTorch ops under autograd, taking turns, medians of `reps` after `warmup`.
+AttentionResult bench_attention(int64_t tokens, int64_t seq_len, int64_t d_model, int64_t n_heads,
+                                int reps, int warmup, uint64_t seed = 0);
+
 struct TrainResult {
   int64_t experts = 0;
   int64_t steps = 0;
@@ -46,6 +57,7 @@ struct TrainResult {
 TrainResult bench_train(const Config& cfg, const std::string& scratch_dir);
 
 nlohmann::ordered_json to_json(const LayerResult& r);
+nlohmann::ordered_json to_json(const AttentionResult& r);
 nlohmann::ordered_json to_json(const TrainResult& r, const Config& cfg);
 
 }  // namespace sw

@@ -21,7 +21,8 @@ int main(int argc, char** argv) {
   int64_t d_model = 128, d_ff = 512, top_k = 1, threads = 0, train_steps = 40;
   int reps = 10, warmup = 3;
   double cf = 1.25;
-  bool json = false, no_layer = false, no_train = false;
+  int64_t seq_len = 64, n_heads = 4;
+  bool json = false, no_layer = false, no_train = false, no_attention = false;
   std::string data = "data/tinyshakespeare.txt";
   app.add_option("--experts", experts, "expert counts for the layer benchmark")->delimiter(',');
   app.add_option("--tokens", tokens, "token counts for the layer benchmark")->delimiter(',');
@@ -30,6 +31,12 @@ int main(int argc, char** argv) {
   app.add_option("--d-ff", d_ff, "expert width (dense: d_ff * top_k)")->capture_default_str();
   app.add_option("--top-k", top_k)->capture_default_str();
   app.add_option("--capacity-factor", cf)->capture_default_str();
+  app.add_option("--seq-len", seq_len, "sequence length for the attention benchmark")
+      ->capture_default_str()
+      ->check(CLI::PositiveNumber);
+  app.add_option("--n-heads", n_heads, "heads for the attention benchmark")
+      ->capture_default_str()
+      ->check(CLI::PositiveNumber);
   app.add_option("--reps", reps, "timed repetitions (median reported)")->capture_default_str();
   app.add_option("--warmup", warmup, "untimed repetitions first")->capture_default_str();
   app.add_option("--train-experts", train_experts, "expert counts for training steps")
@@ -40,6 +47,7 @@ int main(int argc, char** argv) {
   app.add_option("--threads", threads, "intra-op threads (0: all cores)")->capture_default_str();
   app.add_flag("--no-layer", no_layer, "skip the layer benchmark");
   app.add_flag("--no-train", no_train, "skip the training benchmark");
+  app.add_flag("--no-attention", no_attention, "skip the attention benchmark");
   app.add_flag("--json", json, "print one JSON array instead of tables");
   try {
     app.parse(argc, argv);
@@ -119,6 +127,28 @@ int main(int argc, char** argv) {
                           ratio("grouped", "dense"), ratio("loop", "grouped"), mib("dense"),
                           mib("dropless")));
         }
+      }
+    }
+
+    if (!no_attention) {
+      if (d_model % n_heads != 0) {
+        std::cerr << "switch-bench: error: --n-heads " << n_heads << " does not divide --d-model "
+                  << d_model << "\n";
+        return 2;
+      }
+      out(
+          fmt::format("\nOne causal self-attention layer with its projections, forward + "
+                      "backward, median of {} (ms); seq_len {}, d_model {}, {} heads; 'composed' "
+                      "is the same attention from LibTorch ops under autograd.",
+                      reps, seq_len, d_model, n_heads));
+      out(fmt::format("{:>6} | {:>8} {:>8} | {:>14}", "tokens", "fused", "composed",
+                      "composed/fused"));
+      for (int64_t T : tokens) {
+        const sw::AttentionResult r =
+            sw::bench_attention(T, seq_len, d_model, n_heads, reps, warmup);
+        all.push_back(sw::to_json(r));
+        out(fmt::format("{:>6} | {:8.2f} {:8.2f} | {:14.2f}", r.tokens, r.fused_ms, r.composed_ms,
+                        r.composed_ms / r.fused_ms));
       }
     }
 
