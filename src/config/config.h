@@ -42,7 +42,7 @@ struct MoeConfig {
   double alpha = 0.01;               // weight of the load-balancing loss
   double z_loss = 0.001;             // weight of the router z-loss
   double jitter = 0.0;      // multiplicative router-input noise in training: x * U(1-j, 1+j)
-  double init_scale = 0.1;  // expert and router weights ~ N(0, init_scale / fan_in)
+  double init_scale = 1.0;  // expert and router weights ~ N(0, init_scale / fan_in)
 };
 
 struct TrainConfig {
