@@ -1,7 +1,10 @@
 #include "model/attention.h"
 
+#include <algorithm>
 #include <cmath>
 #include <limits>
+
+#include "model/blas.h"
 
 namespace sw {
 
@@ -11,52 +14,96 @@ using torch::autograd::AutogradContext;
 using torch::autograd::variable_list;
 
 // Causal attention of every head at once, from the fused projection [B, S, 3D] to the heads'
-// outputs [B, S, D], with a hand-written backward. Autograd through the composed ops would
-// keep a scaled and a masked copy of the scores and, going back, make a pass for each plus a
-// gather of q, k and v's gradients from three permuted views; here the scale and the mask
-// ride in one baddbmm (bias + scale * q k^T), and the gradients are written straight into
-// one [3, B*H, S, Dh] buffer.
+// outputs [B, S, D], with a hand-written backward. Each head's q, k and v are strided views
+// of the projection (row stride 3D), so the small per-head products run on them in place
+// through the BLAS: no permuted copy of q/k/v or of their gradients in either direction, no
+// LibTorch call per head. The scale and the causal mask ride in the scores' product (bias +
+// scale * q k^T); only the softmax and its backward run as LibTorch ops over all heads.
 struct CausalAttentionFunction : torch::autograd::Function<CausalAttentionFunction> {
   static torch::Tensor forward(AutogradContext* ctx, const torch::Tensor& qkv_BSE,
                                const torch::Tensor& bias_SS, int64_t n_heads) {
-    const int64_t B = qkv_BSE.size(0), S = qkv_BSE.size(1), D = qkv_BSE.size(2) / 3;
-    const int64_t H = n_heads, Dh = D / H;
-    const double scale = 1.0 / std::sqrt(static_cast<double>(Dh));
-    // [3, B*H, S, Dh]: one copy puts each head's rows of q, k and v together.
-    torch::Tensor qkv_3NSd = qkv_BSE.view({B, S, 3, H, Dh})
-                                 .permute({2, 0, 3, 1, 4})
-                                 .contiguous()
-                                 .view({3, B * H, S, Dh});
-    const torch::Tensor q = qkv_3NSd[0], k = qkv_3NSd[1], v = qkv_3NSd[2];
-    torch::Tensor p_NSS = torch::softmax(
-        torch::baddbmm(bias_SS, q, k.transpose(1, 2), /*beta=*/1.0, /*alpha=*/scale), -1);
-    torch::Tensor y_NSd = torch::bmm(p_NSS, v);
-    ctx->save_for_backward({qkv_3NSd, p_NSS});
+    const torch::Tensor qkv = qkv_BSE.contiguous();
+    const torch::Tensor bias = bias_SS.to(qkv.scalar_type()).contiguous();
+    const int64_t B = qkv.size(0), S = qkv.size(1), D = qkv.size(2) / 3, H = n_heads;
+    TORCH_CHECK(bias.size(0) == S && bias.size(1) == S, "attention bias must be [S, S]");
+    torch::Tensor scores_NSS = torch::empty({B * H, S, S}, qkv.options());
+    torch::Tensor y_BSD = torch::empty({B, S, D}, qkv.options());
+    torch::Tensor p_NSS;
+    AT_DISPATCH_FLOATING_TYPES(qkv.scalar_type(), "causal_attention_forward", [&] {
+      const int64_t Dh = D / H, E = 3 * D;
+      const auto scale = static_cast<scalar_t>(1.0 / std::sqrt(static_cast<double>(Dh)));
+      const scalar_t* base = qkv.data_ptr<scalar_t>();
+      const scalar_t* bias_p = bias.data_ptr<scalar_t>();
+      scalar_t* scores = scores_NSS.data_ptr<scalar_t>();
+      at::parallel_for(0, B * H, 1, [&](int64_t lo, int64_t hi) {
+        for (int64_t n = lo; n < hi; ++n) {
+          const scalar_t* q = base + (n / H) * S * E + (n % H) * Dh;
+          scalar_t* s = scores + n * S * S;
+          std::copy(bias_p, bias_p + S * S, s);
+          gemm_rm<scalar_t>(false, true, S, S, Dh, scale, q, E, q + D, E, 1, s, S);
+        }
+      });
+      p_NSS = torch::softmax(scores_NSS, -1);
+      const scalar_t* p = p_NSS.data_ptr<scalar_t>();
+      scalar_t* y = y_BSD.data_ptr<scalar_t>();
+      at::parallel_for(0, B * H, 1, [&](int64_t lo, int64_t hi) {
+        for (int64_t n = lo; n < hi; ++n) {
+          const int64_t b = n / H, h = n % H;
+          const scalar_t* v = base + b * S * E + 2 * D + h * Dh;
+          gemm_rm<scalar_t>(false, false, S, Dh, S, 1, p + n * S * S, S, v, E, 0,
+                            y + b * S * D + h * Dh, D);
+        }
+      });
+    });
+    ctx->save_for_backward({qkv, p_NSS});
     ctx->saved_data["n_heads"] = n_heads;
-    return y_NSd.view({B, H, S, Dh}).permute({0, 2, 1, 3}).reshape({B, S, D});
+    return y_BSD;
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
     const auto saved = ctx->get_saved_variables();
-    const torch::Tensor &qkv_3NSd = saved[0], &p_NSS = saved[1];
+    const torch::Tensor &qkv = saved[0], &p_NSS = saved[1];
     const int64_t H = ctx->saved_data["n_heads"].toInt();
-    const int64_t N = qkv_3NSd.size(1), S = qkv_3NSd.size(2), Dh = qkv_3NSd.size(3);
-    const int64_t B = N / H, D = H * Dh;
-    const double scale = 1.0 / std::sqrt(static_cast<double>(Dh));
-    const torch::Tensor q = qkv_3NSd[0], k = qkv_3NSd[1], v = qkv_3NSd[2];
-
-    torch::Tensor gy_NSd = grads[0].view({B, S, H, Dh}).permute({0, 2, 1, 3}).reshape({N, S, Dh});
-    torch::Tensor g_3NSd = torch::empty_like(qkv_3NSd);
-    torch::Tensor gq = g_3NSd[0], gk = g_3NSd[1], gv = g_3NSd[2];
-    torch::bmm_out(gv, p_NSS.transpose(1, 2), gy_NSd);
-    // d scores = p * (dp - rowsum(dp * p)), then the scale; masked entries have p = 0.
-    torch::Tensor gs_NSS = torch::_softmax_backward_data(torch::bmm(gy_NSd, v.transpose(1, 2)),
-                                                         p_NSS, -1, p_NSS.scalar_type());
-    gs_NSS.mul_(scale);
-    torch::bmm_out(gq, gs_NSS, k);
-    torch::bmm_out(gk, gs_NSS.transpose(1, 2), q);
-    torch::Tensor g_BSE =
-        g_3NSd.view({3, B, H, S, Dh}).permute({1, 3, 0, 2, 4}).reshape({B, S, 3 * D});
+    const int64_t B = qkv.size(0), S = qkv.size(1), D = qkv.size(2) / 3;
+    const torch::Tensor gy_BSD = grads[0].contiguous();
+    torch::Tensor g_BSE = torch::empty_like(qkv);
+    torch::Tensor gp_NSS = torch::empty_like(p_NSS);
+    AT_DISPATCH_FLOATING_TYPES(qkv.scalar_type(), "causal_attention_backward", [&] {
+      const int64_t Dh = D / H, E = 3 * D;
+      const auto scale = static_cast<scalar_t>(1.0 / std::sqrt(static_cast<double>(Dh)));
+      const scalar_t* base = qkv.data_ptr<scalar_t>();
+      const scalar_t* gy = gy_BSD.data_ptr<scalar_t>();
+      const scalar_t* p = p_NSS.data_ptr<scalar_t>();
+      scalar_t* g = g_BSE.data_ptr<scalar_t>();
+      scalar_t* gp = gp_NSS.data_ptr<scalar_t>();
+      // dv = p^T dy and dp = dy v^T, head by head.
+      at::parallel_for(0, B * H, 1, [&](int64_t lo, int64_t hi) {
+        for (int64_t n = lo; n < hi; ++n) {
+          const int64_t b = n / H, h = n % H, off = b * S * E + h * Dh;
+          const scalar_t* gy_n = gy + b * S * D + h * Dh;
+          gemm_rm<scalar_t>(true, false, S, Dh, S, 1, p + n * S * S, S, gy_n, D, 0, g + off + 2 * D,
+                            E);
+          gemm_rm<scalar_t>(false, true, S, S, Dh, 1, gy_n, D, base + off + 2 * D, E, 0,
+                            gp + n * S * S, S);
+        }
+      });
+      // d scores = p * (dp - rowsum(dp * p)); masked entries have p = 0. The scale goes
+      // into the two products below.
+      const torch::Tensor gs_NSS =
+          torch::_softmax_backward_data(gp_NSS, p_NSS, -1, p_NSS.scalar_type());
+      const scalar_t* gs = gs_NSS.data_ptr<scalar_t>();
+      at::parallel_for(0, B * H, 1, [&](int64_t lo, int64_t hi) {
+        for (int64_t n = lo; n < hi; ++n) {
+          const int64_t off = (n / H) * S * E + (n % H) * Dh;
+          const scalar_t* gs_n = gs + n * S * S;
+          // dq = scale * ds k, dk = scale * ds^T q
+          gemm_rm<scalar_t>(false, false, S, Dh, S, scale, gs_n, S, base + off + D, E, 0, g + off,
+                            E);
+          gemm_rm<scalar_t>(true, false, S, Dh, S, scale, gs_n, S, base + off, E, 0, g + off + D,
+                            E);
+        }
+      });
+    });
     return {g_BSE, torch::Tensor(), torch::Tensor()};
   }
 };
@@ -79,7 +126,7 @@ CausalSelfAttentionImpl::CausalSelfAttentionImpl(int64_t d_model, int64_t n_head
 torch::Tensor CausalSelfAttentionImpl::forward(const torch::Tensor& x_BSD) {
   if (!(is_training() && attn_drop->options.p() > 0)) {
     const int64_t S = x_BSD.size(1);
-    torch::Tensor bias = bias_SS.slice(0, 0, S).slice(1, 0, S).to(x_BSD.scalar_type());
+    torch::Tensor bias = bias_SS.slice(0, 0, S).slice(1, 0, S);
     return resid_drop(proj(CausalAttentionFunction::apply(qkv(x_BSD), bias, n_heads)));
   }
   return forward_composed(x_BSD);
