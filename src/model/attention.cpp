@@ -13,6 +13,28 @@ namespace {
 using torch::autograd::AutogradContext;
 using torch::autograd::variable_list;
 
+// Where head n = b * H + h starts in the fused projection [B, S, 3D] (its q; k is D further,
+// v 2D, every row 3D long) and in the heads' output [B, S, D] (rows D long).
+struct HeadLayout {
+  int64_t B, S, D, H, Dh;
+  HeadLayout(const torch::Tensor& qkv_BSE, int64_t n_heads)
+      : B(qkv_BSE.size(0)), S(qkv_BSE.size(1)), D(qkv_BSE.size(2) / 3), H(n_heads), Dh(D / H) {}
+  int64_t heads() const { return B * H; }
+  int64_t qkv_row() const { return 3 * D; }
+  int64_t qkv(int64_t n) const { return (n / H) * S * qkv_row() + (n % H) * Dh; }
+  int64_t out(int64_t n) const { return (n / H) * S * D + (n % H) * Dh; }
+  double scale() const { return 1.0 / std::sqrt(static_cast<double>(Dh)); }
+};
+
+// Runs fn(n) for every head, the heads shared out across the threads.
+template <typename Fn>
+void for_each_head(int64_t heads, const Fn& fn) {
+  at::parallel_for(0, heads, 1, [&](int64_t lo, int64_t hi) {
+    for (int64_t n = lo; n < hi; ++n)
+      fn(n);
+  });
+}
+
 // Causal attention of every head at once, from the fused projection [B, S, 3D] to the heads'
 // outputs [B, S, D], with a hand-written backward. Each head's q, k and v are strided views
 // of the projection (row stride 3D), so the small per-head products run on them in place
@@ -24,35 +46,29 @@ struct CausalAttentionFunction : torch::autograd::Function<CausalAttentionFuncti
                                const torch::Tensor& bias_SS, int64_t n_heads) {
     const torch::Tensor qkv = qkv_BSE.contiguous();
     const torch::Tensor bias = bias_SS.to(qkv.scalar_type()).contiguous();
-    const int64_t B = qkv.size(0), S = qkv.size(1), D = qkv.size(2) / 3, H = n_heads;
+    const HeadLayout L(qkv, n_heads);
+    const int64_t S = L.S, E = L.qkv_row();
     TORCH_CHECK(bias.size(0) == S && bias.size(1) == S, "attention bias must be [S, S]");
-    torch::Tensor scores_NSS = torch::empty({B * H, S, S}, qkv.options());
-    torch::Tensor y_BSD = torch::empty({B, S, D}, qkv.options());
+    torch::Tensor scores_NSS = torch::empty({L.heads(), S, S}, qkv.options());
+    torch::Tensor y_BSD = torch::empty({L.B, S, L.D}, qkv.options());
     torch::Tensor p_NSS;
     AT_DISPATCH_FLOATING_TYPES(qkv.scalar_type(), "causal_attention_forward", [&] {
-      const int64_t Dh = D / H, E = 3 * D;
-      const auto scale = static_cast<scalar_t>(1.0 / std::sqrt(static_cast<double>(Dh)));
+      const auto scale = static_cast<scalar_t>(L.scale());
       const scalar_t* base = qkv.data_ptr<scalar_t>();
       const scalar_t* bias_p = bias.data_ptr<scalar_t>();
       scalar_t* scores = scores_NSS.data_ptr<scalar_t>();
-      at::parallel_for(0, B * H, 1, [&](int64_t lo, int64_t hi) {
-        for (int64_t n = lo; n < hi; ++n) {
-          const scalar_t* q = base + (n / H) * S * E + (n % H) * Dh;
-          scalar_t* s = scores + n * S * S;
-          std::copy(bias_p, bias_p + S * S, s);
-          gemm_rm<scalar_t>(false, true, S, S, Dh, scale, q, E, q + D, E, 1, s, S);
-        }
+      for_each_head(L.heads(), [&](int64_t n) {  // scores = bias + scale * q k^T
+        const scalar_t* q = base + L.qkv(n);
+        scalar_t* s = scores + n * S * S;
+        std::copy(bias_p, bias_p + S * S, s);
+        gemm_rm<scalar_t>(false, true, S, S, L.Dh, scale, q, E, q + L.D, E, 1, s, S);
       });
       p_NSS = torch::softmax(scores_NSS, -1);
       const scalar_t* p = p_NSS.data_ptr<scalar_t>();
       scalar_t* y = y_BSD.data_ptr<scalar_t>();
-      at::parallel_for(0, B * H, 1, [&](int64_t lo, int64_t hi) {
-        for (int64_t n = lo; n < hi; ++n) {
-          const int64_t b = n / H, h = n % H;
-          const scalar_t* v = base + b * S * E + 2 * D + h * Dh;
-          gemm_rm<scalar_t>(false, false, S, Dh, S, 1, p + n * S * S, S, v, E, 0,
-                            y + b * S * D + h * Dh, D);
-        }
+      for_each_head(L.heads(), [&](int64_t n) {  // y = p v
+        gemm_rm<scalar_t>(false, false, S, L.Dh, S, 1, p + n * S * S, S, base + L.qkv(n) + 2 * L.D,
+                          E, 0, y + L.out(n), L.D);
       });
     });
     ctx->save_for_backward({qkv, p_NSS});
@@ -63,45 +79,38 @@ struct CausalAttentionFunction : torch::autograd::Function<CausalAttentionFuncti
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
     const auto saved = ctx->get_saved_variables();
     const torch::Tensor &qkv = saved[0], &p_NSS = saved[1];
-    const int64_t H = ctx->saved_data["n_heads"].toInt();
-    const int64_t B = qkv.size(0), S = qkv.size(1), D = qkv.size(2) / 3;
+    const HeadLayout L(qkv, ctx->saved_data["n_heads"].toInt());
+    const int64_t S = L.S, E = L.qkv_row();
     const torch::Tensor gy_BSD = grads[0].contiguous();
     torch::Tensor g_BSE = torch::empty_like(qkv);
     torch::Tensor gp_NSS = torch::empty_like(p_NSS);
     AT_DISPATCH_FLOATING_TYPES(qkv.scalar_type(), "causal_attention_backward", [&] {
-      const int64_t Dh = D / H, E = 3 * D;
-      const auto scale = static_cast<scalar_t>(1.0 / std::sqrt(static_cast<double>(Dh)));
+      const auto scale = static_cast<scalar_t>(L.scale());
       const scalar_t* base = qkv.data_ptr<scalar_t>();
       const scalar_t* gy = gy_BSD.data_ptr<scalar_t>();
       const scalar_t* p = p_NSS.data_ptr<scalar_t>();
       scalar_t* g = g_BSE.data_ptr<scalar_t>();
       scalar_t* gp = gp_NSS.data_ptr<scalar_t>();
-      // dv = p^T dy and dp = dy v^T, head by head.
-      at::parallel_for(0, B * H, 1, [&](int64_t lo, int64_t hi) {
-        for (int64_t n = lo; n < hi; ++n) {
-          const int64_t b = n / H, h = n % H, off = b * S * E + h * Dh;
-          const scalar_t* gy_n = gy + b * S * D + h * Dh;
-          gemm_rm<scalar_t>(true, false, S, Dh, S, 1, p + n * S * S, S, gy_n, D, 0, g + off + 2 * D,
-                            E);
-          gemm_rm<scalar_t>(false, true, S, S, Dh, 1, gy_n, D, base + off + 2 * D, E, 0,
-                            gp + n * S * S, S);
-        }
+      for_each_head(L.heads(), [&](int64_t n) {  // dv = p^T dy, dp = dy v^T
+        const int64_t off = L.qkv(n);
+        const scalar_t* gy_n = gy + L.out(n);
+        gemm_rm<scalar_t>(true, false, S, L.Dh, S, 1, p + n * S * S, S, gy_n, L.D, 0,
+                          g + off + 2 * L.D, E);
+        gemm_rm<scalar_t>(false, true, S, S, L.Dh, 1, gy_n, L.D, base + off + 2 * L.D, E, 0,
+                          gp + n * S * S, S);
       });
       // d scores = p * (dp - rowsum(dp * p)); masked entries have p = 0. The scale goes
       // into the two products below.
       const torch::Tensor gs_NSS =
           torch::_softmax_backward_data(gp_NSS, p_NSS, -1, p_NSS.scalar_type());
       const scalar_t* gs = gs_NSS.data_ptr<scalar_t>();
-      at::parallel_for(0, B * H, 1, [&](int64_t lo, int64_t hi) {
-        for (int64_t n = lo; n < hi; ++n) {
-          const int64_t off = (n / H) * S * E + (n % H) * Dh;
-          const scalar_t* gs_n = gs + n * S * S;
-          // dq = scale * ds k, dk = scale * ds^T q
-          gemm_rm<scalar_t>(false, false, S, Dh, S, scale, gs_n, S, base + off + D, E, 0, g + off,
-                            E);
-          gemm_rm<scalar_t>(true, false, S, Dh, S, scale, gs_n, S, base + off, E, 0, g + off + D,
-                            E);
-        }
+      for_each_head(L.heads(), [&](int64_t n) {  // dq = scale * ds k, dk = scale * ds^T q
+        const int64_t off = L.qkv(n);
+        const scalar_t* gs_n = gs + n * S * S;
+        gemm_rm<scalar_t>(false, false, S, L.Dh, S, scale, gs_n, S, base + off + L.D, E, 0, g + off,
+                          E);
+        gemm_rm<scalar_t>(true, false, S, L.Dh, S, scale, gs_n, S, base + off, E, 0, g + off + L.D,
+                          E);
       });
     });
     return {g_BSE, torch::Tensor(), torch::Tensor()};
