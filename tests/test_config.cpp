@@ -183,6 +183,9 @@ TEST_CASE("validation: every out-of-range value names its key") {
   CHECK(test::contains(validate_error("train.keep_checkpoints=0"), "train.keep_checkpoints"));
   CHECK(test::contains(validate_error("train.seed=-1"), "train.seed"));
   CHECK(test::contains(validate_error("train.threads=-2"), "train.threads"));
+  CHECK(test::contains(validate_error("train.micro_batches=0"), "train.micro_batches = 0"));
+  CHECK(test::contains(validate_error("train.micro_batches=3"),
+                       "train.micro_batches = 3: train.batch_size = 16 must split evenly"));
 }
 
 TEST_CASE("moe.every picks the MoE layers") {

@@ -101,6 +101,9 @@ const std::vector<Binding>& bindings() {
            [](Config& c) { return &c.train.seed; }),
       bind("train.threads", Kind::Int, "intra-op threads per rank (0: all cores / local ranks)",
            [](Config& c) { return &c.train.threads; }),
+      bind("train.micro_batches", Kind::Int,
+           "routing groups per batch, run at once on the threads (the batch must divide)",
+           [](Config& c) { return &c.train.micro_batches; }),
       bind("train.on_nonfinite", Kind::String,
            "a non-finite loss or gradient: stop (keep the last checkpoint) | skip the step",
            [](Config& c) { return &c.train.on_nonfinite; }),
@@ -435,6 +438,11 @@ void validate(const Config& c) {
   at_least("train.keep_checkpoints", c.train.keep_checkpoints, 1);
   at_least("train.seed", c.train.seed, 0);
   at_least("train.threads", c.train.threads, 0);
+  at_least("train.micro_batches", c.train.micro_batches, 1);
+  if (c.train.batch_size % c.train.micro_batches != 0)
+    throw Error(fmt::format(
+        "config: train.micro_batches = {}: train.batch_size = {} must split evenly into it",
+        c.train.micro_batches, c.train.batch_size));
   one_of("train.on_nonfinite", c.train.on_nonfinite, {"stop", "skip"});
   at_least("dist.expert_parallel", c.dist.expert_parallel, 0);
   in_range("dist.timeout_s", c.dist.timeout_s, 0.0, inf, true, true);
@@ -459,6 +467,10 @@ void validate_world(const Config& c, int64_t world_size) {
     throw Error(fmt::format(
         "config: train.batch_size = {}: the global batch must split evenly over {} ranks",
         c.train.batch_size, W));
+  if ((c.train.batch_size / W) % c.train.micro_batches != 0)
+    throw Error(fmt::format(
+        "config: train.micro_batches = {}: each of {} ranks' {} rows must split evenly into it",
+        c.train.micro_batches, W, c.train.batch_size / W));
   if (expert_parallel_ranks(c, W) > 1 && c.n_moe_layers() > 0 && c.moe.n_experts % W != 0)
     throw Error(fmt::format(
         "config: moe.n_experts = {}: must be divisible by the {} expert-parallel ranks (or "

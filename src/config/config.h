@@ -61,7 +61,11 @@ struct TrainConfig {
   int64_t checkpoint_every = 500;
   int64_t keep_checkpoints = 2;
   int64_t seed = 1337;
-  int64_t threads = 0;                // 0: all cores
+  int64_t threads = 0;  // 0: all cores
+  // The batch (each rank's share) is split into this many micro-batches: each is its own
+  // routing group (capacity, dropping and the load-balancing loss are per micro-batch) and
+  // they run at once, one per thread; results do not depend on the thread count.
+  int64_t micro_batches = 2;
   std::string on_nonfinite = "stop";  // a non-finite loss or gradient: stop | skip the step
 };
 

@@ -5,6 +5,8 @@
 #include <limits>
 
 #include "model/blas.h"
+#include "model/random.h"
+#include "util/parallel.h"
 
 namespace sw {
 
@@ -29,7 +31,7 @@ struct HeadLayout {
 // Runs fn(n) for every head, the heads shared out across the threads.
 template <typename Fn>
 void for_each_head(int64_t heads, const Fn& fn) {
-  at::parallel_for(0, heads, 1, [&](int64_t lo, int64_t hi) {
+  sw::parallel_for(0, heads, 1, [&](int64_t lo, int64_t hi) {
     for (int64_t n = lo; n < hi; ++n)
       fn(n);
   });
@@ -136,7 +138,8 @@ torch::Tensor CausalSelfAttentionImpl::forward(const torch::Tensor& x_BSD) {
   if (!(is_training() && attn_drop->options.p() > 0)) {
     const int64_t S = x_BSD.size(1);
     torch::Tensor bias = bias_SS.slice(0, 0, S).slice(1, 0, S);
-    return resid_drop(proj(CausalAttentionFunction::apply(qkv(x_BSD), bias, n_heads)));
+    return apply_dropout(resid_drop,
+                         proj(CausalAttentionFunction::apply(qkv(x_BSD), bias, n_heads)));
   }
   return forward_composed(x_BSD);
 }
@@ -150,9 +153,9 @@ torch::Tensor CausalSelfAttentionImpl::forward_composed(const torch::Tensor& x_B
   torch::Tensor att_BHSS = torch::matmul(q, k.transpose(-2, -1)) * (1.0 / std::sqrt(Dh));
   att_BHSS = att_BHSS.masked_fill(mask_SS.slice(0, 0, S).slice(1, 0, S),
                                   -std::numeric_limits<float>::infinity());
-  att_BHSS = attn_drop(torch::softmax(att_BHSS, -1));
+  att_BHSS = apply_dropout(attn_drop, torch::softmax(att_BHSS, -1));
   torch::Tensor y_BSD = torch::matmul(att_BHSS, v).transpose(1, 2).reshape({B, S, D});
-  return resid_drop(proj(y_BSD));
+  return apply_dropout(resid_drop, proj(y_BSD));
 }
 
 torch::Tensor CausalSelfAttentionImpl::forward_cached(const torch::Tensor& x_BSD, KVCache& c) {

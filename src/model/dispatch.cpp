@@ -2,6 +2,7 @@
 
 #include <algorithm>
 
+#include "model/random.h"
 #include "util/error.h"
 
 namespace sw {
@@ -14,7 +15,7 @@ DropPolicy parse_drop_policy(const std::string& name) {
 }
 
 torch::Tensor random_ranks(int64_t n) {
-  return torch::randperm(n, torch::kInt64);
+  return torch::randperm(n, current_generator(), torch::kInt64);
 }
 
 int64_t expert_capacity(double capacity_factor, int64_t tokens, int64_t experts, int64_t top_k) {

@@ -1,6 +1,7 @@
 #include "model/experts.h"
 
 #include "util/error.h"
+#include "util/parallel.h"
 
 namespace sw {
 
@@ -40,7 +41,7 @@ void for_each_expert(const std::vector<int64_t>& offsets, bool include_empty, co
       if (include_empty || offsets[e + 1] > offsets[e]) fn(e, offsets[e], offsets[e + 1]);
   };
   if (across)
-    at::parallel_for(0, E, /*grain_size=*/1, body);
+    sw::parallel_for(0, E, /*grain_size=*/1, body);
   else
     body(0, E);
 }

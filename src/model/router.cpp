@@ -1,5 +1,7 @@
 #include "model/router.h"
 
+#include "model/random.h"
+
 namespace sw {
 
 RouterImpl::RouterImpl(int64_t d_model, int64_t n_experts, int64_t top_k_, double jitter_)
@@ -10,7 +12,7 @@ RouterImpl::RouterImpl(int64_t d_model, int64_t n_experts, int64_t top_k_, doubl
 Routing RouterImpl::forward(const torch::Tensor& x_TD) {
   torch::Tensor x = x_TD.to(torch::kFloat32);
   if (is_training() && jitter > 0)
-    x = x * torch::empty_like(x).uniform_(1.0 - jitter, 1.0 + jitter);
+    x = x * torch::empty_like(x).uniform_(1.0 - jitter, 1.0 + jitter, current_generator());
   Routing r;
   r.logits_TE = torch::linear(x, proj->weight.to(torch::kFloat32), proj->bias.to(torch::kFloat32));
   r.probs_TE = torch::softmax(r.logits_TE, /*dim=*/-1);

@@ -4,6 +4,8 @@
 
 #include <fmt/format.h>
 
+#include "model/random.h"
+
 namespace sw {
 
 BlockImpl::BlockImpl(const Config& c, bool moe) {
@@ -26,9 +28,9 @@ torch::Tensor BlockImpl::forward(const torch::Tensor& x_BSD, std::vector<MoeStat
   if (switch_) {
     SwitchFFNOutput o = switch_(h);
     stats.push_back(std::move(o.stats));
-    return x + ffn_drop(o.y);
+    return x + apply_dropout(ffn_drop, o.y);
   }
-  return x + ffn_drop(dense(h));
+  return x + apply_dropout(ffn_drop, dense(h));
 }
 
 TransformerImpl::TransformerImpl(const Config& c, int64_t vocab_size) : cfg(c) {
@@ -75,7 +77,7 @@ ModelOutput TransformerImpl::forward(const torch::Tensor& idx_BS) {
   const int64_t S = idx_BS.size(1);
   torch::Tensor x = tok_emb(idx_BS);
   if (pos_emb) x = x + pos_emb(torch::arange(S, idx_BS.options()));
-  x = emb_drop(x);
+  x = apply_dropout(emb_drop, x);
   ModelOutput out;
   for (size_t i = 0; i < block_list.size(); ++i) {
     const size_t before = out.moe.size();
@@ -111,7 +113,7 @@ std::string TransformerImpl::first_nonfinite(const torch::Tensor& idx_BS) {
   torch::Tensor x = tok_emb(idx_BS);
   if (pos_emb) x = x + pos_emb(torch::arange(S, idx_BS.options()));
   check(x, "the embeddings (tok_emb, pos_emb)");
-  x = emb_drop(x);
+  x = apply_dropout(emb_drop, x);
   for (size_t i = 0; i < block_list.size(); ++i) {
     BlockImpl& b = *block_list[i];
     const std::string at = fmt::format("block {}: ", i);
@@ -126,11 +128,11 @@ std::string TransformerImpl::first_nonfinite(const torch::Tensor& idx_BS) {
       Dispatch d = f.dispatch(r, h_TD.size(0));
       torch::Tensor y = f.combine(h_TD, r, d).view(h.sizes());
       check(y, at + fmt::format("experts' output (blocks.{}.ffn.experts)", i));
-      x = x + b.ffn_drop(y);
+      x = x + apply_dropout(b.ffn_drop, y);
     } else {
       torch::Tensor y = b.dense(h);
       check(y, at + fmt::format("feed-forward output (blocks.{}.ffn)", i));
-      x = x + b.ffn_drop(y);
+      x = x + apply_dropout(b.ffn_drop, y);
     }
   }
   check(head(ln_f(x)), "the output head (ln_f, head)");

@@ -1,10 +1,14 @@
 #include "train/fused_adamw.h"
 
+#include <algorithm>
 #include <cmath>
 #include <sstream>
 #include <type_traits>
+#include <vector>
 
 #include <ATen/Parallel.h>
+
+#include "util/parallel.h"
 
 namespace sw {
 namespace {
@@ -22,20 +26,27 @@ Key state_key(c10::TensorImpl* impl) {
   }
 }
 
-// One pass: p <- p * (1 - lr wd); m <- b1 m + (1 - b1) g; v <- b2 v + (1 - b2) g^2;
-// p <- p - step_size * m / (sqrt(v) / sqrt(bc2) + eps), with g = scale * grad.
-void update_float(float* p, const float* g, float* m, float* v, int64_t n, float decay, float scale,
-                  float b1, float b2, float inv_sqrt_bc2, float eps, float step_size) {
-  at::parallel_for(0, n, 32768, [&](int64_t begin, int64_t end) {
-    for (int64_t i = begin; i < end; ++i) {
-      const float gi = g[i] * scale;
-      const float mi = m[i] * b1 + (1.0f - b1) * gi;
-      const float vi = v[i] * b2 + (1.0f - b2) * gi * gi;
-      m[i] = mi;
-      v[i] = vi;
-      p[i] = p[i] * decay - step_size * mi / (std::sqrt(vi) * inv_sqrt_bc2 + eps);
-    }
-  });
+// One pass over elements [begin, end): p <- p * (1 - lr wd); m <- b1 m + (1 - b1) g;
+// v <- b2 v + (1 - b2) g^2; p <- p - step_size * m / (sqrt(v) / sqrt(bc2) + eps), with
+// g = scale * grad.
+struct FloatUpdate {
+  float *p, *m, *v;
+  const float* g;
+  int64_t n;
+  float decay, step_size, inv_sqrt_bc2;
+};
+void update_float(const FloatUpdate& u, int64_t begin, int64_t end, float scale, float b1, float b2,
+                  float eps) {
+  float *p = u.p, *m = u.m, *v = u.v;
+  const float* g = u.g;
+  for (int64_t i = begin; i < end; ++i) {
+    const float gi = g[i] * scale;
+    const float mi = m[i] * b1 + (1.0f - b1) * gi;
+    const float vi = v[i] * b2 + (1.0f - b2) * gi * gi;
+    m[i] = mi;
+    v[i] = vi;
+    p[i] = p[i] * u.decay - u.step_size * mi / (std::sqrt(vi) * u.inv_sqrt_bc2 + eps);
+  }
 }
 
 }  // namespace
@@ -48,6 +59,8 @@ torch::Tensor FusedAdamW::step(LossClosure closure) {
     loss = closure();
   }
   using Key = typename std::decay_t<decltype(state_)>::key_type;
+  std::vector<FloatUpdate> floats;
+  std::vector<const torch::optim::AdamWOptions*> float_group;
   for (auto& group : param_groups_) {
     auto& o = static_cast<torch::optim::AdamWOptions&>(group.options());
     TORCH_CHECK(!o.amsgrad(), "FusedAdamW does not implement amsgrad");
@@ -73,11 +86,10 @@ torch::Tensor FusedAdamW::step(LossClosure closure) {
       torch::Tensor m = s.exp_avg(), v = s.exp_avg_sq();
       if (p.scalar_type() == torch::kFloat32 && p.is_contiguous() && grad.is_contiguous() &&
           m.is_contiguous() && v.is_contiguous() && p.device().is_cpu()) {
-        update_float(p.data_ptr<float>(), grad.data_ptr<float>(), m.data_ptr<float>(),
-                     v.data_ptr<float>(), p.numel(), static_cast<float>(decay),
-                     static_cast<float>(grad_scale_), static_cast<float>(b1),
-                     static_cast<float>(b2), static_cast<float>(1.0 / std::sqrt(bc2)),
-                     static_cast<float>(o.eps()), static_cast<float>(step_size));
+        floats.push_back({p.data_ptr<float>(), m.data_ptr<float>(), v.data_ptr<float>(),
+                          grad.data_ptr<float>(), p.numel(), static_cast<float>(decay),
+                          static_cast<float>(step_size), static_cast<float>(1.0 / std::sqrt(bc2))});
+        float_group.push_back(&o);
       } else {  // the same update with tensor operations (other dtypes, devices, layouts)
         torch::Tensor g = grad_scale_ == 1.0 ? grad : grad * grad_scale_;
         p.mul_(decay);
@@ -87,6 +99,19 @@ torch::Tensor FusedAdamW::step(LossClosure closure) {
       }
     }
   }
+  // The float32 updates in one parallel region: each thread takes its slice of every
+  // parameter (one region per step instead of one per parameter).
+  const int64_t T = std::max<int64_t>(1, at::get_num_threads());
+  sw::parallel_for(0, T, 1, [&](int64_t t0, int64_t t1) {
+    for (int64_t t = t0; t < t1; ++t)
+      for (size_t j = 0; j < floats.size(); ++j) {
+        const FloatUpdate& u = floats[j];
+        const auto& o = *float_group[j];
+        update_float(u, u.n * t / T, u.n * (t + 1) / T, static_cast<float>(grad_scale_),
+                     static_cast<float>(std::get<0>(o.betas())),
+                     static_cast<float>(std::get<1>(o.betas())), static_cast<float>(o.eps()));
+      }
+  });
   grad_scale_ = 1.0;
   return loss;
 }
@@ -100,12 +125,20 @@ torch::optim::AdamWParamState* adamw_state(torch::optim::Optimizer& opt, const t
 }
 
 GradNorm grad_norm(const std::vector<torch::Tensor>& params, double max_norm) {
-  double sum_sq = 0;
-  for (const auto& p : params)
-    if (p.grad().defined()) {
-      const double n = p.grad().norm().item<double>();
-      sum_sq += n * n;
+  // Each parameter's norm alone on one thread, the squares summed in parameter order: the
+  // same bits whatever the thread count.
+  std::vector<double> sq(params.size(), 0.0);
+  sw::parallel_for(0, static_cast<int64_t>(params.size()), 1, [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i) {
+      const torch::Tensor& g = params[static_cast<size_t>(i)].grad();
+      if (!g.defined()) continue;
+      const double n = g.norm().item<double>();
+      sq[static_cast<size_t>(i)] = n * n;
     }
+  });
+  double sum_sq = 0;
+  for (double s : sq)
+    sum_sq += s;
   const double norm = std::sqrt(sum_sq);
   const double coef = max_norm / (norm + 1e-6);
   return {norm, coef < 1.0 ? coef : 1.0};

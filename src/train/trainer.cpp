@@ -9,9 +9,11 @@
 #include <optional>
 #include <thread>
 
+#include <ATen/CPUGeneratorImpl.h>
 #include <fmt/format.h>
 
 #include "data/dataset.h"
+#include "model/random.h"
 #include "model/transformer.h"
 #include "train/checkpoint.h"
 #include "train/metrics.h"
@@ -19,6 +21,7 @@
 #include "train/schedule.h"
 #include "util/error.h"
 #include "util/fs.h"
+#include "util/parallel.h"
 
 namespace sw {
 namespace fs = std::filesystem;
@@ -45,28 +48,115 @@ std::string human_duration(double s) {
 }
 
 // Mean cross-entropy over fixed batches, in eval mode, leaving the training RNG untouched.
-// With several ranks each evaluates its share of every batch and the means are averaged.
+// The batches run at once, each alone on one thread and with a generator of its own, except
+// with expert parallelism, whose forward holds collectives. With
+// several ranks each evaluates its share of every batch and the means are averaged.
 double evaluate(Transformer& model, const std::vector<Batch>& batches, const Parallel& par) {
-  torch::NoGradGuard no_grad;
   auto gen = at::detail::getDefaultCPUGenerator();
   const torch::Tensor rng_state = gen.get_state();
   model->eval();
-  double sum = 0;
-  for (const auto& b : batches) {
-    ModelOutput out = model->forward(par.share(b.x_BS));
-    const int64_t V = out.logits_BSV.size(-1);
-    sum +=
-        torch::cross_entropy_loss(out.logits_BSV.reshape({-1, V}), par.share(b.y_BS).reshape({-1}))
-            .item<double>();
-  }
+  std::vector<double> losses(batches.size());
+  auto run = [&](int64_t begin, int64_t end) {
+    torch::NoGradGuard no_grad;
+    for (int64_t i = begin; i < end; ++i) {
+      const Batch& b = batches[static_cast<size_t>(i)];
+      // Random drop order (over eval_capacity_factor) from a generator of the batch's own.
+      GeneratorScope scope(
+          at::make_generator<at::CPUGeneratorImpl>(0x6576616cULL + static_cast<uint64_t>(i)));
+      ModelOutput out = model->forward(par.share(b.x_BS));
+      const int64_t V = out.logits_BSV.size(-1);
+      losses[static_cast<size_t>(i)] = torch::cross_entropy_loss(out.logits_BSV.reshape({-1, V}),
+                                                                 par.share(b.y_BS).reshape({-1}))
+                                           .item<double>();
+    }
+  };
+  const auto n = static_cast<int64_t>(batches.size());
+  if (par.expert_parallel)
+    run(0, n);
+  else
+    sw::parallel_for(0, n, 1, run);
   model->train();
   gen.set_state(rng_state);
+  double sum = 0;
+  for (double l : losses)
+    sum += l;  // in batch order
   if (par.comm) {
     torch::Tensor t = torch::tensor({sum}, torch::kFloat64);
     par.comm->all_reduce_sum(t);
     sum = t.item<double>() / static_cast<double>(par.world);
   }
   return sum / static_cast<double>(batches.size());
+}
+
+// One step's forward and backward over train.micro_batches micro-batches of this rank's
+// share of the batch, each its own routing group. They run at once, each alone on one
+// thread, except with expert parallelism, whose forward and backward hold collectives; each
+// draws from its own generator, seeded from the default one, and their gradients are summed
+// in micro-batch order, so the step does not depend on the thread count. Leaves the
+// gradient of the mean loss over the micro-batches in every parameter's .grad.
+struct MicroBatchStep {
+  double ce = 0, lb = 0, z = 0;            // means over the micro-batches
+  double forward_s = 0, backward_s = 0;    // summed over the micro-batches
+  std::vector<std::vector<MoeStats>> moe;  // each micro-batch's routing statistics
+};
+MicroBatchStep forward_backward_micro(Transformer& model, const torch::Tensor& x_BS,
+                                      const torch::Tensor& y_BS, const Config& cfg,
+                                      const Parallel& par) {
+  const int64_t m = cfg.train.micro_batches;
+  const auto n = static_cast<size_t>(m);
+  const std::vector<torch::Tensor> xs = x_BS.chunk(m), ys = y_BS.chunk(m);
+  const torch::Tensor seeds = torch::empty({m}, torch::kInt64).random_();  // default generator
+  const std::vector<torch::Tensor> params = model->parameters();
+  std::vector<std::vector<torch::Tensor>> grads(n);
+  std::vector<double> ce(n), lb(n), z(n), fwd_s(n), bwd_s(n);
+  MicroBatchStep r;
+  r.moe.resize(n);
+  auto run = [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i) {
+      const auto u = static_cast<size_t>(i);
+      const auto t0 = Clock::now();
+      GeneratorScope scope(at::make_generator<at::CPUGeneratorImpl>(
+          static_cast<uint64_t>(seeds[i].item<int64_t>())));
+      ModelOutput out = model->forward(xs[u]);
+      const int64_t V = out.logits_BSV.size(-1);
+      torch::Tensor ce_t =
+          torch::cross_entropy_loss(out.logits_BSV.reshape({-1, V}), ys[u].reshape({-1}));
+      AuxLosses aux = total_aux_losses(out.moe);
+      torch::Tensor loss =
+          (ce_t + cfg.moe.alpha * aux.lb + cfg.moe.z_loss * aux.z) / static_cast<double>(m);
+      const auto t1 = Clock::now();
+      grads[u] = torch::autograd::grad({loss}, params, /*grad_outputs=*/{},
+                                       /*retain_graph=*/false, /*create_graph=*/false,
+                                       /*allow_unused=*/true);
+      fwd_s[u] = std::chrono::duration<double>(t1 - t0).count();
+      bwd_s[u] = seconds_since(t1);
+      ce[u] = ce_t.item<double>();
+      lb[u] = aux.lb.item<double>();
+      z[u] = aux.z.item<double>();
+      r.moe[u] = std::move(out.moe);
+    }
+  };
+  if (par.expert_parallel)
+    run(0, m);
+  else
+    sw::parallel_for(0, m, 1, run);
+  for (size_t j = 0; j < params.size(); ++j) {
+    torch::Tensor g;
+    for (size_t i = 0; i < n; ++i) {  // in micro-batch order
+      const torch::Tensor& gi = grads[i][j];
+      if (gi.defined()) g = g.defined() ? g + gi : gi.contiguous();
+    }
+    torch::Tensor p = params[j];
+    p.mutable_grad() = g;
+  }
+  for (size_t i = 0; i < n; ++i) {
+    r.ce += ce[i] / static_cast<double>(m);
+    r.lb += lb[i] / static_cast<double>(m);
+    r.z += z[i] / static_cast<double>(m);
+    r.forward_s += fwd_s[i];
+    r.backward_s += bwd_s[i];
+  }
+  return r;
 }
 
 // With train.on_nonfinite = skip, this many non-finite steps in a row stop the run anyway.
@@ -264,24 +354,40 @@ nlohmann::ordered_json train(const Config& cfg, const TrainOptions& opt) {
     set_lr(*optimizer, lr);
 
     Batch batch = data.sample(Split::Train, cfg.train.batch_size, data_rng);
-    ModelOutput out = model->forward(par.share(batch.x_BS));
-    torch::Tensor ce = torch::cross_entropy_loss(out.logits_BSV.reshape({-1, V}),
-                                                 par.share(batch.y_BS).reshape({-1}));
-    AuxLosses aux = total_aux_losses(out.moe);
-    torch::Tensor loss = ce + cfg.moe.alpha * aux.lb + cfg.moe.z_loss * aux.z;
+    std::vector<double> v;  // the step's cross-entropy, lb and z losses, and a stop request
+    std::vector<std::vector<MoeStats>> step_moe;
+    if (cfg.train.micro_batches == 1) {
+      ModelOutput out = model->forward(par.share(batch.x_BS));
+      torch::Tensor ce = torch::cross_entropy_loss(out.logits_BSV.reshape({-1, V}),
+                                                   par.share(batch.y_BS).reshape({-1}));
+      AuxLosses aux = total_aux_losses(out.moe);
+      torch::Tensor loss = ce + cfg.moe.alpha * aux.lb + cfg.moe.z_loss * aux.z;
 
-    const auto t_backward = Clock::now();
-    interval_fwd_s += std::chrono::duration<double>(t_backward - t_step).count();
-    model->zero_grad(/*set_to_none=*/true);  // backward then hands over its gradients
-    loss.backward();
+      const auto t_backward = Clock::now();
+      interval_fwd_s += std::chrono::duration<double>(t_backward - t_step).count();
+      model->zero_grad(/*set_to_none=*/true);  // backward then hands over its gradients
+      loss.backward();
+      interval_bwd_s += seconds_since(t_backward);
+      v = {ce.item<double>(), aux.lb.item<double>(), aux.z.item<double>()};
+      step_moe.push_back(std::move(out.moe));
+    } else {
+      model->zero_grad(/*set_to_none=*/true);
+      MicroBatchStep mb =
+          forward_backward_micro(model, par.share(batch.x_BS), par.share(batch.y_BS), cfg, par);
+      // The phases overlap on the threads: the step's wall time so far, split between
+      // them as the micro-batches' own times were.
+      const double wall = seconds_since(t_step);
+      const double f = mb.forward_s / std::max(mb.forward_s + mb.backward_s, 1e-12);
+      interval_fwd_s += wall * f;
+      interval_bwd_s += wall * (1 - f);
+      v = {mb.ce, mb.lb, mb.z};
+      step_moe = std::move(mb.moe);
+    }
     const auto t_optimizer = Clock::now();
-    interval_bwd_s += std::chrono::duration<double>(t_optimizer - t_backward).count();
 
     // The step's values over all ranks: losses averaged, a stop request from any rank
     // stops every rank after this same step.
-    const int stop_local = opt.stop ? opt.stop->load() : 0;
-    std::vector<double> v = {ce.item<double>(), aux.lb.item<double>(), aux.z.item<double>(),
-                             static_cast<double>(stop_local)};
+    v.push_back(static_cast<double>(opt.stop ? opt.stop->load() : 0));
     double grad_sq = std::nan("");
     if (par.comm) {
       grad_sq = reduce_gradients(*par.comm, params, v);
@@ -345,7 +451,8 @@ nlohmann::ordered_json train(const Config& cfg, const TrainOptions& opt) {
       interval_ce += ce_v;
       interval_lb += lb_v;
       interval_z += z_v;
-      routing.add(out.moe);
+      for (const auto& mo : step_moe)
+        routing.add(mo);
     }
     state.step = step + 1;
 
