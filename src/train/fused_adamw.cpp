@@ -33,19 +33,18 @@ struct FloatUpdate {
   float *p, *m, *v;
   const float* g;
   int64_t n;
-  float decay, step_size, inv_sqrt_bc2;
+  float decay, step_size, inv_sqrt_bc2, scale, b1, b2, eps;
 };
-void update_float(const FloatUpdate& u, int64_t begin, int64_t end, float scale, float b1, float b2,
-                  float eps) {
+void update_float(const FloatUpdate& u, int64_t begin, int64_t end) {
   float *p = u.p, *m = u.m, *v = u.v;
   const float* g = u.g;
   for (int64_t i = begin; i < end; ++i) {
-    const float gi = g[i] * scale;
-    const float mi = m[i] * b1 + (1.0f - b1) * gi;
-    const float vi = v[i] * b2 + (1.0f - b2) * gi * gi;
+    const float gi = g[i] * u.scale;
+    const float mi = m[i] * u.b1 + (1.0f - u.b1) * gi;
+    const float vi = v[i] * u.b2 + (1.0f - u.b2) * gi * gi;
     m[i] = mi;
     v[i] = vi;
-    p[i] = p[i] * u.decay - u.step_size * mi / (std::sqrt(vi) * u.inv_sqrt_bc2 + eps);
+    p[i] = p[i] * u.decay - u.step_size * mi / (std::sqrt(vi) * u.inv_sqrt_bc2 + u.eps);
   }
 }
 
@@ -60,7 +59,6 @@ torch::Tensor FusedAdamW::step(LossClosure closure) {
   }
   using Key = typename std::decay_t<decltype(state_)>::key_type;
   std::vector<FloatUpdate> floats;
-  std::vector<const torch::optim::AdamWOptions*> float_group;
   for (auto& group : param_groups_) {
     auto& o = static_cast<torch::optim::AdamWOptions&>(group.options());
     TORCH_CHECK(!o.amsgrad(), "FusedAdamW does not implement amsgrad");
@@ -88,8 +86,9 @@ torch::Tensor FusedAdamW::step(LossClosure closure) {
           m.is_contiguous() && v.is_contiguous() && p.device().is_cpu()) {
         floats.push_back({p.data_ptr<float>(), m.data_ptr<float>(), v.data_ptr<float>(),
                           grad.data_ptr<float>(), p.numel(), static_cast<float>(decay),
-                          static_cast<float>(step_size), static_cast<float>(1.0 / std::sqrt(bc2))});
-        float_group.push_back(&o);
+                          static_cast<float>(step_size), static_cast<float>(1.0 / std::sqrt(bc2)),
+                          static_cast<float>(grad_scale_), static_cast<float>(b1),
+                          static_cast<float>(b2), static_cast<float>(o.eps())});
       } else {  // the same update with tensor operations (other dtypes, devices, layouts)
         torch::Tensor g = grad_scale_ == 1.0 ? grad : grad * grad_scale_;
         p.mul_(decay);
@@ -104,13 +103,8 @@ torch::Tensor FusedAdamW::step(LossClosure closure) {
   const int64_t T = std::max<int64_t>(1, at::get_num_threads());
   sw::parallel_for(0, T, 1, [&](int64_t t0, int64_t t1) {
     for (int64_t t = t0; t < t1; ++t)
-      for (size_t j = 0; j < floats.size(); ++j) {
-        const FloatUpdate& u = floats[j];
-        const auto& o = *float_group[j];
-        update_float(u, u.n * t / T, u.n * (t + 1) / T, static_cast<float>(grad_scale_),
-                     static_cast<float>(std::get<0>(o.betas())),
-                     static_cast<float>(std::get<1>(o.betas())), static_cast<float>(o.eps()));
-      }
+      for (const FloatUpdate& u : floats)
+        update_float(u, u.n * t / T, u.n * (t + 1) / T);
   });
   grad_scale_ = 1.0;
   return loss;
