@@ -49,8 +49,8 @@ std::string human_duration(double s) {
 
 // Mean cross-entropy over fixed batches, in eval mode, leaving the training RNG untouched.
 // The batches run at once, each alone on one thread and with a generator of its own, except
-// with expert parallelism, whose forward holds collectives. With
-// several ranks each evaluates its share of every batch and the means are averaged.
+// with expert parallelism, whose forward holds collectives. With several ranks each
+// evaluates its share of every batch and the means are averaged.
 double evaluate(Transformer& model, const std::vector<Batch>& batches, const Parallel& par) {
   auto gen = at::detail::getDefaultCPUGenerator();
   const torch::Tensor rng_state = gen.get_state();
@@ -88,6 +88,20 @@ double evaluate(Transformer& model, const std::vector<Batch>& batches, const Par
   return sum / static_cast<double>(batches.size());
 }
 
+// One forward's training loss: cross-entropy plus the weighted auxiliary losses.
+struct StepLoss {
+  torch::Tensor ce, total;
+  AuxLosses aux;
+};
+StepLoss step_loss(const ModelOutput& out, const torch::Tensor& y_BS, const Config& cfg) {
+  const int64_t V = out.logits_BSV.size(-1);
+  StepLoss l;
+  l.ce = torch::cross_entropy_loss(out.logits_BSV.reshape({-1, V}), y_BS.reshape({-1}));
+  l.aux = total_aux_losses(out.moe);
+  l.total = l.ce + cfg.moe.alpha * l.aux.lb + cfg.moe.z_loss * l.aux.z;
+  return l;
+}
+
 // One step's forward and backward over train.micro_batches micro-batches of this rank's
 // share of the batch, each its own routing group. They run at once, each alone on one
 // thread, except with expert parallelism, whose forward and backward hold collectives; each
@@ -118,21 +132,17 @@ MicroBatchStep forward_backward_micro(Transformer& model, const torch::Tensor& x
       GeneratorScope scope(at::make_generator<at::CPUGeneratorImpl>(
           static_cast<uint64_t>(seeds[i].item<int64_t>())));
       ModelOutput out = model->forward(xs[u]);
-      const int64_t V = out.logits_BSV.size(-1);
-      torch::Tensor ce_t =
-          torch::cross_entropy_loss(out.logits_BSV.reshape({-1, V}), ys[u].reshape({-1}));
-      AuxLosses aux = total_aux_losses(out.moe);
-      torch::Tensor loss =
-          (ce_t + cfg.moe.alpha * aux.lb + cfg.moe.z_loss * aux.z) / static_cast<double>(m);
+      const StepLoss l = step_loss(out, ys[u], cfg);
       const auto t1 = Clock::now();
-      grads[u] = torch::autograd::grad({loss}, params, /*grad_outputs=*/{},
+      grads[u] = torch::autograd::grad({l.total / static_cast<double>(m)}, params,
+                                       /*grad_outputs=*/{},
                                        /*retain_graph=*/false, /*create_graph=*/false,
                                        /*allow_unused=*/true);
       fwd_s[u] = std::chrono::duration<double>(t1 - t0).count();
       bwd_s[u] = seconds_since(t1);
-      ce[u] = ce_t.item<double>();
-      lb[u] = aux.lb.item<double>();
-      z[u] = aux.z.item<double>();
+      ce[u] = l.ce.item<double>();
+      lb[u] = l.aux.lb.item<double>();
+      z[u] = l.aux.z.item<double>();
       r.moe[u] = std::move(out.moe);
     }
   };
@@ -358,17 +368,14 @@ nlohmann::ordered_json train(const Config& cfg, const TrainOptions& opt) {
     std::vector<std::vector<MoeStats>> step_moe;
     if (cfg.train.micro_batches == 1) {
       ModelOutput out = model->forward(par.share(batch.x_BS));
-      torch::Tensor ce = torch::cross_entropy_loss(out.logits_BSV.reshape({-1, V}),
-                                                   par.share(batch.y_BS).reshape({-1}));
-      AuxLosses aux = total_aux_losses(out.moe);
-      torch::Tensor loss = ce + cfg.moe.alpha * aux.lb + cfg.moe.z_loss * aux.z;
+      const StepLoss l = step_loss(out, par.share(batch.y_BS), cfg);
 
       const auto t_backward = Clock::now();
       interval_fwd_s += std::chrono::duration<double>(t_backward - t_step).count();
       model->zero_grad(/*set_to_none=*/true);  // backward then hands over its gradients
-      loss.backward();
+      l.total.backward();
       interval_bwd_s += seconds_since(t_backward);
-      v = {ce.item<double>(), aux.lb.item<double>(), aux.z.item<double>()};
+      v = {l.ce.item<double>(), l.aux.lb.item<double>(), l.aux.z.item<double>()};
       step_moe.push_back(std::move(out.moe));
     } else {
       model->zero_grad(/*set_to_none=*/true);
