@@ -56,6 +56,14 @@ inline CmdResult run(const std::string& cmd) {
   return r;
 }
 
+// `s` as one shell word, whatever it holds (for the commands test::run builds).
+inline std::string quote(const std::string& s) {
+  std::string out = "'";
+  for (char c : s)
+    out += c == '\'' ? std::string("'\\''") : std::string(1, c);
+  return out + "'";
+}
+
 inline bool contains(const std::string& haystack, const std::string& needle) {
   return haystack.find(needle) != std::string::npos;
 }

@@ -11,6 +11,7 @@
 #include "sweep/sweep.h"
 #include "train/checkpoint.h"
 #include "train/metrics.h"
+#include "util/process.h"
 
 namespace {
 
@@ -288,4 +289,87 @@ TEST_CASE("switch-sweep: SIGINT stops the running point with a checkpoint, a rer
   r = test::run(kSweep + " " + file + " --out " + out + " --dry-run");
   CHECK(test::contains(r.output, "capacity_factor-1.0"));
   CHECK(test::contains(r.output, "resume"));
+}
+
+TEST_CASE("run_program: no shell between, the status and stderr come back, a missing program") {
+  // An argument full of shell syntax reaches the program as it is, one argument.
+  const std::string word = "it's \"q\" $(touch pwned); `x` | é";
+  sw::ProgramResult r =
+      sw::run_program({"sh", "-c", "printf %s \"$1\" >&2; exit 3", "sh", word}, true);
+  CHECK(r.exit_code == 3);
+  CHECK(r.signal == 0);
+  CHECK_FALSE(r.ok());
+  CHECK(r.err == word);
+  CHECK(r.describe() == "exited with status 3: " + word);
+  r = sw::run_program({"sh", "-c", "kill -9 $$"}, true);
+  CHECK(r.signal == 9);
+  CHECK(test::contains(r.describe(), "was killed by signal 9"));
+  CHECK(sw::run_program({"true"}, true).ok());
+  const std::string msg = test::error_of([] {
+    sw::run_program({"no-such-program-switch-test", "a"}, true);
+  });
+  CHECK(test::contains(msg, "cannot start 'no-such-program-switch-test'"));
+}
+
+TEST_CASE("switch-sweep: a folder named with quotes, $(...), ';', '-' and non-ASCII runs nothing") {
+  const std::string dir = test::scratch_dir("sweep_odd_name");
+  const std::string file = tiny_sweep(dir, R"({"moe.capacity_factor": [1.0]})", 10,
+                                      R"(, "train.checkpoint_every": 10, "train.eval_every": 10)");
+  // Were the name ever handed to a shell, one of these would create a sentinel file.
+  const std::string name =
+      "-it's \"q\" $(touch pwned1); touch pwned2 ; `touch pwned3` | touch pwned4 & $HOME é ü";
+  const test::CmdResult r = test::run("cd " + test::quote(dir) + " && " + kSweep +
+                                      " sweep.json --out=" + test::quote(name));
+  INFO(r.output);
+  CHECK(r.rc == 0);
+  const std::string out = dir + "/" + name;
+  CHECK(test::fs::exists(out + "/capacity_factor-1.0/summary.json"));
+  CHECK(test::fs::exists(out + "/summary.md"));
+  CHECK(test::fs::exists(out + "/plots/val_loss.png"));
+  CHECK(test::fs::exists(out + "/capacity_factor-1.0/plots/loss.png"));
+  CHECK_FALSE(test::contains(r.output, "plotting failed"));
+  for (const char* sentinel : {"pwned1", "pwned2", "pwned3", "pwned4"})
+    for (const std::string& where : {dir, out, test::fs::current_path().string()}) {
+      CAPTURE(where + "/" + sentinel);
+      CHECK_FALSE(test::fs::exists(where + "/" + sentinel));
+    }
+}
+
+TEST_CASE("sweep: point names stay one folder inside the sweep, and within NAME_MAX") {
+  // Values are filtered to letters, digits, '.', '-', '+': no '/', no NUL, never "..".
+  sw::Sweep s = parse(R"({"grid": {"data.path": ["../../etc", "a/../../b", "..", "/"]},
+                          "set": {"train.steps": 1}})");
+  REQUIRE(s.points.size() == 4);
+  CHECK(s.points[0].name == "path-....etc");
+  CHECK(s.points[1].name == "path-a....b");
+  CHECK(s.points[2].name == "path-..");
+  CHECK(s.points[3].name == "path-x");
+  for (const auto& p : s.points) {
+    CHECK(test::fs::path(p.name).filename() == p.name);
+    CHECK(p.name.find('/') == std::string::npos);
+  }
+  // Variant names that are path syntax are refused.
+  for (const std::string bad : {"..", ".", "a/b", "a\\u0000b", ""}) {
+    CAPTURE(bad);
+    const std::string msg = test::error_of(
+        [&] { parse(std::string(R"({"variants": [{"name": ")") + bad + R"("}]})"); });
+    CHECK(test::contains(msg, "must be letters, digits"));
+  }
+  // A control character in a name is shown, not printed raw (a NUL would cut the message).
+  CHECK(test::contains(test::error_of([&] { parse(R"({"variants": [{"name": "a\u0000b"}]})"); }),
+                       "name 'a\\x00b' must be letters"));
+  // A name past 200 bytes keeps its start and gains a hash of the whole: distinct, bounded.
+  const std::string v(190, 'v');
+  sw::Sweep longs = parse(R"({"variants": [{"name": ")" + v +
+                          R"("}], "grid": {"moe.capacity_factor": [1.0, 2.0]}})");
+  REQUIRE(longs.points.size() == 2);
+  for (const auto& p : longs.points) {
+    CAPTURE(p.name);
+    CHECK(p.name.size() == 180 + 1 + 16);
+    CHECK(p.name.rfind(v.substr(0, 180) + "-", 0) == 0);
+  }
+  CHECK(longs.points[0].name != longs.points[1].name);
+  CHECK(parse(R"({"variants": [{"name": ")" + v + R"("}], "grid": {"moe.capacity_factor": [1.0]}})")
+            .points[0]
+            .name == longs.points[0].name);  // the same point, the same folder
 }

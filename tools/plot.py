@@ -40,6 +40,11 @@ def read_metrics(run):
     return train, evals
 
 
+def plain_text(s):
+    """A folder name as matplotlib text: '$' would start mathtext, so it is escaped."""
+    return s.replace("$", r"\$")
+
+
 def save(fig, path, written):
     fig.savefig(path, dpi=110, bbox_inches="tight")
     plt.close(fig)
@@ -52,7 +57,7 @@ def plot_run(run, written):
         return
     out = os.path.join(run, "plots")
     os.makedirs(out, exist_ok=True)
-    name = os.path.basename(os.path.normpath(run))
+    name = plain_text(os.path.basename(os.path.normpath(run)))
 
     fig, axes = plt.subplots(1, 2, figsize=(11, 4), sharey=True)
     for ax, x in zip(axes, ("step", "time_s")):
@@ -120,7 +125,7 @@ def plot_sweep(sweep_dir, written):
     out = os.path.join(sweep_dir, "plots")
     os.makedirs(out, exist_ok=True)
     cmap = plt.get_cmap("tab10" if len(runs) <= 10 else "tab20")
-    title = os.path.basename(os.path.normpath(sweep_dir))
+    title = plain_text(os.path.basename(os.path.normpath(sweep_dir)))
 
     def chart(records_of, key, ylabel, suptitle, filename, style):
         """One figure, every point's curve against steps and against wall time."""

@@ -3,7 +3,6 @@
 #include <signal.h>
 
 #include <atomic>
-#include <cstdlib>
 #include <filesystem>
 #include <iostream>
 
@@ -26,9 +25,12 @@ void on_signal(int sig) {
 
 // A python3 that has matplotlib: Debian's first (python3-matplotlib), then PATH's.
 std::string plotting_python() {
-  for (const char* py : {"/usr/bin/python3", "python3"})
-    if (std::system(fmt::format("{} -c 'import matplotlib' >/dev/null 2>&1", py).c_str()) == 0)
-      return py;
+  for (const char* py : {"/usr/bin/python3", "python3"}) {
+    try {
+      if (sw::run_program({py, "-c", "import matplotlib"}, /*quiet=*/true).ok()) return py;
+    } catch (const sw::Error&) {  // no such program: try the next
+    }
+  }
   return "";
 }
 
@@ -131,9 +133,17 @@ int main(int argc, char** argv) {
                                : script + " is missing")
                 << std::endl;
     } else {
-      const int r = std::system(fmt::format("{} '{}' '{}'", py, script, out_dir).c_str());
-      if (r != 0) {
-        std::cerr << "switch-sweep: plotting failed" << std::endl;
+      // The folder as one argument, absolute so that a name starting with '-' is no option.
+      const std::string dir = fs::absolute(out_dir).string();
+      std::string why;
+      try {
+        const sw::ProgramResult r = sw::run_program({py, script, dir});
+        if (!r.ok()) why = fmt::format("{} {}", script, r.describe());
+      } catch (const sw::Error& e) {
+        why = e.what();
+      }
+      if (!why.empty()) {
+        std::cerr << "switch-sweep: plotting failed: " << why << std::endl;
         if (rc == 0) rc = 1;
       }
     }

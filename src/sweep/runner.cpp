@@ -219,7 +219,8 @@ int run_sweep(const Sweep& s, const SweepOptions& opt, int* stopped) {
     const int64_t t = jobs > 1                     ? threads
                       : p.config.train.threads > 0 ? p.config.train.threads
                                                    : cores;
-    std::vector<std::string> argv = {opt.train_exe, "-q", "--out", dir};
+    // Paths as "--key=value", one argument each: a name starting with '-' is no option.
+    std::vector<std::string> argv = {opt.train_exe, "-q", "--out=" + dir};
     int64_t shown_threads = t;
     if (st == PointState::Resume) {
       // With the thread count it started with, so that it ends as a straight run would.
@@ -239,7 +240,7 @@ int run_sweep(const Sweep& s, const SweepOptions& opt, int* stopped) {
       }
       const std::string cfg = (fs::path(opt.out_dir) / ".points" / (p.name + ".json")).string();
       write_file_atomic(cfg, to_json(p.config).dump(2) + "\n");
-      argv.insert(argv.end(), {"--config", cfg, "--set", fmt::format("train.threads={}", t)});
+      argv.insert(argv.end(), {"--config=" + cfg, fmt::format("--set=train.threads={}", t)});
     }
     fs::create_directories(dir);
     const pid_t pid = spawn(argv, (fs::path(dir) / "train.log").string());

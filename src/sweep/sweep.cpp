@@ -1,5 +1,6 @@
 #include "sweep/sweep.h"
 
+#include <cstdint>
 #include <filesystem>
 #include <set>
 
@@ -36,6 +37,28 @@ std::vector<std::string> short_keys(const std::vector<std::string>& keys) {
     out.push_back(last);
   }
   return unique ? out : keys;
+}
+
+// A point's folder name within what file systems take (255 bytes, with room for the
+// ".json" and ".stale" suffixes switch-sweep adds): a longer name keeps its first 180
+// characters and gains a hash of the whole, so distinct points keep distinct folders.
+std::string bounded_name(const std::string& name) {
+  constexpr size_t kMaxName = 200, kKeep = 180;
+  if (name.size() <= kMaxName) return name;
+  uint64_t h = 1469598103934665603ull;  // FNV-1a, 64-bit
+  for (unsigned char c : name)
+    h = (h ^ c) * 1099511628211ull;
+  return fmt::format("{}-{:016x}", name.substr(0, kKeep), h);
+}
+
+// A name as it can be shown in a message: control bytes as \xNN.
+std::string printable(const std::string& s) {
+  std::string out;
+  for (char c : s) {
+    const auto u = static_cast<unsigned char>(c);
+    out += u < 0x20 || u == 0x7f ? fmt::format("\\x{:02x}", u) : std::string(1, c);
+  }
+  return out;
 }
 
 bool valid_name(const std::string& n) {
@@ -115,7 +138,7 @@ Sweep parse_sweep(const std::string& text, const std::string& source, const std:
       Variant var{v[i]["name"].get<std::string>(), v[i].value("set", ojson::object())};
       if (!valid_name(var.name))
         throw Error(fmt::format("{}: name '{}' must be letters, digits, '.', '-', '_' or '+'",
-                                where, var.name));
+                                where, printable(var.name)));
       if (!names.insert(var.name).second)
         throw Error(fmt::format("{}: name '{}' is used twice", where, var.name));
       if (!var.set.is_object()) throw Error(where + ": \"set\" must be an object of key: value");
@@ -188,7 +211,7 @@ Sweep parse_sweep(const std::string& text, const std::string& source, const std:
           parts.push_back(shorts[k] + "-" + name_value(v));
         }
         if (!seed.is_null()) parts.push_back("seed-" + seed.dump());
-        p.name = parts.empty() ? "base" : fmt::format("{}", fmt::join(parts, "_"));
+        p.name = parts.empty() ? "base" : bounded_name(fmt::format("{}", fmt::join(parts, "_")));
         where += " (" + p.name + ")";
         apply_overrides(p.config, var.set, where);
         apply_overrides(p.config, grid_set, where);
