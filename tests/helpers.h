@@ -64,6 +64,13 @@ inline std::string quote(const std::string& s) {
   return out + "'";
 }
 
+// A shell loop that waits, 120 s at most, until `file` holds `pattern` (grep -F): the event a
+// test waits for before it acts, never a fixed delay.
+inline std::string wait_for(const std::string& file, const std::string& pattern) {
+  return "for i in $(seq 1200); do grep -qsF " + quote(pattern) + " " + quote(file) +
+         " && break; sleep 0.1; done";
+}
+
 inline bool contains(const std::string& haystack, const std::string& needle) {
   return haystack.find(needle) != std::string::npos;
 }

@@ -1,5 +1,7 @@
 // The binaries as a user meets them: bad input exits non-zero with a message naming the
 // problem, and loses nothing.
+#include <algorithm>
+
 #include <doctest/doctest.h>
 
 #include "helpers.h"
@@ -105,11 +107,12 @@ TEST_CASE("switch-train: --list-keys and --print-config") {
   REQUIRE(r.rc == 0);
   for (const auto& k : sw::config_keys())
     CHECK_MESSAGE(test::contains(r.output, k.key), k.key);
-  r = test::run(kTrain + " --print-config");
+  // stdout is the config alone (a config file); the memory estimate goes to stderr.
+  r = test::run("{ " + kTrain + " --print-config 2>/dev/null; }");
   REQUIRE(r.rc == 0);
   CHECK(nlohmann::json::parse(r.output) ==
         nlohmann::json::parse(test::read_file(test::source_path("configs/default.json"))));
-  r = test::run(kTrain + " --print-config --set moe.n_experts=8");
+  r = test::run("{ " + kTrain + " --print-config --set moe.n_experts=8 2>/dev/null; }");
   CHECK(nlohmann::json::parse(r.output)["moe"]["n_experts"] == 8);
 }
 
@@ -301,4 +304,154 @@ TEST_CASE("switch-train: --keep N bounds the checkpoints on disk, also on resume
   REQUIRE(r.rc == 0);
   CHECK(checkpoints() == 3);
   CHECK(test::run(kTrain + tiny_args(dir + "2") + " --keep 0").rc == 2);
+}
+
+TEST_CASE("switch-train: a second writer of a run is refused naming the holder, who goes on") {
+  const std::string dir = test::scratch_dir("cli_two_writers") + "/run";
+  const std::string first = kTrain + tiny_args(dir) +
+                            " --set train.steps=1000000 --set train.log_every=1 "
+                            "--set train.eval_every=1000000 --set train.checkpoint_every=20 -q";
+  // The first writer trains; once it has logged a step, two others try the same folder.
+  test::CmdResult r =
+      test::run("(" + first + " & p=$!; echo first=$p; " +
+                test::wait_for(dir + "/metrics.jsonl", "\"kind\":\"train\"") + "; " + kTrain +
+                " --out " + dir + " --resume -q; echo resume=$?; " + kTrain + tiny_args(dir) +
+                " -q; echo new=$?; " + test::wait_for(dir + "/metrics.jsonl", "\"step\":30,") +
+                "; kill -TERM $p; wait $p; echo first_rc=$?)");
+  INFO(r.output);
+  const size_t at = r.output.find("first=");
+  REQUIRE(at != std::string::npos);
+  const std::string pid = r.output.substr(at + 6, r.output.find('\n', at) - at - 6);
+  CHECK(test::contains(r.output, "resume=1"));
+  CHECK(test::contains(r.output, "new=1"));
+  // Both refusals name the directory, the holder and what to do.
+  const std::string refusal =
+      "switch-train: error: run directory '" + dir + "' is in use by pid " + pid + " on host ";
+  size_t refusals = 0;
+  for (size_t p = r.output.find(refusal); p != std::string::npos; p = r.output.find(refusal, p + 1))
+    ++refusals;
+  CHECK(refusals == 2);
+  CHECK(test::contains(r.output, "(command: " + kTrain + " --config"));
+  CHECK(test::contains(r.output, "two processes cannot write one run"));
+  // The first writer went on past the refusals, stopped cleanly and left its checkpoint.
+  CHECK(test::contains(r.output, "first_rc=143"));
+  const auto ck = sw::newest_checkpoint(dir);
+  REQUIRE(ck.has_value());
+  CHECK(sw::read_checkpoint_meta(*ck).state.step >= 30);
+  for (const auto& rec : sw::read_metrics(dir + "/metrics.jsonl"))
+    CHECK(rec["step"].get<int64_t>() <= sw::read_checkpoint_meta(*ck).state.step + 1);
+  // With the writer gone, the run continues.
+  r = test::run(kTrain + " --out " + dir + " --resume -q --set train.steps=" +
+                std::to_string(sw::read_checkpoint_meta(*ck).state.step + 5));
+  INFO(r.output);
+  CHECK(r.rc == 0);
+}
+
+TEST_CASE("switch-train: a lock left by a writer killed with SIGKILL blocks nobody") {
+  const std::string dir = test::scratch_dir("cli_lock_kill9") + "/run";
+  const std::string first = kTrain + tiny_args(dir) +
+                            " --set train.steps=1000000 --set train.log_every=1 "
+                            "--set train.eval_every=1000000 --set train.checkpoint_every=5 -q";
+  test::CmdResult r =
+      test::run("(" + first + " & p=$!; " + test::wait_for(dir + "/metrics.jsonl", "\"step\":6,") +
+                "; kill -KILL $p; wait $p; echo rc=$?)");
+  INFO(r.output);
+  REQUIRE(test::contains(r.output, "rc=137"));
+  REQUIRE(test::fs::exists(dir + "/.lock"));  // the file stays; the kernel dropped the lock
+  CHECK(test::contains(test::read_file(dir + "/.lock"), "\"pid\":"));
+  r = test::run(kTrain + " --out " + dir + " --resume -q --set train.steps=12");
+  INFO(r.output);
+  CHECK(r.rc == 0);
+  CHECK(test::fs::exists(dir + "/summary.json"));
+}
+
+TEST_CASE("switch-train: a planted .lock link or folder is refused, nothing outside is touched") {
+  const std::string base = test::scratch_dir("cli_lock_planted");
+  const std::string dir = base + "/run";
+  test::fs::create_directories(dir);
+  test::fs::create_symlink(base + "/outside", dir + "/.lock");
+  test::CmdResult r = test::run(kTrain + tiny_args(dir) + " --set train.steps=5 -q");
+  INFO(r.output);
+  CHECK(r.rc == 1);
+  CHECK(test::contains(r.output,
+                       "cannot lock run directory '" + dir + "': cannot open '" + dir + "/.lock'"));
+  CHECK_FALSE(test::fs::exists(base + "/outside"));  // the link was not followed
+  CHECK_FALSE(test::fs::exists(dir + "/config.json"));
+  test::fs::remove(dir + "/.lock");
+  test::fs::create_directory(dir + "/.lock");
+  r = test::run(kTrain + tiny_args(dir) + " --set train.steps=5 -q");
+  CHECK(r.rc == 1);
+  CHECK(test::contains(r.output, "cannot lock run directory"));
+}
+
+TEST_CASE("switch-train: a model that cannot fit is refused before anything is allocated") {
+  const std::string base = test::scratch_dir("cli_too_big");
+  for (const std::string nproc : {"", " --nproc 2"}) {
+    CAPTURE(nproc);
+    const std::string dir = base + "/run" + (nproc.empty() ? "1" : "2");
+    test::CmdResult r =
+        test::run(kTrain + tiny_args(dir) + " --set model.d_model=4000000000 -q" + nproc);
+    INFO(r.output);
+    CHECK(r.rc == 2);
+    CHECK(test::contains(r.output, "error: the run does not fit in memory: it needs about "));
+    CHECK(test::contains(r.output, "this process may use "));
+    CHECK(test::contains(r.output, "Lower model.d_model (4000000000)"));
+    CHECK_FALSE(test::contains(r.output, "frame #"));
+    CHECK_FALSE(test::fs::exists(dir));
+  }
+  // The same estimate, printed with the config (on stderr: stdout stays a config file).
+  test::CmdResult r = test::run("{ " + kTrain + " --print-config 2>/dev/null; }");
+  CHECK(nlohmann::json::parse(r.output).is_object());
+  r = test::run("{ " + kTrain + " --print-config --set data.path=" + test::data_path() +
+                " 2>&1 >/dev/null; }");
+  CHECK(test::contains(r.output, "memory: about "));
+  CHECK(test::contains(r.output, "(parameters "));
+  CHECK(test::contains(r.output, "this process may use "));
+}
+
+TEST_CASE("every binary: an unexpected LibTorch error is one line and exit 3, details on request") {
+  const std::string base = test::scratch_dir("cli_one_line");
+  // Allocations past what the process may map, through each binary that computes.
+  const std::string bench = std::string(SWITCH_BENCH_BIN) +
+                            " --no-train --no-attention --experts 1 --strategies "
+                            "dense --reps 1 --warmup 0 --tokens 1 --d-model 100000 --d-ff 1000000";
+  const std::string run = base + "/run";
+  REQUIRE(test::run(kTrain + tiny_args(run) + " --set train.steps=2 -q").rc == 0);
+  // A checkpoint whose config asks for a model of ~1e11 floats: the sampler builds it.
+  const auto ck = sw::newest_checkpoint(run);
+  REQUIRE(ck.has_value());
+  nlohmann::json state = nlohmann::json::parse(test::read_file(*ck + "/state.json"));
+  REQUIRE(state["config"]["model"]["d_model"] == 32);
+  state["config"]["model"]["d_model"] = 1600000000;
+  test::write_file(*ck + "/state.json", state.dump());
+  const std::string sample = kSample + " --run " + run + " --chars 1";
+  // A model the memory check lets through (~2 GiB of weights) under a 3 GB address-space
+  // limit the check does not read.
+  const std::string train = "ulimit -v 3000000; " + kTrain + tiny_args(base + "/big") +
+                            " --set model.d_model=8192 --set model.n_heads=8 --set moe.every=0 "
+                            "--set train.steps=2 -q";
+  for (const std::string& cmd : {bench, sample, train}) {
+    CAPTURE(cmd);
+    test::CmdResult r = test::run("{ " + cmd + " 2>&1 >/dev/null; }");
+    INFO(r.output);
+    CHECK(r.rc == 3);
+    CHECK(test::contains(r.output, ": internal error: "));
+    CHECK(test::contains(r.output, "(SWITCH_DEBUG=1 shows the details)"));
+    CHECK(std::count(r.output.begin(), r.output.end(), '\n') == 1);
+    test::fs::remove_all(base + "/big");
+    r = test::run("{ export SWITCH_DEBUG=1; " + cmd + " 2>&1 >/dev/null; }");
+    CHECK(r.rc == 3);
+    CHECK(std::count(r.output.begin(), r.output.end(), '\n') > 1);
+    test::fs::remove_all(base + "/big");
+  }
+  // switch-sweep computes nothing; a file-system failure of its own is one line too.
+  const std::string sweep_file = base + "/sweep.json";
+  test::write_file(sweep_file, "{}");
+  test::CmdResult r = test::run("{ " + std::string(SWITCH_SWEEP_BIN) + " " + sweep_file +
+                                " --out /dev/null/x 2>&1 >/dev/null; }");
+  INFO(r.output);
+  CHECK(r.rc == 1);
+  CHECK(test::contains(r.output, "switch-sweep: error: "));
+  CHECK(test::contains(r.output, "/dev/null/x"));
+  CHECK(std::count(r.output.begin(), r.output.end(), '\n') == 1);
 }

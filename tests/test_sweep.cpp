@@ -373,3 +373,31 @@ TEST_CASE("sweep: point names stay one folder inside the sweep, and within NAME_
             .points[0]
             .name == longs.points[0].name);  // the same point, the same folder
 }
+
+TEST_CASE("switch-sweep: a second sweep into a folder in use is refused; --dry-run still reads") {
+  const std::string dir = test::scratch_dir("sweep_two_writers");
+  const std::string out = dir + "/out";
+  const std::string file =
+      tiny_sweep(dir, R"({"moe.capacity_factor": [1.0]})", 1000000,
+                 R"(, "train.checkpoint_every": 1000000, "train.eval_every": 1000000)");
+  const std::string sweep = kSweep + " " + file + " --out " + out + " --no-plot";
+  test::CmdResult r =
+      test::run("(" + sweep + " & p=$!; echo first=$p; " +
+                test::wait_for(out + "/capacity_factor-1.0/metrics.jsonl", "\"kind\":\"train\"") +
+                "; " + sweep + "; echo second=$?; " + sweep + " --summary; echo summary=$?; " +
+                sweep + " --dry-run; echo dry=$?; kill -INT $p; wait $p; echo first_rc=$?)");
+  INFO(r.output);
+  const size_t at = r.output.find("first=");
+  REQUIRE(at != std::string::npos);
+  const std::string pid = r.output.substr(at + 6, r.output.find('\n', at) - at - 6);
+  CHECK(test::contains(r.output, "switch-sweep: error: sweep directory '" + out +
+                                     "' is in use by pid " + pid + " on host "));
+  CHECK(test::contains(r.output, "two sweeps cannot write one folder"));
+  CHECK(test::contains(r.output, "second=1"));
+  CHECK(test::contains(r.output, "summary=1"));
+  CHECK(test::contains(r.output, "dry=0"));
+  CHECK(test::contains(r.output, "first_rc=130"));
+  // The first sweep's point is whole: its rerun resumes it.
+  r = test::run(kSweep + " " + file + " --out " + out + " --dry-run");
+  CHECK(test::contains(r.output, "resume"));
+}

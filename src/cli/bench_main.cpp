@@ -12,7 +12,9 @@
 #include "util/error.h"
 #include "util/malloc_tuning.h"
 
-int main(int argc, char** argv) {
+namespace {
+
+int run(int argc, char** argv) {
   sw::keep_freed_memory();
   CLI::App app{"Benchmark the MoE layer's expert strategies and training steps."};
   std::vector<int64_t> experts = {1, 4, 8, 32, 128}, tokens = {1024, 4096};
@@ -186,4 +188,16 @@ int main(int argc, char** argv) {
     return 1;
   }
   return 0;
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  // Whatever escapes is one line, exit 3 (SWITCH_DEBUG=1 shows LibTorch's whole message).
+  try {
+    return run(argc, argv);
+  } catch (const std::exception& e) {
+    std::cerr << "switch-bench: internal error: " << sw::unexpected_error_message(e) << std::endl;
+    return 3;
+  }
 }

@@ -11,7 +11,9 @@
 #include "util/error.h"
 #include "util/malloc_tuning.h"
 
-int main(int argc, char** argv) {
+namespace {
+
+int run(int argc, char** argv) {
   sw::keep_freed_memory();
   CLI::App app{"Generate text from a run trained by switch-train."};
   std::string run_dir;
@@ -54,8 +56,20 @@ int main(int argc, char** argv) {
     std::cerr << "switch-sample: error: " << e.what() << std::endl;
     return 1;
   } catch (const std::exception& e) {
-    std::cerr << "switch-sample: internal error: " << e.what() << std::endl;
+    std::cerr << "switch-sample: internal error: " << sw::unexpected_error_message(e) << std::endl;
     return 3;
   }
   return 0;
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  // Whatever escapes is one line, exit 3 (SWITCH_DEBUG=1 shows LibTorch's whole message).
+  try {
+    return run(argc, argv);
+  } catch (const std::exception& e) {
+    std::cerr << "switch-sample: internal error: " << sw::unexpected_error_message(e) << std::endl;
+    return 3;
+  }
 }

@@ -11,6 +11,7 @@
 
 #include "sweep/runner.h"
 #include "sweep/sweep.h"
+#include "util/dir_lock.h"
 #include "util/error.h"
 #include "util/process.h"
 
@@ -34,9 +35,7 @@ std::string plotting_python() {
   return "";
 }
 
-}  // namespace
-
-int main(int argc, char** argv) {
+int run(int argc, char** argv) {
   CLI::App app{
       "Run every point of a sweep file (a base config, a grid, variants, seeds), one "
       "switch-train run per point, then write a summary table and plots."};
@@ -83,7 +82,17 @@ int main(int argc, char** argv) {
   }
 
   int rc = 0;
+  sw::DirLock lock;  // one sweep writes a sweep directory at a time, plots included
   try {
+    if (!summary_only || fs::is_directory(out_dir)) {
+      fs::create_directories(out_dir);
+      lock = sw::DirLock::acquire(
+          out_dir, "sweep directory",
+          fmt::format("two sweeps cannot write one folder. Wait for it to finish, stop it "
+                      "(rerunning 'switch-sweep {} --out {}' goes on where it stopped), or "
+                      "give this one another --out",
+                      file, out_dir));
+    }
     if (!summary_only) {
       struct sigaction sa {};
       sa.sa_handler = on_signal;
@@ -120,7 +129,7 @@ int main(int argc, char** argv) {
     std::cerr << "switch-sweep: error: " << e.what() << std::endl;
     return 1;
   } catch (const std::exception& e) {  // e.g. a filesystem error moving a stale run aside
-    std::cerr << "switch-sweep: error: " << e.what() << std::endl;
+    std::cerr << "switch-sweep: error: " << sw::unexpected_error_message(e) << std::endl;
     return 1;
   }
 
@@ -149,4 +158,16 @@ int main(int argc, char** argv) {
     }
   }
   return rc;
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  // Whatever escapes is one line, exit 3 (SWITCH_DEBUG=1 shows LibTorch's whole message).
+  try {
+    return run(argc, argv);
+  } catch (const std::exception& e) {
+    std::cerr << "switch-sweep: internal error: " << sw::unexpected_error_message(e) << std::endl;
+    return 3;
+  }
 }

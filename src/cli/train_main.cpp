@@ -11,8 +11,10 @@
 #include <CLI/CLI.hpp>
 
 #include "config/config.h"
+#include "data/dataset.h"
 #include "dist/comm.h"
 #include "dist/launch.h"
+#include "train/footprint.h"
 #include "train/trainer.h"
 #include "util/error.h"
 #include "util/malloc_tuning.h"
@@ -91,9 +93,27 @@ int launch(int argc, char** argv, int nproc, const std::string& out_dir, bool ad
   }
 }
 
-}  // namespace
+// The memory estimate of --print-config, from the data file's vocabulary and size when it
+// can be read (else 256 characters, said so).
+std::string memory_line(const sw::Config& cfg, int64_t world) {
+  int64_t vocab = 256, chars = 0;
+  std::string note = "";
+  try {
+    const std::u32string text = sw::Dataset::read_text(cfg.data.path);
+    vocab = sw::Vocab::from_text(text).size();
+    chars = static_cast<int64_t>(text.size());
+  } catch (const sw::Error&) {
+    note = " (data.path unreadable: a vocabulary of 256 and no corpus assumed)";
+  }
+  const sw::MemoryEstimate need = sw::estimate_memory(cfg, vocab, world, chars);
+  const sw::MemoryLimit limit = sw::memory_limit();
+  return fmt::format("memory: about {}{}{}; this process may use {}", need.describe(),
+                     world > 1 ? " per rank" : "", note,
+                     limit.bytes < 0 ? std::string("(unknown)")
+                                     : sw::human_bytes(limit.bytes) + " (" + limit.source + ")");
+}
 
-int main(int argc, char** argv) {
+int run(int argc, char** argv) {
   sw::keep_freed_memory();
   CLI::App app{
       "Train a Switch Transformer (sparse mixture-of-experts) character-level "
@@ -136,6 +156,7 @@ int main(int argc, char** argv) {
 
   sw::Config cfg;
   sw::TrainOptions opt;
+  int64_t world = nproc;
   opt.quiet = quiet;
   try {
     if (resume) {
@@ -156,7 +177,6 @@ int main(int argc, char** argv) {
         sw::apply_override(cfg, o);
     }
     sw::validate(cfg);
-    int64_t world = nproc;
     if (auto env = sw::dist_env_from_environment()) {
       if (nproc > 1)
         throw sw::Error(
@@ -171,6 +191,7 @@ int main(int argc, char** argv) {
 
   if (print_config) {
     std::cout << sw::to_json(cfg).dump(2) << std::endl;
+    std::cerr << memory_line(cfg, world) << std::endl;  // stdout stays a config file
     return 0;
   }
 
@@ -190,12 +211,27 @@ int main(int argc, char** argv) {
                      opt.out_dir)
               << std::endl;
     return 128 + i.signal;
+  } catch (const sw::ConfigError& e) {  // a run this machine cannot hold
+    std::cerr << "switch-train: error: " << e.what() << std::endl;
+    return 2;
   } catch (const sw::Error& e) {
     std::cerr << "switch-train: error: " << e.what() << std::endl;
     return 1;
   } catch (const std::exception& e) {
-    std::cerr << "switch-train: internal error: " << e.what() << std::endl;
+    std::cerr << "switch-train: internal error: " << sw::unexpected_error_message(e) << std::endl;
     return 3;
   }
   return 0;
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  // Whatever escapes is one line, exit 3 (SWITCH_DEBUG=1 shows LibTorch's whole message).
+  try {
+    return run(argc, argv);
+  } catch (const std::exception& e) {
+    std::cerr << "switch-train: internal error: " << sw::unexpected_error_message(e) << std::endl;
+    return 3;
+  }
 }

@@ -16,9 +16,11 @@
 #include "model/random.h"
 #include "model/transformer.h"
 #include "train/checkpoint.h"
+#include "train/footprint.h"
 #include "train/metrics.h"
 #include "train/parallel.h"
 #include "train/schedule.h"
+#include "util/dir_lock.h"
 #include "util/error.h"
 #include "util/fs.h"
 #include "util/parallel.h"
@@ -213,8 +215,16 @@ void check_no_run_in(const std::string& dir) {
                     dir, dir));
 }
 
+DirLock lock_run_dir(const std::string& dir) {
+  return DirLock::acquire(
+      dir, "run directory",
+      fmt::format("two processes cannot write one run. Wait for it to finish, stop it "
+                  "(its checkpoint lets 'switch-train --out {} --resume' go on), or train "
+                  "into another --out",
+                  dir));
+}
+
 void create_run_dir(const std::string& dir) {
-  check_no_run_in(dir);
   std::error_code ec;
   fs::create_directories(dir, ec);
   if (ec || !fs::is_directory(dir))
@@ -272,6 +282,11 @@ nlohmann::ordered_json train(const Config& cfg, const TrainOptions& opt) {
   say(fmt::format("threads: {} (intra-op){}", threads,
                   par.world > 1 ? fmt::format(" per rank, {} ranks", par.world) : ""));
 
+  // One writer per run directory: rank 0 holds its lock from here to the end, taken before
+  // anything in it is read for resuming (a new run's, once its directory exists, below).
+  DirLock lock;
+  if (opt.resume && par.root()) lock = lock_run_dir(opt.out_dir);
+
   // Where the run starts from (every rank reads the checkpoint).
   std::optional<CheckpointMeta> ckpt;
   if (opt.resume) {
@@ -291,7 +306,17 @@ nlohmann::ordered_json train(const Config& cfg, const TrainOptions& opt) {
   const int64_t V = data.vocab().size();
   say(fmt::format("data: {} ({} characters, vocabulary {}, train {} / val {})", cfg.data.path,
                   text.size(), V, data.size(Split::Train), data.size(Split::Val)));
-  if (!opt.resume) check_no_run_in(opt.out_dir);  // every rank fails alike, before rendezvous
+  // Memory, before the model is allocated and before a new run's directory is created.
+  const MemoryEstimate need = estimate_memory(cfg, V, par.world, static_cast<int64_t>(text.size()));
+  say("memory: about " + need.describe() + (par.world > 1 ? " per rank" : ""));
+  check_fits(cfg, need, std::min<int64_t>(local_ranks, par.world), memory_limit());
+  if (!opt.resume) {
+    if (par.root()) {
+      create_run_dir(opt.out_dir);
+      lock = lock_run_dir(opt.out_dir);  // a writer already there is named, not overwritten
+    }
+    check_no_run_in(opt.out_dir);  // every rank fails alike, before rendezvous
+  }
 
   if (env && par.world > 1) {
     const auto timeout = std::chrono::milliseconds(static_cast<int64_t>(cfg.dist.timeout_s * 1e3));
@@ -303,7 +328,6 @@ nlohmann::ordered_json train(const Config& cfg, const TrainOptions& opt) {
                                         : std::string("experts replicated"),
                     cfg.train.batch_size, cfg.train.batch_size / par.world));
   }
-  if (!opt.resume && par.root()) create_run_dir(opt.out_dir);
   if ((!opt.resume || opt.config_changed) && par.root()) write_config_file(opt.out_dir, cfg);
 
   // Every rank builds the whole model from the same seed, so an expert's initial weights do
