@@ -191,9 +191,10 @@ TEST_CASE(
   for (const char* sig : {"INT", "TERM"}) {
     CAPTURE(sig);
     const std::string dir = base + "/run-" + sig;
-    test::CmdResult r = test::run("(" + kTrain + tiny_args(dir) +
-                                  " --set train.steps=1000000 -q & pid=$!; sleep 3; kill -" + sig +
-                                  " $pid; wait $pid; echo rc=$?)");
+    test::CmdResult r =
+        test::run("(" + kTrain + tiny_args(dir) + " --set train.steps=1000000 -q & pid=$!; " +
+                  test::wait_for(dir + "/metrics.jsonl", "\"kind\":\"train\"") + "; kill -" + sig +
+                  " $pid; wait $pid; echo rc=$?)");
     INFO(r.output);
     CHECK(
         test::contains(r.output, std::string("rc=") + (sig == std::string("INT") ? "130" : "143")));

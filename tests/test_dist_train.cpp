@@ -145,10 +145,11 @@ TEST_CASE("a rank killed mid-run makes the other exit with an error, not hang") 
   };
   // Rank 1 is killed once both are training; rank 0 must notice well before any timeout
   // (`timeout` would end a hang with 124).
-  test::CmdResult r =
-      test::run("(" + rank_cmd(0) + " > " + base + "/rank0.log 2>&1 & p0=$!; " + rank_cmd(1) +
-                " > /dev/null 2>&1 & p1=$!; sleep 4; kill -9 $p1; " +
-                "t0=$(date +%s); wait $p0; echo rc0=$? seconds=$(($(date +%s) - t0)))");
+  test::CmdResult r = test::run(
+      "(" + rank_cmd(0) + " > " + base + "/rank0.log 2>&1 & p0=$!; " + rank_cmd(1) +
+      " > /dev/null 2>&1 & p1=$!; " +
+      test::wait_for(base + "/run/metrics.jsonl", "\"kind\":\"train\"") + "; kill -9 $p1; " +
+      "t0=$(date +%s); wait $p0; echo rc0=$? seconds=$(($(date +%s) - t0)))");
   const std::string log = test::read_file(base + "/rank0.log");
   INFO(r.output);
   INFO(log);
@@ -165,8 +166,9 @@ TEST_CASE("--nproc: a killed rank brings the run down with a non-zero exit namin
   const std::string base = test::scratch_dir("dist_launcher_kill");
   test::CmdResult r =
       test::run("(" + kTrain + tiny_args(base + "/run", false) +
-                " --set train.steps=1000000 -q --nproc 2 & lp=$!; sleep 4; " +
-                "kill -9 $(cut -d' ' -f2 /proc/$lp/task/$lp/children); t0=$(date +%s); " +
+                " --set train.steps=1000000 -q --nproc 2 & lp=$!; " +
+                test::wait_for(base + "/run/metrics.jsonl", "\"kind\":\"train\"") +
+                "; kill -9 $(cut -d' ' -f2 /proc/$lp/task/$lp/children); t0=$(date +%s); " +
                 "wait $lp; echo rc=$? seconds=$(($(date +%s) - t0)))");
   INFO(r.output);
   CHECK(test::contains(r.output, "switch-train: rank 1 was killed by signal 9; stopping"));
@@ -180,8 +182,9 @@ TEST_CASE("--nproc: SIGINT stops every rank after the same step with one checkpo
   const std::string base = test::scratch_dir("dist_sigint");
   const std::string dir = base + "/run";
   test::CmdResult r = test::run("(" + kTrain + tiny_args(dir, false) +
-                                " --set train.steps=1000000 -q --nproc 2 & lp=$!; sleep 4; " +
-                                "kill -INT $lp; wait $lp; echo rc=$?)");
+                                " --set train.steps=1000000 -q --nproc 2 & lp=$!; " +
+                                test::wait_for(dir + "/metrics.jsonl", "\"kind\":\"train\"") +
+                                "; kill -INT $lp; wait $lp; echo rc=$?)");
   INFO(r.output);
   CHECK(test::contains(r.output, "rc=130"));
   CHECK(test::contains(r.output, "[rank 0] switch-train: stopped by SIGINT after step"));

@@ -79,6 +79,20 @@ TEST_CASE("footprint: the estimate bounds what a training run allocates") {
   }
 }
 
+TEST_CASE("footprint: only the capacity strategy pays for the capacity factor") {
+  sw::Config c;
+  const double base = sw::estimate_memory(c, 65, 1, 0).activations;
+  c.moe.capacity_factor = 1000;  // a way to say "never drop" with the grouped strategy
+  CHECK(sw::estimate_memory(c, 65, 1, 0).activations == base);
+  c.moe.strategy = "capacity";  // pads every expert to its capacity
+  CHECK(sw::estimate_memory(c, 65, 1, 0).activations > 100 * base);
+  c.moe.capacity_factor = 1.25;
+  c.moe.eval_capacity_factor = 3000;  // evaluation buffers at the evaluation factor
+  CHECK(sw::estimate_memory(c, 65, 1, 0).eval > 100 * sw::estimate_memory(c, 65, 1, 0).activations);
+  c.moe.drop_tokens = false;  // padded to the busiest expert: at worst all tokens
+  CHECK(sw::estimate_memory(c, 65, 1, 0).activations > 2 * base);
+}
+
 TEST_CASE("footprint: the limit is the tightest cgroup room or MemAvailable") {
   const std::string root = test::scratch_dir("footprint_root");
   auto put = [&](const std::string& rel, const std::string& text) {
@@ -98,6 +112,10 @@ TEST_CASE("footprint: the limit is the tightest cgroup room or MemAvailable") {
   l = sw::memory_limit(root);
   CHECK(l.bytes == 3.0 * 1024 * 1024 * 1024);
   CHECK(l.source == "cgroup memory.max");
+  // Inactive page cache is reclaimable: it does not count as used.
+  put("/sys/fs/cgroup/job/memory.stat", "anon 1000\ninactive_file 536870912\nactive_file 7\n");
+  CHECK(sw::memory_limit(root).bytes == 3.5 * 1024 * 1024 * 1024);
+  test::fs::remove(root + "/sys/fs/cgroup/job/memory.stat");
   // cgroup v1 at the mount's root: 2 GiB, 0.5 GiB used; "no limit" is 2^63 rounded to pages.
   put("/proc/self/cgroup", "4:memory:/\n0::/\n");
   put("/sys/fs/cgroup/memory/memory.limit_in_bytes", "2147483648\n");
@@ -105,6 +123,9 @@ TEST_CASE("footprint: the limit is the tightest cgroup room or MemAvailable") {
   l = sw::memory_limit(root);
   CHECK(l.bytes == 1.5 * 1024 * 1024 * 1024);
   CHECK(l.source == "cgroup memory.limit_in_bytes");
+  put("/sys/fs/cgroup/memory/memory.stat", "cache 9\ntotal_inactive_file 268435456\n");
+  CHECK(sw::memory_limit(root).bytes == 1.75 * 1024 * 1024 * 1024);
+  test::fs::remove(root + "/sys/fs/cgroup/memory/memory.stat");
   put("/sys/fs/cgroup/memory/memory.limit_in_bytes", "9223372036854771712\n");
   l = sw::memory_limit(root);
   CHECK(l.source == "MemAvailable");

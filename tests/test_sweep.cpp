@@ -279,8 +279,10 @@ TEST_CASE("switch-sweep: SIGINT stops the running point with a checkpoint, a rer
   const std::string file =
       tiny_sweep(dir, R"({"moe.capacity_factor": [1.0]})", 1000000,
                  R"(, "train.checkpoint_every": 1000000, "train.eval_every": 1000000)");
-  test::CmdResult r = test::run("(" + kSweep + " " + file + " --out " + out +
-                                " --no-plot & p=$!; sleep 3; kill -INT $p; wait $p; echo rc=$?)");
+  test::CmdResult r =
+      test::run("(" + kSweep + " " + file + " --out " + out + " --no-plot & p=$!; " +
+                test::wait_for(out + "/capacity_factor-1.0/metrics.jsonl", "\"kind\":\"train\"") +
+                "; kill -INT $p; wait $p; echo rc=$?)");
   INFO(r.output);
   CHECK(test::contains(r.output, "rc=130"));
   CHECK(test::contains(r.output, "stopped with a checkpoint"));
@@ -305,13 +307,21 @@ TEST_CASE("run_program: no shell between, the status and stderr come back, a mis
   CHECK(r.signal == 9);
   CHECK(test::contains(r.describe(), "was killed by signal 9"));
   CHECK(sw::run_program({"true"}, true).ok());
+  // A process the child leaves behind holding its stderr does not keep the caller waiting.
+  const std::string done = test::scratch_dir("run_program") + "/done";
+  r = sw::run_program({"sh", "-c", "(sleep 20; touch \"$1\") & echo left >&2; exit 4", "sh", done},
+                      true);
+  CHECK_FALSE(test::fs::exists(done));  // returned while the process it left still runs
+  CHECK(r.exit_code == 4);
+  CHECK(r.err == "left\n");
   const std::string msg = test::error_of([] {
     sw::run_program({"no-such-program-switch-test", "a"}, true);
   });
   CHECK(test::contains(msg, "cannot start 'no-such-program-switch-test'"));
 }
 
-TEST_CASE("switch-sweep: a folder named with quotes, $(...), ';', '-' and non-ASCII runs nothing") {
+TEST_CASE(
+    "switch-sweep: a folder named with quotes, $(...), a leading dash and non-ASCII runs nothing") {
   const std::string dir = test::scratch_dir("sweep_odd_name");
   const std::string file = tiny_sweep(dir, R"({"moe.capacity_factor": [1.0]})", 10,
                                       R"(, "train.checkpoint_every": 10, "train.eval_every": 10)");
@@ -374,7 +384,7 @@ TEST_CASE("sweep: point names stay one folder inside the sweep, and within NAME_
             .name == longs.points[0].name);  // the same point, the same folder
 }
 
-TEST_CASE("switch-sweep: a second sweep into a folder in use is refused; --dry-run still reads") {
+TEST_CASE("switch-sweep: a second sweep into a folder in use is refused, --dry-run still reads") {
   const std::string dir = test::scratch_dir("sweep_two_writers");
   const std::string out = dir + "/out";
   const std::string file =
@@ -400,4 +410,29 @@ TEST_CASE("switch-sweep: a second sweep into a folder in use is refused; --dry-r
   // The first sweep's point is whole: its rerun resumes it.
   r = test::run(kSweep + " " + file + " --out " + out + " --dry-run");
   CHECK(test::contains(r.output, "resume"));
+}
+
+TEST_CASE("switch-sweep: a point another switch-train is writing is left alone, not moved") {
+  const std::string dir = test::scratch_dir("sweep_point_in_use");
+  const std::string out = dir + "/out";
+  const std::string file = tiny_sweep(dir, R"({"moe.capacity_factor": [1.0]})", 10);
+  REQUIRE(test::run(kSweep + " " + file + " --out " + out + " --no-plot -q").rc == 0);
+  const std::string point = out + "/capacity_factor-1.0";
+  // Resumed by hand with more steps: its config.json no longer matches the sweep's, so the
+  // sweep would move it aside and train the point again, were it not in use.
+  const test::CmdResult r = test::run(
+      "(" + std::string(SWITCH_TRAIN_BIN) + " --out " + point +
+      " --resume -q --set train.steps=1000000 --set train.log_every=1 & p=$!; echo hand=$p; " +
+      test::wait_for(point + "/metrics.jsonl", "\"step\":12,") + "; " + kSweep + " " + file +
+      " --out " + out + " --no-plot; echo sweep=$?; kill -TERM $p; wait $p; echo hand_rc=$?)");
+  INFO(r.output);
+  const size_t at = r.output.find("hand=");
+  REQUIRE(at != std::string::npos);
+  const std::string pid = r.output.substr(at + 5, r.output.find('\n', at) - at - 5);
+  CHECK(test::contains(r.output, "capacity_factor-1.0: FAILED: run directory '" + point +
+                                     "' is in use by pid " + pid));
+  CHECK(test::contains(r.output, "sweep=1"));
+  CHECK(test::contains(r.output, "hand_rc=143"));
+  CHECK_FALSE(test::fs::exists(out + "/.stale"));
+  CHECK(test::contains(test::read_file(point + "/config.json"), "\"steps\": 1000000"));
 }

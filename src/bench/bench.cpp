@@ -1,9 +1,14 @@
 #include "bench/bench.h"
 
+#include <stdlib.h>
+
 #include <algorithm>
+#include <cerrno>
 #include <chrono>
+#include <cstring>
 #include <filesystem>
 
+#include <fmt/format.h>
 #include <torch/torch.h>
 
 #include "bench/memory.h"
@@ -12,6 +17,7 @@
 #include "model/switch_ffn.h"
 #include "train/metrics.h"
 #include "train/trainer.h"
+#include "util/error.h"
 
 namespace sw {
 
@@ -161,8 +167,32 @@ AttentionResult bench_attention(int64_t tokens, int64_t seq_len, int64_t d_model
   return r;
 }
 
-TrainResult bench_train(const Config& cfg, const std::string& scratch_dir) {
-  std::filesystem::remove_all(scratch_dir);
+namespace {
+
+// A directory made for this process alone (mkdtemp), removed with what is in it when the
+// object goes: nothing of the user's is ever in it.
+struct TempDir {
+  std::string path;
+  TempDir() {
+    const char* base = std::getenv("TMPDIR");
+    std::string tmpl =
+        std::string(base != nullptr && *base != '\0' ? base : "/tmp") + "/switch-bench-XXXXXX";
+    if (::mkdtemp(tmpl.data()) == nullptr)
+      throw Error(
+          fmt::format("cannot create a temporary directory '{}': {}", tmpl, std::strerror(errno)));
+    path = tmpl;
+  }
+  ~TempDir() {
+    std::error_code ec;
+    std::filesystem::remove_all(path, ec);
+  }
+};
+
+}  // namespace
+
+TrainResult bench_train(const Config& cfg) {
+  const TempDir tmp;
+  const std::string scratch_dir = tmp.path + "/run";
   TrainOptions opt;
   opt.out_dir = scratch_dir;
   opt.quiet = true;
@@ -179,7 +209,6 @@ TrainResult bench_train(const Config& cfg, const std::string& scratch_dir) {
     bwd.push_back(rec["ms_backward"].get<double>());
     opt_ms.push_back(rec["ms_optimizer"].get<double>());
   }
-  std::filesystem::remove_all(scratch_dir);
   TrainResult r;
   r.median_ms = median(ms);
   r.median_forward_ms = median(fwd);

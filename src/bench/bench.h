@@ -52,9 +52,10 @@ struct TrainResult {
   int64_t params_total = 0, params_active = 0;
 };
 
-// Trains `cfg` for its train.steps in a scratch directory (no checkpoints) and reports the
-// median step time (from per-step metrics) and the mean throughput (from its summary).
-TrainResult bench_train(const Config& cfg, const std::string& scratch_dir);
+// Trains `cfg` for its train.steps in a fresh temporary directory of its own (under $TMPDIR,
+// else /tmp; no checkpoints; removed afterwards) and reports the median step time (from
+// per-step metrics) and the mean throughput (from its summary).
+TrainResult bench_train(const Config& cfg);
 
 nlohmann::ordered_json to_json(const LayerResult& r);
 nlohmann::ordered_json to_json(const AttentionResult& r);

@@ -26,27 +26,45 @@ int run(int argc, char** argv) {
   int64_t seq_len = 64, n_heads = 4;
   bool json = false, no_layer = false, no_train = false, no_attention = false;
   std::string data = "data/tinyshakespeare.txt";
-  app.add_option("--experts", experts, "expert counts for the layer benchmark")->delimiter(',');
-  app.add_option("--tokens", tokens, "token counts for the layer benchmark")->delimiter(',');
+  app.add_option("--experts", experts, "expert counts for the layer benchmark")
+      ->delimiter(',')
+      ->check(CLI::Range(int64_t{1}, int64_t{1} << 20));
+  app.add_option("--tokens", tokens, "token counts for the layer benchmark")
+      ->delimiter(',')
+      ->check(CLI::Range(int64_t{1}, int64_t{1} << 32));
   app.add_option("--strategies", strategies, "strategies to time")->delimiter(',');
-  app.add_option("--d-model", d_model)->capture_default_str();
-  app.add_option("--d-ff", d_ff, "expert width (dense: d_ff * top_k)")->capture_default_str();
-  app.add_option("--top-k", top_k)->capture_default_str();
-  app.add_option("--capacity-factor", cf)->capture_default_str();
+  app.add_option("--d-model", d_model)
+      ->capture_default_str()
+      ->check(CLI::Range(int64_t{1}, int64_t{1} << 32));
+  app.add_option("--d-ff", d_ff, "expert width (dense: d_ff * top_k)")
+      ->capture_default_str()
+      ->check(CLI::Range(int64_t{1}, int64_t{1} << 32));
+  app.add_option("--top-k", top_k)
+      ->capture_default_str()
+      ->check(CLI::Range(int64_t{1}, int64_t{1} << 20));
+  app.add_option("--capacity-factor", cf)->capture_default_str()->check(CLI::Range(1e-6, 1e6));
   app.add_option("--seq-len", seq_len, "sequence length for the attention benchmark")
       ->capture_default_str()
       ->check(CLI::PositiveNumber);
   app.add_option("--n-heads", n_heads, "heads for the attention benchmark")
       ->capture_default_str()
       ->check(CLI::PositiveNumber);
-  app.add_option("--reps", reps, "timed repetitions (median reported)")->capture_default_str();
-  app.add_option("--warmup", warmup, "untimed repetitions first")->capture_default_str();
+  app.add_option("--reps", reps, "timed repetitions (median reported)")
+      ->capture_default_str()
+      ->check(CLI::Range(1, 1000000));
+  app.add_option("--warmup", warmup, "untimed repetitions first")
+      ->capture_default_str()
+      ->check(CLI::Range(0, 1000000));
   app.add_option("--train-experts", train_experts, "expert counts for training steps")
-      ->delimiter(',');
+      ->delimiter(',')
+      ->check(CLI::Range(int64_t{1}, int64_t{1} << 20));
   app.add_option("--train-steps", train_steps, "training steps per expert count")
-      ->capture_default_str();
+      ->capture_default_str()
+      ->check(CLI::Range(int64_t{1}, int64_t{1} << 40));
   app.add_option("--data", data, "text for the training benchmark")->capture_default_str();
-  app.add_option("--threads", threads, "intra-op threads (0: all cores)")->capture_default_str();
+  app.add_option("--threads", threads, "intra-op threads (0: all cores)")
+      ->capture_default_str()
+      ->check(CLI::Range(int64_t{0}, int64_t{1024}));
   app.add_flag("--no-layer", no_layer, "skip the layer benchmark");
   app.add_flag("--no-train", no_train, "skip the training benchmark");
   app.add_flag("--no-attention", no_attention, "skip the attention benchmark");
@@ -171,7 +189,7 @@ int run(int argc, char** argv) {
         cfg.train.eval_every = train_steps;
         cfg.train.eval_batches = 1;
         cfg.train.threads = threads;
-        sw::TrainResult r = sw::bench_train(cfg, fmt::format("runs/.bench-E{}", E));
+        sw::TrainResult r = sw::bench_train(cfg);
         all.push_back(sw::to_json(r, cfg));
         if (base_tok_s == 0) base_tok_s = r.tokens_per_s;
         out(

@@ -8,6 +8,7 @@
 
 #include "util/error.h"
 #include "util/fs.h"
+#include "util/json_depth.h"
 
 namespace sw {
 namespace {
@@ -285,6 +286,14 @@ void apply_json(Config& c, const nlohmann::json& j, const std::string& source) {
 }
 
 nlohmann::json parse_json_text(const std::string& text, const std::string& source) {
+  size_t at = 0;
+  if (json_depth(text, &at) > kMaxJsonDepth) {
+    const size_t line = 1 + std::count(text.begin(), text.begin() + at, '\n');
+    const size_t line_start = text.rfind('\n', at);
+    const size_t col = at - (line_start == std::string::npos ? 0 : line_start + 1) + 1;
+    throw Error(fmt::format("{}:{}:{}: JSON nested deeper than {} levels", source, line, col,
+                            kMaxJsonDepth));
+  }
   try {
     return nlohmann::json::parse(text);
   } catch (const nlohmann::json::parse_error& e) {
@@ -307,7 +316,7 @@ nlohmann::json parse_json_text(const std::string& text, const std::string& sourc
 }
 
 void apply_file(Config& c, const std::string& path) {
-  apply_json(c, parse_json_text(read_file(path, "config file"), path), path);
+  apply_json(c, parse_json_text(read_file(path, "config file", kMaxJsonFileBytes), path), path);
 }
 
 void apply_override(Config& c, const std::string& assignment) {

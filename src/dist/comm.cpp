@@ -77,8 +77,10 @@ std::shared_ptr<Comm> Comm::connect(const DistEnv& env, std::chrono::millisecond
     c->pg_ = c10::make_intrusive<c10d::ProcessGroupGloo>(c->store_, static_cast<int>(env.rank),
                                                          static_cast<int>(env.world_size), opts);
   } catch (const std::exception& e) {
+    std::string msg = e.what();
+    if (const auto* ce = dynamic_cast<const c10::Error*>(&e)) msg = ce->what_without_backtrace();
     throw Error(fmt::format("rank {} of {}: cannot join the process group at {}:{}: {}", env.rank,
-                            env.world_size, env.master_addr, env.master_port, e.what()));
+                            env.world_size, env.master_addr, env.master_port, first_line(msg)));
   }
   return c;
 }
@@ -123,7 +125,7 @@ void Comm::guard(const char* what, F&& f) {
     std::string msg = e.what();
     if (const auto* ce = dynamic_cast<const c10::Error*>(&e)) msg = ce->what_without_backtrace();
     throw Error(fmt::format("rank {} of {}: {} failed (another rank died or stalled?): {}", rank_,
-                            size_, what, msg));
+                            size_, what, first_line(msg)));
   }
 }
 

@@ -19,8 +19,10 @@
 #include <fmt/format.h>
 
 #include "train/metrics.h"
+#include "util/dir_lock.h"
 #include "util/error.h"
 #include "util/fs.h"
+#include "util/json_depth.h"
 #include "util/process.h"
 
 extern char** environ;
@@ -103,8 +105,8 @@ nlohmann::ordered_json summarize_run(const std::string& run_dir) {
                {"params_total", nullptr},     {"params_active", nullptr}};
   const fs::path summary = fs::path(run_dir) / "summary.json";
   if (fs::exists(summary)) {
-    const nlohmann::json s =
-        parse_json_text(read_file(summary.string(), "run summary"), summary.string());
+    const nlohmann::json s = parse_json_text(
+        read_file(summary.string(), "run summary", kMaxJsonFileBytes), summary.string());
     for (const char* k : {"final_train_loss", "final_val_loss", "best_val_loss", "tokens_per_s",
                           "wall_s", "steps", "params_total", "params_active"})
       if (s.contains(k)) out[k] = s[k];
@@ -176,7 +178,8 @@ PointState point_state(const SweepPoint& p, const std::string& run_dir) {
   const fs::path summary = fs::path(run_dir) / "summary.json";
   if (fs::exists(summary)) {
     try {
-      const auto s = nlohmann::json::parse(read_file(summary.string(), "run summary"));
+      const auto s = parse_json_text(read_file(summary.string(), "run summary", kMaxJsonFileBytes),
+                                     summary.string());
       if (s.value("steps", int64_t{-1}) == p.config.train.steps) return PointState::Done;
     } catch (const std::exception&) {
     }
@@ -215,6 +218,21 @@ int run_sweep(const Sweep& s, const SweepOptions& opt, int* stopped) {
       say(label(i) + ": already done, skipped");
       return false;
     }
+    // A point another process writes (a switch-train started in it by hand) is left alone:
+    // not moved aside, no log opened in it. The probe's lock is held while the sweep moves
+    // or prepares the folder, and handed to the point's own switch-train when it starts.
+    DirLock probe;
+    if (fs::exists(dir)) {
+      try {
+        probe = DirLock::acquire(dir, "run directory",
+                                 "the sweep leaves this point alone; run the sweep again when "
+                                 "that process is done");
+      } catch (const Error& e) {
+        ++failed;
+        say(fmt::format("{}: FAILED: {}", label(i), e.what()));
+        return false;
+      }
+    }
     // One job: the point's own thread count (0: every core); several: the cores shared out.
     const int64_t t = jobs > 1                     ? threads
                       : p.config.train.threads > 0 ? p.config.train.threads
@@ -243,6 +261,7 @@ int run_sweep(const Sweep& s, const SweepOptions& opt, int* stopped) {
       argv.insert(argv.end(), {"--config=" + cfg, fmt::format("--set=train.threads={}", t)});
     }
     fs::create_directories(dir);
+    probe = DirLock();  // released just before the point's switch-train takes it
     const pid_t pid = spawn(argv, (fs::path(dir) / "train.log").string());
     running[pid] = {i, std::chrono::steady_clock::now()};
     say(fmt::format("{}: {} ({} thread{})", label(i),

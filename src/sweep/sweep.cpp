@@ -8,6 +8,7 @@
 
 #include "util/error.h"
 #include "util/fs.h"
+#include "util/json_depth.h"
 
 namespace sw {
 namespace fs = std::filesystem;
@@ -236,7 +237,7 @@ Sweep parse_sweep(const std::string& text, const std::string& source, const std:
 }
 
 Sweep load_sweep(const std::string& path, const std::vector<std::string>& sets) {
-  const std::string text = read_file(path, "sweep file");
+  const std::string text = read_file(path, "sweep file", kMaxJsonFileBytes);
   std::string dir = fs::path(path).parent_path().string();
   return parse_sweep(text, path, dir.empty() ? "." : dir, sets);
 }

@@ -1,14 +1,22 @@
 #include "train/checkpoint.h"
 
 #include <algorithm>
+#include <cstring>
 #include <filesystem>
 #include <regex>
+#include <sstream>
+#include <unordered_map>
+
+#include <caffe2/serialize/inline_container.h>
+#include <torch/csrc/jit/serialization/unpickler.h>
 
 #include <fmt/format.h>
 #include <nlohmann/json.hpp>
 
+#include "train/adamw_state.h"
 #include "util/error.h"
 #include "util/fs.h"
+#include "util/json_depth.h"
 
 namespace sw {
 namespace fs = std::filesystem;
@@ -35,6 +43,76 @@ std::vector<std::pair<int64_t, std::string>> complete_checkpoints(const std::str
   return out;
 }
 
+// Every tensor reachable from `v` (dict values, lists, tuples).
+void collect_tensors(const c10::IValue& v, std::vector<at::Tensor>& out, int depth = 0) {
+  if (depth > 8) return;
+  if (v.isTensor()) {
+    out.push_back(v.toTensor());
+  } else if (v.isGenericDict()) {
+    for (const auto& e : v.toGenericDict())
+      collect_tensors(e.value(), out, depth + 1);
+  } else if (v.isList()) {
+    for (const auto& e : v.toListRef())
+      collect_tensors(e, out, depth + 1);
+  } else if (v.isTuple()) {
+    for (const auto& e : v.toTupleRef().elements())
+      collect_tensors(e, out, depth + 1);
+  }
+}
+
+// Reads a pickle archive (torch::pickle_save's zip: data.pkl and one record per storage)
+// and checks, before anything uses them, that every tensor lies within the bytes its record
+// really holds: LibTorch's reader trusts the sizes and offsets the pickle declares.
+c10::IValue read_pickle_archive(const std::string& bytes, const std::string& path) {
+  std::unordered_map<const void*, size_t> record_bytes;  // storage data -> its record's size
+  c10::IValue value;
+  try {
+    std::istringstream in(bytes);
+    caffe2::serialize::PyTorchStreamReader reader(&in);
+    at::DataPtr pickle;
+    size_t pickle_size = 0;
+    std::tie(pickle, pickle_size) = reader.getRecord("data.pkl");
+    const char* data = static_cast<const char*>(pickle.get());
+    size_t pos = 0;
+    auto read = [&](char* buf, size_t n) -> size_t {
+      n = std::min(n, pickle_size - pos);
+      if (n > 0) std::memcpy(buf, data + pos, n);
+      pos += n;
+      return n;
+    };
+    auto read_record = [&](const std::string& key) -> at::DataPtr {
+      at::DataPtr ptr;
+      size_t size = 0;
+      std::tie(ptr, size) = reader.getRecord("data/" + key);
+      record_bytes[ptr.get()] = size;
+      return ptr;
+    };
+    torch::jit::Unpickler unpickler(read, nullptr, nullptr, read_record, c10::nullopt);
+    unpickler.set_version(reader.version());
+    value = unpickler.parse_ivalue();
+  } catch (const c10::Error& e) {
+    throw Error(fmt::format("{}: not a readable archive (truncated or corrupted?): {}", path,
+                            first_line(e.what_without_backtrace())));
+  }
+  std::vector<at::Tensor> tensors;
+  collect_tensors(value, tensors);
+  for (const at::Tensor& t : tensors) {
+    if (t.numel() == 0) continue;
+    const auto it = record_bytes.find(t.storage().data());
+    const int64_t item = static_cast<int64_t>(t.element_size());
+    const bool inside =
+        it != record_bytes.end() && t.storage().nbytes() <= it->second && t.is_contiguous() &&
+        t.storage_offset() >= 0 &&
+        t.numel() <= (static_cast<int64_t>(t.storage().nbytes()) / item) - t.storage_offset();
+    if (!inside)
+      throw Error(
+          fmt::format("{}: a tensor of shape {} does not lie whole in the data its "
+                      "archive holds (truncated or corrupted?)",
+                      path, fmt::join(t.sizes(), "x")));
+  }
+  return value;
+}
+
 }  // namespace
 
 c10::Dict<std::string, at::Tensor> state_dict(const torch::nn::Module& model) {
@@ -59,9 +137,11 @@ void save_checkpoint(const std::string& run_dir, const Config& cfg, const Vocab&
   try {
     write_file_atomic((tmp_dir / "model.pt").string(), torch::pickle_save(state_dict(model)));
 
-    const std::string optim_path = (tmp_dir / "optim.pt").string();
-    torch::save(opt, optim_path);
-    fsync_path(optim_path);
+    // Serialized in memory, then written like every other file: a full disk is an error
+    // of that write, not a throw from LibTorch's file writer as it closes.
+    std::ostringstream optim_bytes;
+    torch::save(opt, optim_bytes);
+    write_file_atomic((tmp_dir / "optim.pt").string(), optim_bytes.str());
 
     c10::Dict<std::string, at::Tensor> rng;
     rng.insert("torch_cpu", at::detail::getDefaultCPUGenerator().get_state());
@@ -93,21 +173,28 @@ std::optional<std::string> newest_checkpoint(const std::string& run_dir) {
 
 CheckpointMeta read_checkpoint_meta(const std::string& ckpt_dir) {
   const std::string path = (fs::path(ckpt_dir) / "state.json").string();
-  CheckpointMeta m = parse_checkpoint_state(read_file(path, "checkpoint state"), path);
+  CheckpointMeta m =
+      parse_checkpoint_state(read_file(path, "checkpoint state", kMaxJsonFileBytes), path);
   m.dir = ckpt_dir;
   return m;
 }
 
 void load_weights(const std::string& ckpt_dir, torch::nn::Module& model) {
   const std::string path = (fs::path(ckpt_dir) / "model.pt").string();
-  const std::string bytes = read_file(path, "checkpoint weights");
-  c10::impl::GenericDict dict{c10::StringType::get(), c10::TensorType::get()};
-  try {
-    dict = torch::pickle_load(std::vector<char>(bytes.begin(), bytes.end())).toGenericDict();
-  } catch (const c10::Error& e) {
-    throw Error(fmt::format("{}: not a readable weights file (truncated or corrupted?): {}", path,
-                            e.what_without_backtrace()));
-  }
+  const c10::IValue archive = read_pickle_archive(read_file(path, "checkpoint weights"), path);
+  if (!archive.isGenericDict())
+    throw Error(fmt::format("{}: not a weights file: it holds a {}, not a dict of tensors", path,
+                            archive.tagKind()));
+  const c10::impl::GenericDict dict = archive.toGenericDict();
+  for (const auto& entry : dict)
+    if (!entry.key().isString() || !entry.value().isTensor() ||
+        entry.value().toTensor().scalar_type() != at::kFloat)
+      throw Error(
+          fmt::format("{}: holds an entry {} that is not a parameter name with a "
+                      "float32 tensor",
+                      path,
+                      entry.key().isString() ? "'" + entry.key().toStringRef() + "'"
+                                             : "keyed by a " + entry.key().tagKind()));
   torch::NoGradGuard no_grad;
   auto params = model.named_parameters();
   auto buffers = model.named_buffers();
@@ -141,6 +228,53 @@ void load_weights(const std::string& ckpt_dir, torch::nn::Module& model) {
   }
 }
 
+namespace {
+
+// A moment tensor of a loaded optimizer state that the fused update may stream over `p`:
+// same dtype and shape, contiguous, its declared storage large enough.
+void check_moment(const torch::Tensor& m, const torch::Tensor& p, const std::string& path,
+                  const std::string& what, size_t index) {
+  const auto fail = [&](const std::string& why) {
+    throw Error(
+        fmt::format("{}: the {} of parameter {} {} (an optimizer state of another "
+                    "model?)",
+                    path, what, index, why));
+  };
+  if (!m.defined()) fail("is missing");
+  if (m.scalar_type() != p.scalar_type())
+    fail(fmt::format("has dtype {}, the parameter {}", c10::toString(m.scalar_type()),
+                     c10::toString(p.scalar_type())));
+  if (m.sizes() != p.sizes())
+    fail(fmt::format("has shape {}, the parameter {}", fmt::join(m.sizes(), "x"),
+                     fmt::join(p.sizes(), "x")));
+  if (!m.is_contiguous() || m.storage_offset() < 0 ||
+      (m.storage_offset() + m.numel()) * static_cast<int64_t>(m.element_size()) >
+          static_cast<int64_t>(m.storage().nbytes()))
+    fail("does not lie whole and contiguous in its storage");
+}
+
+void check_optimizer_state(torch::optim::Optimizer& opt, const std::string& path) {
+  size_t index = 0;
+  for (auto& group : opt.param_groups())
+    for (const auto& p : group.params()) {
+      if (const auto* st = adamw_state(opt, p)) {
+        check_moment(st->exp_avg(), p, path, "first moment", index);
+        check_moment(st->exp_avg_sq(), p, path, "second moment", index);
+        if (st->step() < 0)
+          throw Error(
+              fmt::format("{}: parameter {} has step {}, below 0", path, index, st->step()));
+      }
+      ++index;
+    }
+  if (opt.state().size() > index)
+    throw Error(
+        fmt::format("{}: holds state for {} parameters, the model has {} (an optimizer "
+                    "state of another model?)",
+                    path, opt.state().size(), index));
+}
+
+}  // namespace
+
 bool load_optimizer_and_rng(const std::string& ckpt_dir, torch::optim::Optimizer& opt, int64_t rank,
                             int64_t world) {
   const std::string optim_path = (fs::path(ckpt_dir) / "optim.pt").string();
@@ -149,11 +283,14 @@ bool load_optimizer_and_rng(const std::string& ckpt_dir, torch::optim::Optimizer
     torch::load(opt, optim_path);
   } catch (const c10::Error& e) {
     throw Error(fmt::format("{}: cannot load the optimizer state: {}", optim_path,
-                            e.what_without_backtrace()));
+                            first_line(e.what_without_backtrace())));
   }
-  const std::string bytes = read_file(rng_path, "checkpoint RNG state");
+  check_optimizer_state(opt, optim_path);
+  const c10::IValue archive =
+      read_pickle_archive(read_file(rng_path, "checkpoint RNG state"), rng_path);
   try {
-    auto dict = torch::pickle_load(std::vector<char>(bytes.begin(), bytes.end())).toGenericDict();
+    if (!archive.isGenericDict()) throw Error(fmt::format("{}: not an RNG state file", rng_path));
+    auto dict = archive.toGenericDict();
     at::Generator gen = at::detail::getDefaultCPUGenerator();
     if (dict.contains("torch_cpu_ranks")) {
       const at::Tensor all = dict.at("torch_cpu_ranks").toTensor();
@@ -166,8 +303,8 @@ bool load_optimizer_and_rng(const std::string& ckpt_dir, torch::optim::Optimizer
     gen.set_state(dict.at("torch_cpu").toTensor());
     return true;
   } catch (const c10::Error& e) {
-    throw Error(
-        fmt::format("{}: cannot load the RNG state: {}", rng_path, e.what_without_backtrace()));
+    throw Error(fmt::format("{}: cannot load the RNG state: {}", rng_path,
+                            first_line(e.what_without_backtrace())));
   }
 }
 

@@ -57,6 +57,9 @@ CheckpointMeta parse_checkpoint_state(const std::string& text, const std::string
     m.state.step = int_field(j, "step", source);
     if (m.state.step < 0) throw Error(fmt::format("{}: step {} is negative", source, m.state.step));
     m.state.time_s = number_field(j, "time_s", source);
+    if (!(m.state.time_s >= 0) || !std::isfinite(m.state.time_s))
+      throw Error(fmt::format("{}: time_s {} is not a finite number of seconds >= 0", source,
+                              m.state.time_s));
     const nlohmann::json& rng = j.at("data_rng");
     if (!rng.is_array() || rng.size() != 4)
       throw Error(fmt::format("{}: 'data_rng' must be 4 unsigned integers", source));
@@ -66,10 +69,19 @@ CheckpointMeta parse_checkpoint_state(const std::string& text, const std::string
                                 rng[i].dump()));
       m.state.data_rng[i] = rng[i].get<uint64_t>();
     }
+    if (m.state.data_rng == std::array<uint64_t, 4>{})
+      throw Error(fmt::format("{}: 'data_rng' is all zeros, not a generator state", source));
     if (!j.at("best_val_loss").is_null())
       m.state.best_val_loss = number_field(j, "best_val_loss", source);
+    if (!(m.state.best_val_loss >= 0))
+      throw Error(
+          fmt::format("{}: best_val_loss {} is not a loss (>= 0)", source, m.state.best_val_loss));
     if (j.contains("skipped_steps")) m.state.skipped_steps = int_field(j, "skipped_steps", source);
+    if (m.state.skipped_steps < 0 || m.state.skipped_steps > m.state.step)
+      throw Error(fmt::format("{}: skipped_steps {} is not between 0 and step {}", source,
+                              m.state.skipped_steps, m.state.step));
     m.vocab = Vocab(utf8_decode(j.at("vocab").get<std::string>(), source + " vocab"));
+    if (m.vocab.size() == 0) throw Error(fmt::format("{}: the vocabulary is empty", source));
     apply_json(m.config, j.at("config"), source + " config");
     validate(m.config);
   } catch (const nlohmann::json::exception& e) {

@@ -38,6 +38,16 @@ double read_bytes(const std::string& path) {
   }
 }
 
+// The value of `key` in a cgroup memory.stat file ("key value" lines); 0 when absent.
+double stat_value(const std::string& path, const std::string& key) {
+  std::ifstream in(path);
+  std::string k;
+  double v = 0;
+  while (in >> k >> v)
+    if (k == key) return v;
+  return 0;
+}
+
 // The process's cgroup path for a controller line of /proc/self/cgroup ("0::/a/b" for v2,
 // "4:memory:/a/b" for v1).
 std::string cgroup_path(const std::string& root, bool v2) {
@@ -62,13 +72,15 @@ std::string cgroup_path(const std::string& root, bool v2) {
 // The smallest (limit - usage) over the group at `mount`/`path` and every group above it;
 // < 0 when none has a limit.
 double cgroup_room(const std::string& mount, std::string path, const char* limit_file,
-                   const char* usage_file) {
+                   const char* usage_file, const char* inactive_key) {
   double room = -1;
   for (;;) {
     const std::string dir = mount + (path == "/" ? "" : path);
     const double limit = read_bytes(dir + "/" + limit_file);
     if (limit >= 0) {
-      const double used = std::max(0.0, read_bytes(dir + "/" + usage_file));
+      // Inactive page cache counts as used but is reclaimed on demand (the "working set").
+      const double used = std::max(
+          0.0, read_bytes(dir + "/" + usage_file) - stat_value(dir + "/memory.stat", inactive_key));
       const double r = std::max(0.0, limit - used);
       room = room < 0 ? r : std::min(room, r);
     }
@@ -146,7 +158,16 @@ MemoryEstimate estimate_memory(const Config& c, int64_t vocab, int64_t world,
   const double H = static_cast<double>(c.model.n_heads), T = static_cast<double>(c.model.seq_len);
   const double E = static_cast<double>(c.moe.n_experts), V = static_cast<double>(vocab);
   const double k = static_cast<double>(c.moe.top_k);
-  const double routed = k * std::max(1.0, c.moe.drop_tokens ? c.moe.capacity_factor : 1.0);
+  // Rows the experts compute per token: k for the grouped and loop strategies (only routed
+  // tokens); the capacity strategy pads every expert to its capacity, and without dropping
+  // to the busiest expert's load, counted at its worst (every expert as busy as all).
+  const bool padded = c.moe.strategy == "capacity";
+  auto rows = [&](double factor) {
+    if (!padded) return k;
+    return c.moe.drop_tokens ? k * std::max(1.0, factor) : k * std::max(1.0, E);
+  };
+  const double routed = rows(c.moe.capacity_factor);
+  const double eval_routed = rows(c.moe.eval_capacity_factor);
   const double dense_block = 8 * D + H * T + 2 * F;
   const double moe_block = 8 * D + H * T + 4 * E + routed * (2 * D + 2 * F);
   const double moe_layers = static_cast<double>(c.n_moe_layers());
@@ -157,9 +178,12 @@ MemoryEstimate estimate_memory(const Config& c, int64_t vocab, int64_t world,
   const double rank_batch =
       std::ceil(static_cast<double>(c.train.batch_size) / static_cast<double>(world));
   m.activations = per_token * rank_batch * T * kFloat;
-  // Evaluation runs between steps, one batch at a time without a graph.
+  // Evaluation runs between steps, one batch at a time without a graph (at the evaluation
+  // capacity factor).
   const double batch_tokens = static_cast<double>(c.train.batch_size) * T;
-  m.eval = (3 * widest + 4 * V) * batch_tokens * kFloat;
+  const double eval_block = std::max(
+      dense_block, moe_layers > 0 ? 8 * D + H * T + 4 * E + eval_routed * (2 * D + 2 * F) : 0.0);
+  m.eval = (3 * eval_block + 4 * V) * batch_tokens * kFloat;
   // The text as read (UTF-32), its ids (int64), the two splits' ids, and the fixed
   // evaluation batches (inputs and targets, for both splits).
   m.data = 28 * static_cast<double>(corpus_chars) +
@@ -173,11 +197,11 @@ MemoryLimit memory_limit(const std::string& root) {
   auto take = [&](double bytes, const std::string& source) {
     if (bytes >= 0 && (out.bytes < 0 || bytes < out.bytes)) out = {bytes, source};
   };
-  take(
-      cgroup_room(root + "/sys/fs/cgroup", cgroup_path(root, true), "memory.max", "memory.current"),
-      "cgroup memory.max");
+  take(cgroup_room(root + "/sys/fs/cgroup", cgroup_path(root, true), "memory.max", "memory.current",
+                   "inactive_file"),
+       "cgroup memory.max");
   take(cgroup_room(root + "/sys/fs/cgroup/memory", cgroup_path(root, false),
-                   "memory.limit_in_bytes", "memory.usage_in_bytes"),
+                   "memory.limit_in_bytes", "memory.usage_in_bytes", "total_inactive_file"),
        "cgroup memory.limit_in_bytes");
   take(mem_available(root), "MemAvailable");
   return out;

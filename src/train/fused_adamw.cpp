@@ -8,23 +8,11 @@
 
 #include <ATen/Parallel.h>
 
+#include "train/adamw_state.h"
 #include "util/parallel.h"
 
 namespace sw {
 namespace {
-
-// The optimizer's state map is keyed by the parameter's TensorImpl: by its printed address
-// in LibTorch 1.x, by the pointer itself in later versions.
-template <typename Key>
-Key state_key(c10::TensorImpl* impl) {
-  if constexpr (std::is_same_v<Key, std::string>) {
-    std::ostringstream ss;
-    ss << impl;
-    return ss.str();
-  } else {
-    return impl;
-  }
-}
 
 // One pass over elements [begin, end): p <- p * (1 - lr wd); m <- b1 m + (1 - b1) g;
 // v <- b2 v + (1 - b2) g^2; p <- p - step_size * m / (sqrt(v) / sqrt(bc2) + eps), with
@@ -108,14 +96,6 @@ torch::Tensor FusedAdamW::step(LossClosure closure) {
   });
   grad_scale_ = 1.0;
   return loss;
-}
-
-torch::optim::AdamWParamState* adamw_state(torch::optim::Optimizer& opt, const torch::Tensor& p) {
-  auto& state = opt.state();
-  using Key = typename std::decay_t<decltype(state)>::key_type;
-  auto it = state.find(state_key<Key>(p.unsafeGetTensorImpl()));
-  return it == state.end() ? nullptr
-                           : static_cast<torch::optim::AdamWParamState*>(it->second.get());
 }
 
 GradNorm grad_norm(const std::vector<torch::Tensor>& params, double max_norm) {

@@ -10,6 +10,8 @@
 
 #include <torch/torch.h>
 
+#include "train/adamw_state.h"
+
 namespace sw {
 
 class FusedAdamW : public torch::optim::AdamW {
@@ -31,8 +33,5 @@ struct GradNorm {
   double clip_scale;
 };
 GradNorm grad_norm(const std::vector<torch::Tensor>& params, double max_norm);
-
-// The AdamW state of parameter `p` in `opt`, or nullptr before its first update.
-torch::optim::AdamWParamState* adamw_state(torch::optim::Optimizer& opt, const torch::Tensor& p);
 
 }  // namespace sw

@@ -1,18 +1,31 @@
 #include "train/metrics.h"
 
+#include <fcntl.h>
+#include <unistd.h>
+
+#include <cerrno>
 #include <cmath>
+#include <cstring>
 #include <fstream>
 
 #include <fmt/format.h>
 
 #include "util/error.h"
 #include "util/fs.h"
+#include "util/json_depth.h"
 
 namespace sw {
 
 MetricsWriter::MetricsWriter(const std::string& path) : path_(path) {
-  f_ = std::fopen(path.c_str(), "ab");
-  if (!f_) throw Error(fmt::format("cannot open '{}' for appending", path));
+  // Never through a link planted in the run directory: the records stay inside it.
+  const int fd = ::open(path.c_str(), O_WRONLY | O_APPEND | O_CREAT | O_NOFOLLOW | O_CLOEXEC, 0644);
+  if (fd < 0)
+    throw Error(fmt::format("cannot open '{}' for appending: {}", path, std::strerror(errno)));
+  f_ = ::fdopen(fd, "ab");
+  if (!f_) {
+    ::close(fd);
+    throw Error(fmt::format("cannot open '{}' for appending", path));
+  }
 }
 
 MetricsWriter::~MetricsWriter() {
@@ -30,7 +43,7 @@ std::vector<nlohmann::json> read_metrics(const std::string& path) {
   std::ifstream in(path);
   std::string line;
   while (std::getline(in, line)) {
-    if (line.empty()) continue;
+    if (line.empty() || json_depth(line) > kMaxJsonDepth) continue;  // not a record of ours
     nlohmann::json j = nlohmann::json::parse(line, nullptr, /*allow_exceptions=*/false);
     if (j.is_discarded() || !j.is_object()) continue;  // a torn line from a crash
     out.push_back(std::move(j));

@@ -1,5 +1,7 @@
 #include "train/trainer.h"
 
+#include <signal.h>
+
 #include <chrono>
 #include <cmath>
 #include <csignal>
@@ -213,7 +215,43 @@ void check_no_run_in(const std::string& dir) {
         fmt::format("run directory '{}' already holds a run; continue it with "
                     "'switch-train --out {} --resume' or choose another --out",
                     dir, dir));
+  // A new run starts in an empty folder (its lock and a sweep's train.log aside): old
+  // checkpoints or foreign files there would be taken for the run's own, or pruned.
+  std::error_code ec;
+  for (const auto& entry : fs::directory_iterator(dir, ec)) {
+    const std::string name = entry.path().filename().string();
+    if (name != ".lock" && name != "train.log")
+      throw Error(
+          fmt::format("'{}' is not empty and holds no run ('{}' is there): a new run "
+                      "needs a new or empty --out",
+                      dir, name));
+  }
 }
+
+// While it lives, SIGINT and SIGTERM end the process at once with their default action
+// (exit status 130 / 143), as for a rank blocked in the rendezvous, which would otherwise
+// notice a stop request only after dist.timeout_s. A request already made acts at once.
+class StopAtOnce {
+ public:
+  explicit StopAtOnce(const std::atomic<int>* stop) {
+    struct sigaction dfl {};
+    dfl.sa_handler = SIG_DFL;
+    sigemptyset(&dfl.sa_mask);
+    sigaction(SIGINT, &dfl, &old_int_);
+    sigaction(SIGTERM, &dfl, &old_term_);
+    if (stop != nullptr && stop->load() != 0) std::raise(stop->load());
+  }
+  ~StopAtOnce() {
+    sigaction(SIGINT, &old_int_, nullptr);
+    sigaction(SIGTERM, &old_term_, nullptr);
+  }
+  StopAtOnce(const StopAtOnce&) = delete;
+  StopAtOnce& operator=(const StopAtOnce&) = delete;
+
+ private:
+  struct sigaction old_int_ {};
+  struct sigaction old_term_ {};
+};
 
 DirLock lock_run_dir(const std::string& dir) {
   return DirLock::acquire(
@@ -309,7 +347,9 @@ nlohmann::ordered_json train(const Config& cfg, const TrainOptions& opt) {
   // Memory, before the model is allocated and before a new run's directory is created.
   const MemoryEstimate need = estimate_memory(cfg, V, par.world, static_cast<int64_t>(text.size()));
   say("memory: about " + need.describe() + (par.world > 1 ? " per rank" : ""));
-  check_fits(cfg, need, std::min<int64_t>(local_ranks, par.world), memory_limit());
+  // The ranks sharing this machine's memory: LOCAL_WORLD_SIZE (set by --nproc and torchrun).
+  const char* local = std::getenv("LOCAL_WORLD_SIZE");
+  check_fits(cfg, need, local != nullptr ? std::max(1, std::atoi(local)) : 1, memory_limit());
   if (!opt.resume) {
     if (par.root()) {
       create_run_dir(opt.out_dir);
@@ -320,7 +360,10 @@ nlohmann::ordered_json train(const Config& cfg, const TrainOptions& opt) {
 
   if (env && par.world > 1) {
     const auto timeout = std::chrono::milliseconds(static_cast<int64_t>(cfg.dist.timeout_s * 1e3));
-    par.comm = Comm::connect(*env, timeout);
+    {
+      const StopAtOnce at_once(opt.stop);  // nothing to save while waiting for the others
+      par.comm = Comm::connect(*env, timeout);
+    }
     say(fmt::format("ranks: {} joined at {}:{} ({}; global batch {} = {} per rank)", par.world,
                     env->master_addr, env->master_port,
                     par.expert_parallel ? fmt::format("{} experts per rank per layer",

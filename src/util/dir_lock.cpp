@@ -13,6 +13,7 @@
 #include <nlohmann/json.hpp>
 
 #include "util/error.h"
+#include "util/json_depth.h"
 
 namespace sw {
 namespace fs = std::filesystem;
@@ -59,16 +60,28 @@ std::string utc_now() {
   return buf;
 }
 
+// Text from the lock file as it may be shown: control bytes as \xNN.
+std::string printable(const std::string& s) {
+  std::string out;
+  for (char c : s) {
+    const auto u = static_cast<unsigned char>(c);
+    out += u < 0x20 || u == 0x7f ? fmt::format("\\x{:02x}", u) : std::string(1, c);
+  }
+  return out;
+}
+
 // The record the holder wrote, as one readable phrase; `fd` is open on the lock file.
 std::string describe_holder(int fd) {
   std::string text(kMaxRecord, '\0');
   const ssize_t n = ::pread(fd, text.data(), text.size(), 0);
   text.resize(n > 0 ? static_cast<size_t>(n) : 0);
   try {
+    if (json_depth(text) > kMaxJsonDepth) throw std::runtime_error("not a record of ours");
     const nlohmann::json j = nlohmann::json::parse(text);
     return fmt::format("pid {} on host {} since {} (command: {})", j.at("pid").get<int64_t>(),
-                       j.at("host").get<std::string>(), j.at("started").get<std::string>(),
-                       j.at("command").get<std::string>());
+                       printable(j.at("host").get<std::string>()),
+                       printable(j.at("started").get<std::string>()),
+                       printable(j.at("command").get<std::string>()));
   } catch (const std::exception&) {
     // The holder has not written its record yet (it is starting), or the file is not ours.
     return "another process (it has not recorded itself yet)";
@@ -114,9 +127,12 @@ DirLock DirLock::acquire(const std::string& dir, const std::string& what, const 
           .dump() +
       "\n";
   // The record is information for the next writer: the lock itself does not depend on it.
-  if (::ftruncate(fd, 0) != 0 ||
-      ::pwrite(fd, record.data(), record.size(), 0) != static_cast<ssize_t>(record.size()))
+  if (::ftruncate(fd, 0) != 0)
     throw Error(fmt::format("cannot write the lock file '{}': {}", path, std::strerror(errno)));
+  const ssize_t n = ::pwrite(fd, record.data(), record.size(), 0);
+  if (n != static_cast<ssize_t>(record.size()))
+    throw Error(fmt::format("cannot write the lock file '{}': {}", path,
+                            n < 0 ? std::strerror(errno) : "short write (disk full?)"));
   return lock;
 }
 

@@ -21,6 +21,9 @@ class ConfigError : public Error {
   using Error::Error;
 };
 
+// The first line of `s` (LibTorch's messages go on with notes and stacks).
+std::string first_line(const std::string& s);
+
 // The line a main prints for an exception it did not expect (exit 3): the first line of
 // its message — LibTorch's c10::Error carries a C++ stack after it —, or the whole message
 // when the environment sets SWITCH_DEBUG=1.

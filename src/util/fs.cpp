@@ -1,14 +1,13 @@
 #include "util/fs.h"
 
 #include <fcntl.h>
+#include <sys/stat.h>
 #include <unistd.h>
 
 #include <cerrno>
 #include <cstdio>
 #include <cstring>
 #include <filesystem>
-#include <fstream>
-#include <sstream>
 
 #include <fmt/format.h>
 
@@ -26,10 +25,27 @@ void fsync_path(const std::string& path) {
   if (rc != 0) throw Error(fmt::format("cannot flush '{}' to disk: {}", path, strerror(err)));
 }
 
+// Creates `tmp` for writing, exclusively and without following a link: a stale one (left by
+// a crash) or anything planted under that name, a symbolic link included, is removed first
+// (the link itself, never what it points to).
+static int create_exclusive(const std::string& tmp) {
+  const int flags = O_WRONLY | O_CREAT | O_EXCL | O_NOFOLLOW | O_CLOEXEC;
+  int fd = ::open(tmp.c_str(), flags, 0644);
+  if (fd < 0 && errno == EEXIST) {
+    struct stat st {};
+    if (::lstat(tmp.c_str(), &st) == 0 && S_ISDIR(st.st_mode))
+      throw Error(fmt::format("cannot write '{}': a directory is in the way", tmp));
+    if (::unlink(tmp.c_str()) != 0 && errno != ENOENT)
+      throw Error(fmt::format("cannot replace '{}': {}", tmp, strerror(errno)));
+    fd = ::open(tmp.c_str(), flags, 0644);
+  }
+  if (fd < 0) throw Error(fmt::format("cannot write '{}': {}", tmp, strerror(errno)));
+  return fd;
+}
+
 static void write_all(const std::string& path, const char* data, size_t n) {
   const std::string tmp = path + ".tmp";
-  int fd = ::open(tmp.c_str(), O_WRONLY | O_CREAT | O_TRUNC, 0644);
-  if (fd < 0) throw Error(fmt::format("cannot write '{}': {}", tmp, strerror(errno)));
+  int fd = create_exclusive(tmp);
   size_t done = 0;
   while (done < n) {
     ssize_t w = ::write(fd, data + done, n - done);
@@ -64,13 +80,41 @@ void write_file_atomic(const std::string& path, const std::vector<char>& bytes) 
   write_all(path, bytes.data(), bytes.size());
 }
 
-std::string read_file(const std::string& path, const std::string& what) {
-  std::ifstream in(path, std::ios::binary);
-  if (!in) throw Error(fmt::format("cannot open {} '{}'", what, path));
-  std::ostringstream ss;
-  ss << in.rdbuf();
-  if (in.bad()) throw Error(fmt::format("cannot read {} '{}'", what, path));
-  return ss.str();
+std::string read_file(const std::string& path, const std::string& what, size_t max_bytes) {
+  // O_NONBLOCK: opening a FIFO must not wait for a writer; it is refused just below.
+  const int fd = ::open(path.c_str(), O_RDONLY | O_NONBLOCK | O_CLOEXEC);
+  if (fd < 0) throw Error(fmt::format("cannot open {} '{}': {}", what, path, strerror(errno)));
+  struct stat st {};
+  if (::fstat(fd, &st) != 0 || !S_ISREG(st.st_mode)) {
+    ::close(fd);
+    throw Error(fmt::format("{} '{}' is not a regular file{}", what, path,
+                            S_ISDIR(st.st_mode) ? " (a directory)" : ""));
+  }
+  if (static_cast<uint64_t>(st.st_size) > max_bytes) {
+    ::close(fd);
+    throw Error(fmt::format("{} '{}' is {} bytes, more than the {} accepted", what, path,
+                            static_cast<uint64_t>(st.st_size), max_bytes));
+  }
+  std::string out;
+  out.reserve(static_cast<size_t>(st.st_size));
+  char buf[1 << 16];
+  for (;;) {
+    const ssize_t n = ::read(fd, buf, sizeof buf);
+    if (n < 0 && errno == EINTR) continue;
+    if (n < 0) {
+      const int err = errno;
+      ::close(fd);
+      throw Error(fmt::format("cannot read {} '{}': {}", what, path, strerror(err)));
+    }
+    if (n == 0) break;
+    out.append(buf, static_cast<size_t>(n));
+    if (out.size() > max_bytes) {  // grew while being read
+      ::close(fd);
+      throw Error(fmt::format("{} '{}' is more than the {} bytes accepted", what, path, max_bytes));
+    }
+  }
+  ::close(fd);
+  return out;
 }
 
 }  // namespace sw

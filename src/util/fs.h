@@ -2,6 +2,7 @@
 // temporary name, flushed to disk, then renamed over its final name.
 #pragma once
 
+#include <cstddef>
 #include <string>
 #include <vector>
 
@@ -13,8 +14,10 @@ namespace sw {
 void write_file_atomic(const std::string& path, const std::string& bytes);
 void write_file_atomic(const std::string& path, const std::vector<char>& bytes);
 
-// Reads a whole file; throws sw::Error naming `what` and the path.
-std::string read_file(const std::string& path, const std::string& what);
+// Reads a whole regular file of at most `max_bytes`; throws sw::Error naming `what` and the
+// path otherwise (a directory, FIFO or device is refused without blocking on it).
+std::string read_file(const std::string& path, const std::string& what,
+                      size_t max_bytes = size_t{1} << 40);
 
 // Flushes a file or directory to disk; throws sw::Error on failure.
 void fsync_path(const std::string& path);

@@ -1,6 +1,7 @@
 #include "util/process.h"
 
 #include <fcntl.h>
+#include <poll.h>
 #include <spawn.h>
 #include <sys/wait.h>
 #include <unistd.h>
@@ -76,22 +77,39 @@ ProgramResult run_program(const std::vector<std::string>& argv_in, bool quiet) {
   ::close(s.pipe_fd[1]);
   s.pipe_fd[1] = -1;
 
+  // Read stderr while the child runs; once it has exited, take what is left without
+  // waiting: a process it left behind may hold the pipe open for as long as it likes.
   ProgramResult r;
   constexpr size_t kKeep = 4096;
-  char buf[4096];
-  for (;;) {
-    const ssize_t n = ::read(s.pipe_fd[0], buf, sizeof buf);
-    if (n < 0 && errno == EINTR) continue;
-    if (n <= 0) break;
-    if (!quiet) (void)!::write(STDERR_FILENO, buf, static_cast<size_t>(n));
-    r.err.append(buf, static_cast<size_t>(n));
-    if (r.err.size() > 2 * kKeep) r.err.erase(0, r.err.size() - kKeep);
-  }
-  if (r.err.size() > kKeep) r.err.erase(0, r.err.size() - kKeep);
+  const int fd = s.pipe_fd[0];
+  ::fcntl(fd, F_SETFL, ::fcntl(fd, F_GETFL) | O_NONBLOCK);
+  auto drain = [&] {  // reads what is there now; false at end of file
+    char buf[4096];
+    for (;;) {
+      const ssize_t n = ::read(fd, buf, sizeof buf);
+      if (n < 0 && errno == EINTR) continue;
+      if (n <= 0) return n < 0 && (errno == EAGAIN || errno == EWOULDBLOCK);
+      if (!quiet) (void)!::write(STDERR_FILENO, buf, static_cast<size_t>(n));
+      r.err.append(buf, static_cast<size_t>(n));
+      if (r.err.size() > 2 * kKeep) r.err.erase(0, r.err.size() - kKeep);
+    }
+  };
   int status = 0;
-  while (waitpid(pid, &status, 0) < 0)
-    if (errno != EINTR)
+  bool reading = true;
+  for (;;) {
+    if (reading) {
+      pollfd p{fd, POLLIN, 0};
+      if (::poll(&p, 1, 100) > 0) reading = drain();
+    } else {
+      ::usleep(100 * 1000);  // stderr closed: only the exit is awaited
+    }
+    const pid_t w = ::waitpid(pid, &status, WNOHANG);
+    if (w == pid) break;
+    if (w < 0 && errno != EINTR)
       throw Error(fmt::format("cannot wait for '{}': {}", argv_in[0], std::strerror(errno)));
+  }
+  if (reading) drain();
+  if (r.err.size() > kKeep) r.err.erase(0, r.err.size() - kKeep);
   if (WIFEXITED(status)) r.exit_code = WEXITSTATUS(status);
   if (WIFSIGNALED(status)) r.signal = WTERMSIG(status);
   return r;
