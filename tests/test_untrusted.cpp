@@ -14,6 +14,7 @@
 #include "model/transformer.h"
 #include "train/checkpoint.h"
 #include "train/metrics.h"
+#include "train/schedule.h"
 
 namespace {
 
@@ -185,6 +186,30 @@ TEST_CASE("untrusted: forged tensor records in model.pt and rng.pt are refused")
   CHECK(r.rc == 1);
   CHECK(test::contains(r.output, "does not lie whole"));
 
+  // A storage offset far past the record (the first tensor's BININT1 0 made a BININT of
+  // 2^31 - 1): refused, not read.
+  test::write_file(ck + "/model.pt", model);
+  size_t patched = 0;
+  rewrite_archive(ck + "/model.pt", [&](const std::string& name, std::string& bytes) {
+    if (name != "data.pkl") return;
+    // The first tensor: BINPERSID, BINPUT n, then the offset as BININT1 0.
+    const size_t at = bytes.find("Qq");
+    if (at == std::string::npos || bytes.compare(at + 3, 2, std::string("K\x00", 2)) != 0) return;
+    bytes.replace(at + 3, 2, std::string("J\xff\xff\xff\x7f", 5));
+    ++patched;
+  });
+  REQUIRE(patched == 1);
+  msg = test::error_of([&] { sw::load_weights(ck, *m); });
+  CHECK(test::contains(msg, ck + "/model.pt: "));
+  CHECK(lines(msg) == 0);
+  r = test::run(kSample + " --run " + dir + "/run --chars 5 --temperature 0");
+  INFO(r.output);
+  CHECK(r.rc == 1);
+  CHECK(lines(r.output) == 1);
+  r = test::run(kTrain + " --out " + dir + "/run --resume -q --set train.steps=8");
+  CHECK(r.rc == 1);
+  CHECK(lines(r.output) == 1);
+
   // A record missing altogether, and garbage instead of an archive.
   test::write_file(ck + "/model.pt", model.substr(0, model.size() / 2));
   msg = test::error_of([&] { sw::load_weights(ck, *m); });
@@ -211,6 +236,18 @@ TEST_CASE("untrusted: forged tensor records in model.pt and rng.pt are refused")
                        "not a weights file: it holds a GenericList"));
   test::write_file(ck + "/model.pt", model);
   REQUIRE_NOTHROW(sw::load_weights(ck, *m));
+
+  // optim.pt with a short record: refused on resume with one line.
+  const std::string optim = test::read_file(ck + "/optim.pt");
+  rewrite_archive(ck + "/optim.pt", [](const std::string& name, std::string& bytes) {
+    if (name == "data/1") bytes.resize(bytes.size() / 2);
+  });
+  r = test::run(kTrain + " --out " + dir + "/run --resume -q --set train.steps=8");
+  INFO(r.output);
+  CHECK(r.rc == 1);
+  CHECK(test::contains(r.output, "optim.pt: a tensor of shape "));
+  CHECK(lines(r.output) == 1);
+  test::write_file(ck + "/optim.pt", optim);
 
   // rng.pt with a short record: refused on resume with one line, the run untouched.
   rewrite_archive(ck + "/rng.pt", [](const std::string& name, std::string& bytes) {
@@ -383,4 +420,67 @@ TEST_CASE("untrusted: the values of state.json are range-checked") {
         test::error_of([&] { sw::parse_checkpoint_state(bad.dump(), "state.json"); });
     CHECK(test::contains(msg, "state.json: " + c.expect));
   }
+}
+
+TEST_CASE("untrusted: numbers that would size threads or samples, and overlong paths") {
+  const std::string dir = test::scratch_dir("untrusted_numbers");
+  struct Case {
+    std::string cmd, expect;
+    int rc;
+  };
+  const std::string run = dir + "/run";
+  tiny_run(run, 2);
+  const std::string long_name(300, 'n');
+  const std::vector<Case> cases = {
+      {kTrain + tiny_args(dir + "/t") + " --set train.threads=1000000 --print-config",
+       "train.threads = 1000000: must be <= 1024", 2},
+      {kSample + " --run " + run + " --threads 1000000", "--threads", 2},
+      {kSample + " --run " + run + " --temperature nan", "--temperature nan: must be a finite", 1},
+      {kSample + " --run " + run + " --temperature inf", "must be a finite number >= 0", 1},
+      {kTrain + tiny_args(dir + "/" + long_name) + " -q",
+       "cannot create run directory '" + dir + "/" + long_name + "': File name too long", 1},
+  };
+  for (const auto& c : cases) {
+    CAPTURE(c.cmd);
+    const test::CmdResult r = test::run(c.cmd);
+    INFO(r.output);
+    CHECK(r.rc == c.rc);
+    CHECK(test::contains(r.output, c.expect));
+    CHECK(lines(r.output) <= 2);  // one line (CLI11 adds its "Run with --help" hint)
+  }
+}
+
+TEST_CASE(
+    "untrusted: optim.pt is a plain dict; one in LibTorch's older module format still resumes") {
+  const std::string dir = test::scratch_dir("untrusted_optim_formats");
+  const std::string args = " --set train.steps=20 --set train.checkpoint_every=10 -q";
+  REQUIRE(test::run(kTrain + tiny_args(dir + "/straight") + args).rc == 0);
+  REQUIRE(test::run(kTrain + tiny_args(dir + "/resumed") + args).rc == 0);
+  const std::string ck = dir + "/resumed/ckpt-000010";
+  // The plain dict: three entries per parameter, read back by switch's own reader.
+  const std::string bytes = test::read_file(ck + "/optim.pt");
+  const c10::IValue plain = torch::pickle_load(std::vector<char>(bytes.begin(), bytes.end()));
+  REQUIRE(plain.isGenericDict());
+  CHECK(plain.toGenericDict().contains("state.0.exp_avg"));
+  CHECK(plain.toGenericDict().contains("state.0.step"));
+  // The same state written as older switch wrote it (torch::save of the optimizer).
+  sw::CheckpointMeta meta = sw::read_checkpoint_meta(ck);
+  sw::Transformer m(meta.config, meta.vocab.size());
+  auto opt = sw::make_optimizer(*m, meta.config.train);
+  sw::load_optimizer_and_rng(ck, *opt, 0, 1);
+  std::ostringstream legacy;
+  torch::save(*opt, legacy);
+  test::write_file(ck + "/optim.pt", legacy.str());
+  test::fs::remove_all(dir + "/resumed/ckpt-000020");
+  test::fs::remove(dir + "/resumed/summary.json");
+  const test::CmdResult r = test::run(kTrain + " --out " + dir + "/resumed --resume -q");
+  INFO(r.output);
+  REQUIRE(r.rc == 0);
+  CHECK_MESSAGE(test::read_file(dir + "/straight/ckpt-000020/model.pt") ==
+                    test::read_file(dir + "/resumed/ckpt-000020/model.pt"),
+                "resuming from the older optim.pt format does not reproduce the straight run");
+  // The plain file a step later holds what the module file did, tensor for tensor.
+  const std::string b1 = test::read_file(dir + "/straight/ckpt-000020/optim.pt");
+  const std::string b2 = test::read_file(dir + "/resumed/ckpt-000020/optim.pt");
+  CHECK(b1 == b2);
 }

@@ -27,7 +27,9 @@ int run(int argc, char** argv) {
   app.add_option("--top-k", opt.top_k, "sample among the k most likely characters (0: all)")
       ->capture_default_str();
   app.add_option("--seed", opt.seed, "sampling seed")->capture_default_str();
-  app.add_option("--threads", threads, "intra-op threads (0: all cores)")->capture_default_str();
+  app.add_option("--threads", threads, "intra-op threads (0: all cores)")
+      ->capture_default_str()
+      ->check(CLI::Range(int64_t{0}, int64_t{1024}));
   bool no_cache = false, stats = false;
   app.add_flag("--no-cache", no_cache,
                "recompute the whole context for every character (same text, slower)");

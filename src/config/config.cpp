@@ -447,6 +447,8 @@ void validate(const Config& c) {
   at_least("train.keep_checkpoints", c.train.keep_checkpoints, 1);
   at_least("train.seed", c.train.seed, 0);
   at_least("train.threads", c.train.threads, 0);
+  if (c.train.threads > 1024)  // each one a thread of its own: more is a typo, not a machine
+    fail("train.threads", std::to_string(c.train.threads), "must be <= 1024");
   at_least("train.micro_batches", c.train.micro_batches, 1);
   if (c.train.batch_size % c.train.micro_batches != 0)
     throw Error(fmt::format(

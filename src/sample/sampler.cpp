@@ -1,5 +1,7 @@
 #include "sample/sampler.h"
 
+#include <cmath>
+
 #include <filesystem>
 
 #include <fmt/format.h>
@@ -32,8 +34,8 @@ Sampler::Sampler(const std::string& run_dir) {
 
 std::string Sampler::generate(const SampleOptions& opt,
                               const std::function<void(const std::string&)>& emit) {
-  if (opt.temperature < 0)
-    throw Error(fmt::format("--temperature {}: must be >= 0", opt.temperature));
+  if (!(opt.temperature >= 0) || !std::isfinite(opt.temperature))
+    throw Error(fmt::format("--temperature {}: must be a finite number >= 0", opt.temperature));
   if (opt.top_k < 0) throw Error(fmt::format("--top-k {}: must be >= 0", opt.top_k));
   if (opt.chars < 0) throw Error(fmt::format("--chars {}: must be >= 0", opt.chars));
   const std::u32string prompt = utf8_decode(opt.prompt, "--prompt");

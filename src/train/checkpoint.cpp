@@ -3,6 +3,7 @@
 #include <algorithm>
 #include <cstring>
 #include <filesystem>
+#include <map>
 #include <regex>
 #include <sstream>
 #include <unordered_map>
@@ -139,9 +140,7 @@ void save_checkpoint(const std::string& run_dir, const Config& cfg, const Vocab&
 
     // Serialized in memory, then written like every other file: a full disk is an error
     // of that write, not a throw from LibTorch's file writer as it closes.
-    std::ostringstream optim_bytes;
-    torch::save(opt, optim_bytes);
-    write_file_atomic((tmp_dir / "optim.pt").string(), optim_bytes.str());
+    write_file_atomic((tmp_dir / "optim.pt").string(), torch::pickle_save(optimizer_dict(opt)));
 
     c10::Dict<std::string, at::Tensor> rng;
     rng.insert("torch_cpu", at::detail::getDefaultCPUGenerator().get_state());
@@ -275,17 +274,105 @@ void check_optimizer_state(torch::optim::Optimizer& opt, const std::string& path
 
 }  // namespace
 
+namespace {
+
+// Every parameter of `opt`, in the order of its groups.
+std::vector<torch::Tensor> optimizer_params(torch::optim::Optimizer& opt) {
+  std::vector<torch::Tensor> out;
+  for (auto& group : opt.param_groups())
+    for (const auto& p : group.params())
+      out.push_back(p);
+  return out;
+}
+
+// Reads the plain optim.pt (see optimizer_dict) into `opt`, every entry checked first.
+void load_optimizer_dict(const std::string& bytes, const std::string& path,
+                         torch::optim::Optimizer& opt) {
+  const c10::IValue archive = read_pickle_archive(bytes, path);
+  if (!archive.isGenericDict())
+    throw Error(fmt::format("{}: not an optimizer state: it holds a {}", path, archive.tagKind()));
+  const std::vector<torch::Tensor> params = optimizer_params(opt);
+  struct Entry {
+    at::Tensor step, m, v;
+  };
+  std::map<size_t, Entry> entries;
+  const std::regex name(R"(state\.(\d{1,9})\.(step|exp_avg|exp_avg_sq))");
+  for (const auto& e : archive.toGenericDict()) {
+    std::smatch match;
+    const std::string key = e.key().isString() ? e.key().toStringRef() : "";
+    if (!e.value().isTensor() || !std::regex_match(key, match, name))
+      throw Error(
+          fmt::format("{}: holds an entry {} that is not state.<i>.step, .exp_avg or "
+                      ".exp_avg_sq with a tensor",
+                      path, e.key().isString() ? "'" + key + "'" : e.key().tagKind()));
+    const size_t i = std::stoul(match[1].str());
+    if (i >= params.size())
+      throw Error(
+          fmt::format("{}: holds state for parameter {}, the model has {} (an optimizer "
+                      "state of another model?)",
+                      path, i, params.size()));
+    Entry& entry = entries[i];
+    (match[2] == "step"      ? entry.step
+     : match[2] == "exp_avg" ? entry.m
+                             : entry.v) = e.value().toTensor();
+  }
+  auto& state = opt.state();
+  using Key = typename std::decay_t<decltype(state)>::key_type;
+  state.clear();
+  for (auto& [i, entry] : entries) {
+    const torch::Tensor& p = params[i];
+    check_moment(entry.m, p, path, "first moment", i);
+    check_moment(entry.v, p, path, "second moment", i);
+    if (!entry.step.defined() || entry.step.scalar_type() != at::kLong || entry.step.numel() != 1 ||
+        entry.step.item<int64_t>() < 0)
+      throw Error(fmt::format("{}: the step of parameter {} is not one int64 >= 0", path, i));
+    auto st = std::make_unique<torch::optim::AdamWParamState>();
+    st->step(entry.step.item<int64_t>());
+    st->exp_avg(entry.m);
+    st->exp_avg_sq(entry.v);
+    state[state_key<Key>(p.unsafeGetTensorImpl())] = std::move(st);
+  }
+}
+
+}  // namespace
+
+c10::Dict<std::string, at::Tensor> optimizer_dict(torch::optim::Optimizer& opt) {
+  c10::Dict<std::string, at::Tensor> dict;
+  const std::vector<torch::Tensor> params = optimizer_params(opt);
+  for (size_t i = 0; i < params.size(); ++i)
+    if (const auto* st = adamw_state(opt, params[i])) {
+      dict.insert(fmt::format("state.{}.step", i), torch::tensor(st->step(), torch::kLong));
+      dict.insert(fmt::format("state.{}.exp_avg", i), st->exp_avg().detach());
+      dict.insert(fmt::format("state.{}.exp_avg_sq", i), st->exp_avg_sq().detach());
+    }
+  return dict;
+}
+
 bool load_optimizer_and_rng(const std::string& ckpt_dir, torch::optim::Optimizer& opt, int64_t rank,
                             int64_t world) {
   const std::string optim_path = (fs::path(ckpt_dir) / "optim.pt").string();
   const std::string rng_path = (fs::path(ckpt_dir) / "rng.pt").string();
+  const std::string optim_bytes = read_file(optim_path, "checkpoint optimizer state");
+  bool legacy = false;
   try {
-    torch::load(opt, optim_path);
-  } catch (const c10::Error& e) {
-    throw Error(fmt::format("{}: cannot load the optimizer state: {}", optim_path,
-                            first_line(e.what_without_backtrace())));
+    std::istringstream in(optim_bytes);
+    legacy = caffe2::serialize::PyTorchStreamReader(&in).hasRecord("constants.pkl");
+  } catch (const c10::Error&) {  // not an archive at all: read_pickle_archive says so
   }
-  check_optimizer_state(opt, optim_path);
+  if (legacy) {
+    // A checkpoint written before optim.pt became a plain dict: LibTorch's module reader
+    // (it cannot check records against the pickle), then every moment checked.
+    try {
+      std::istringstream in(optim_bytes);
+      torch::load(opt, in);
+    } catch (const c10::Error& e) {
+      throw Error(fmt::format("{}: cannot load the optimizer state: {}", optim_path,
+                              first_line(e.what_without_backtrace())));
+    }
+    check_optimizer_state(opt, optim_path);
+  } else {
+    load_optimizer_dict(optim_bytes, optim_path, opt);
+  }
   const c10::IValue archive =
       read_pickle_archive(read_file(rng_path, "checkpoint RNG state"), rng_path);
   try {

@@ -1,6 +1,6 @@
 // Checkpoints: one directory per checkpoint, ckpt-<step>/, holding
 //   model.pt   the weights as a plain {name: tensor} dict (torch.load reads it in Python),
-//   optim.pt   the AdamW state,
+//   optim.pt   the AdamW state as a plain {name: tensor} dict (optimizer_dict),
 //   rng.pt     the torch CPU generator state (of every rank, in a run of several),
 //   state.json format version, step, wall time, data-sampler state, vocabulary, config.
 // A checkpoint is written into ckpt-<step>.tmp/, every file flushed, then the directory is
@@ -23,6 +23,12 @@ namespace sw {
 void save_checkpoint(const std::string& run_dir, const Config& cfg, const Vocab& vocab,
                      const torch::nn::Module& model, torch::optim::Optimizer& opt,
                      const TrainState& state, const torch::Tensor& rank_rng = {});
+
+// The AdamW state of `opt` as saved in optim.pt: for parameter i (in the order of the
+// groups) that has a state, "state.<i>.step" (an int64 scalar), "state.<i>.exp_avg" and
+// "state.<i>.exp_avg_sq". Group options are not saved: they come from the config, and
+// the learning rate from the schedule at every step.
+c10::Dict<std::string, at::Tensor> optimizer_dict(torch::optim::Optimizer& opt);
 
 // The newest complete checkpoint directory of a run, if any.
 std::optional<std::string> newest_checkpoint(const std::string& run_dir);
