@@ -450,8 +450,7 @@ TEST_CASE("untrusted: numbers that would size threads or samples, and overlong p
   }
 }
 
-TEST_CASE(
-    "untrusted: optim.pt is a plain dict; one in LibTorch's older module format still resumes") {
+TEST_CASE("untrusted: optim.pt is a plain dict and the older module format still resumes") {
   const std::string dir = test::scratch_dir("untrusted_optim_formats");
   const std::string args = " --set train.steps=20 --set train.checkpoint_every=10 -q";
   REQUIRE(test::run(kTrain + tiny_args(dir + "/straight") + args).rc == 0);
