@@ -1,5 +1,6 @@
 // libFuzzer target: every input goes through the config parser (JSON file and one --set
-// assignment), the sweep-file parser and the checkpoint state.json parser. Rejecting an
+// assignment), the sweep-file parser, the checkpoint state.json parser and the pickle
+// check that stands before LibTorch's unpickler. Rejecting an
 // input with sw::Error is the expected outcome; any other exception, a crash, a leak, an
 // out-of-bounds access or undefined behaviour is a bug.
 #include <cstddef>
@@ -9,6 +10,7 @@
 #include "config/config.h"
 #include "sweep/sweep.h"
 #include "train/checkpoint_state.h"
+#include "train/pickle_check.h"
 #include "util/error.h"
 
 extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
@@ -35,6 +37,10 @@ extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
   }
   try {
     sw::parse_checkpoint_state(text, "state.json");
+  } catch (const sw::Error&) {
+  }
+  try {
+    sw::check_pickle(text, "data.pkl");
   } catch (const sw::Error&) {
   }
   return 0;

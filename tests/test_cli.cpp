@@ -418,14 +418,21 @@ TEST_CASE("every binary: an unexpected LibTorch error is one line and exit 3, de
                             "dense --reps 1 --warmup 0 --tokens 1 --d-model 100000 --d-ff 1000000";
   const std::string run = base + "/run";
   REQUIRE(test::run(kTrain + tiny_args(run) + " --set train.steps=2 -q").rc == 0);
-  // A checkpoint whose config asks for a model of ~1e11 floats: the sampler builds it.
+  // A checkpoint whose config asks for a model far past the memory: refused before it is
+  // built. One of ~2 GiB of weights passes that check and meets a 3 GB address-space limit.
   const auto ck = sw::newest_checkpoint(run);
   REQUIRE(ck.has_value());
   nlohmann::json state = nlohmann::json::parse(test::read_file(*ck + "/state.json"));
   REQUIRE(state["config"]["model"]["d_model"] == 32);
   state["config"]["model"]["d_model"] = 1600000000;
   test::write_file(*ck + "/state.json", state.dump());
-  const std::string sample = kSample + " --run " + run + " --chars 1";
+  test::CmdResult refused = test::run(kSample + " --run " + run + " --chars 1");
+  INFO(refused.output);
+  CHECK(refused.rc == 1);
+  CHECK(test::contains(refused.output, "the checkpoint's model does not fit in memory"));
+  state["config"]["model"]["d_model"] = 8192;
+  test::write_file(*ck + "/state.json", state.dump());
+  const std::string sample = "ulimit -v 3000000; " + kSample + " --run " + run + " --chars 1";
   // A model the memory check lets through (~2 GiB of weights) under a 3 GB address-space
   // limit the check does not read.
   const std::string train = "ulimit -v 3000000; " + kTrain + tiny_args(base + "/big") +

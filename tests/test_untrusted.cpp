@@ -222,18 +222,25 @@ TEST_CASE("untrusted: forged tensor records in model.pt and rng.pt are refused")
   const std::vector<char> numbered = torch::pickle_save(by_number);
   test::write_file(ck + "/model.pt", std::string(numbered.begin(), numbered.end()));
   CHECK(test::contains(test::error_of([&] { sw::load_weights(ck, *m); }),
-                       "holds an entry keyed by a Int that is not a parameter name"));
+                       "holds an entry with a key of type Int, not a parameter name"));
   c10::Dict<std::string, at::Tensor> doubles;
   doubles.insert("tok_emb.weight", torch::zeros({2}, torch::kFloat64));
   const std::vector<char> dbl = torch::pickle_save(doubles);
   test::write_file(ck + "/model.pt", std::string(dbl.begin(), dbl.end()));
-  CHECK(test::contains(
-      test::error_of([&] { sw::load_weights(ck, *m); }),
-      "holds an entry 'tok_emb.weight' that is not a parameter name with a float32 tensor"));
-  const std::vector<char> list = torch::pickle_save(c10::List<int64_t>({1, 2}));
+  CHECK(test::contains(test::error_of([&] { sw::load_weights(ck, *m); }),
+                       "tensor 'tok_emb.weight' has dtype Double; switch's weights are float32"));
+  const std::vector<char> list =
+      torch::pickle_save(c10::List<at::Tensor>({torch::zeros({2}), torch::ones({3})}));
   test::write_file(ck + "/model.pt", std::string(list.begin(), list.end()));
   CHECK(test::contains(test::error_of([&] { sw::load_weights(ck, *m); }),
-                       "not a weights file: it holds a GenericList"));
+                       "global 'torch.jit._pickle.build_tensorlist' is not one a tensor archive "
+                       "uses"));
+  c10::Dict<std::string, int64_t> numbers;
+  numbers.insert("tok_emb.weight", 3);
+  const std::vector<char> nums = torch::pickle_save(numbers);
+  test::write_file(ck + "/model.pt", std::string(nums.begin(), nums.end()));
+  CHECK(test::contains(test::error_of([&] { sw::load_weights(ck, *m); }),
+                       "entry 'tok_emb.weight' holds a Int, not a tensor"));
   test::write_file(ck + "/model.pt", model);
   REQUIRE_NOTHROW(sw::load_weights(ck, *m));
 
@@ -450,19 +457,19 @@ TEST_CASE("untrusted: numbers that would size threads or samples, and overlong p
   }
 }
 
-TEST_CASE("untrusted: optim.pt is a plain dict and the older module format still resumes") {
+TEST_CASE("untrusted: optim.pt is a plain dict, and the older module format is refused") {
   const std::string dir = test::scratch_dir("untrusted_optim_formats");
   const std::string args = " --set train.steps=20 --set train.checkpoint_every=10 -q";
-  REQUIRE(test::run(kTrain + tiny_args(dir + "/straight") + args).rc == 0);
-  REQUIRE(test::run(kTrain + tiny_args(dir + "/resumed") + args).rc == 0);
-  const std::string ck = dir + "/resumed/ckpt-000010";
+  REQUIRE(test::run(kTrain + tiny_args(dir + "/run") + args).rc == 0);
+  const std::string ck = dir + "/run/ckpt-000010";
   // The plain dict: three entries per parameter, read back by switch's own reader.
   const std::string bytes = test::read_file(ck + "/optim.pt");
   const c10::IValue plain = torch::pickle_load(std::vector<char>(bytes.begin(), bytes.end()));
   REQUIRE(plain.isGenericDict());
   CHECK(plain.toGenericDict().contains("state.0.exp_avg"));
   CHECK(plain.toGenericDict().contains("state.0.step"));
-  // The same state written as older switch wrote it (torch::save of the optimizer).
+  // The same state as torch::save of the optimizer writes it (a TorchScript module archive
+  // whose code LibTorch's loader would compile and run): refused, not loaded.
   sw::CheckpointMeta meta = sw::read_checkpoint_meta(ck);
   sw::Transformer m(meta.config, meta.vocab.size());
   auto opt = sw::make_optimizer(*m, meta.config.train);
@@ -470,16 +477,100 @@ TEST_CASE("untrusted: optim.pt is a plain dict and the older module format still
   std::ostringstream legacy;
   torch::save(*opt, legacy);
   test::write_file(ck + "/optim.pt", legacy.str());
-  test::fs::remove_all(dir + "/resumed/ckpt-000020");
-  test::fs::remove(dir + "/resumed/summary.json");
-  const test::CmdResult r = test::run(kTrain + " --out " + dir + "/resumed --resume -q");
+  test::fs::remove_all(dir + "/run/ckpt-000020");
+  const test::CmdResult r = test::run(kTrain + " --out " + dir + "/run --resume -q");
   INFO(r.output);
-  REQUIRE(r.rc == 0);
-  CHECK_MESSAGE(test::read_file(dir + "/straight/ckpt-000020/model.pt") ==
-                    test::read_file(dir + "/resumed/ckpt-000020/model.pt"),
-                "resuming from the older optim.pt format does not reproduce the straight run");
-  // The plain file a step later holds what the module file did, tensor for tensor.
-  const std::string b1 = test::read_file(dir + "/straight/ckpt-000020/optim.pt");
-  const std::string b2 = test::read_file(dir + "/resumed/ckpt-000020/optim.pt");
-  CHECK(b1 == b2);
+  CHECK(r.rc == 1);
+  CHECK(test::contains(r.output, ck + "/optim.pt: an optimizer state in LibTorch's module format"));
+  CHECK(test::contains(r.output, "TorchScript code, which switch does not run"));
+  CHECK(lines(r.output) == 1);
+  CHECK_FALSE(test::fs::exists(dir + "/run/ckpt-000020"));
+}
+
+TEST_CASE("untrusted: a malformed data.pkl never reaches LibTorch's unpickler") {
+  const std::string dir = test::scratch_dir("untrusted_pickle");
+  const std::string ck = tiny_run(dir + "/run", 5);
+  const std::string model = test::read_file(ck + "/model.pt");
+  sw::CheckpointMeta meta = sw::read_checkpoint_meta(ck);
+  sw::Transformer m(meta.config, meta.vocab.size());
+  std::string deep = "\x80\x02";
+  for (int i = 0; i < 1000000; ++i)
+    deep += "](";
+  deep += std::string(1000000, 'e') + ".";
+  std::string chain = "\x80\x02]";
+  for (int i = 0; i < 100; ++i)
+    chain += "]";
+  chain += std::string(100, 'a') + ".";
+  struct Case {
+    std::string pkl, expect;
+  };
+  const std::vector<Case> cases = {
+      {std::string("\x80\x02\x85.", 4), "TUPLEn with too few items"},
+      {std::string("\x80\x02K\x01R.", 6), "REDUCE with too few items"},
+      {std::string("\x80\x02\x81.", 4), "opcode 0x81 is not one a tensor archive uses"},
+      {std::string("\x80\x02h\x05.", 5), "GET of a memo entry never PUT"},
+      {std::string("\x80\x02(K\x01"
+                   "d.",
+                   7),
+       "DICT of an odd number of items"},
+      {std::string("\x80\x02X\xff\xff\xff\xff", 7), "a string longer than the data"},
+      {std::string("\x80\x02") + "cos\nsystem\n.", "global 'os.system' is not one"},
+      {std::string("\x80\x02r\xff\xff\xff\x7f.", 8), "a memo index out of range"},
+      {deep, "too many open MARKs"},
+      {chain, "nested deeper than 32"},
+      {std::string("\x80\x02K\x01", 4), "ends without STOP"},
+  };
+  for (const auto& c : cases) {
+    CAPTURE(c.expect);
+    test::write_file(ck + "/model.pt", model);
+    rewrite_archive(ck + "/model.pt", [&](const std::string& name, std::string& bytes) {
+      if (name == "data.pkl") bytes = c.pkl;
+    });
+    const std::string msg = test::error_of([&] { sw::load_weights(ck, *m); });
+    CHECK(test::contains(msg, ck + "/model.pt (data.pkl): malformed pickle at byte "));
+    CHECK(test::contains(msg, c.expect));
+  }
+  // Through the binaries: one line, exit 1.
+  const test::CmdResult r = test::run(kSample + " --run " + dir + "/run --chars 5");
+  INFO(r.output);
+  CHECK(r.rc == 1);
+  CHECK(lines(r.output) == 1);
+  test::write_file(ck + "/model.pt", model);
+  CHECK_NOTHROW(sw::load_weights(ck, *m));
+}
+
+TEST_CASE("untrusted: odd checkpoint folders and metrics lines are passed over") {
+  const std::string dir = test::scratch_dir("untrusted_odd_run");
+  const std::string run = dir + "/run";
+  const std::string ck = tiny_run(run, 5);
+  // A step past int64 in a folder name, a folder that links to itself.
+  test::fs::create_directories(run + "/ckpt-99999999999999999999");
+  test::fs::copy_file(ck + "/state.json", run + "/ckpt-99999999999999999999/state.json");
+  test::fs::create_directory_symlink("ckpt-000077", run + "/ckpt-000077");
+  CHECK(sw::newest_checkpoint(run).value() == ck);
+  // Metrics lines of other types than switch writes.
+  {
+    std::ofstream f(run + "/metrics.jsonl", std::ios::app);
+    f << R"({"kind":"train","step":"x"})"
+      << "\n"
+      << R"({"kind":"train","step":1e300})"
+      << "\n"
+      << R"({"kind":"train","step":3,"layers":[{}]})"
+      << "\n"
+      << R"({"kind":"train","step":3,"layers":[{"counts":["a"]}]})"
+      << "\n"
+      << R"({"kind":"eval","step":3,"time_s":"soon","val_loss":1})"
+      << "\n";
+  }
+  const size_t kept = sw::read_metrics(run + "/metrics.jsonl").size();
+  CHECK(test::run(kTrain + " --out " + run + " --resume -q --set train.steps=10").rc == 0);
+  CHECK(sw::read_metrics(run + "/metrics.jsonl").size() > kept - 1);
+  // A FIFO as the metrics file is refused, not waited on.
+  test::fs::remove(run + "/metrics.jsonl");
+  REQUIRE(test::run("mkfifo " + run + "/metrics.jsonl").rc == 0);
+  const test::CmdResult r =
+      test::run("timeout 60 " + kTrain + " --out " + run + " --resume -q --set train.steps=12");
+  INFO(r.output);
+  CHECK(r.rc == 1);
+  CHECK(test::contains(r.output, "metrics.jsonl' is not a regular file"));
 }

@@ -43,6 +43,13 @@ files=(model.pt optim.pt rng.pt state.json)
 for i in 0 1 2 3; do
   { printf "\\x0$i"; cat "$ckpt/${files[$i]}"; } > "$bdir/corpus-checkpoint/seed-$i"
 done
+# 4: the pickle inside model.pt alone, put back into the real archive by the target.
+python3 - "$ckpt/model.pt" > "$bdir/corpus-checkpoint/seed-4" <<'PY'
+import sys, zipfile
+z = zipfile.ZipFile(sys.argv[1])
+name = next(n for n in z.namelist() if n.endswith("/data.pkl"))
+sys.stdout.buffer.write(b"\x04" + z.read(name))
+PY
 echo "fuzz: the checkpoint readers, $seconds s"
 # LibTorch keeps allocations for the life of the process by design: leaks are not looked for.
 SWITCH_FUZZ_CKPT="$ckpt" ASAN_OPTIONS=detect_leaks=0 "$bdir/switch-fuzz-checkpoint" \

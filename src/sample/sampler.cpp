@@ -1,12 +1,12 @@
 #include "sample/sampler.h"
 
 #include <cmath>
-
 #include <filesystem>
 
 #include <fmt/format.h>
 
 #include "train/checkpoint.h"
+#include "train/footprint.h"
 #include "util/error.h"
 
 namespace sw {
@@ -27,6 +27,14 @@ Sampler::Sampler(const std::string& run_dir) {
   cfg_.moe.drop_tokens = false;
   vocab_ = meta.vocab;
   ckpt_dir_ = *dir;
+  // The checkpoint's config says how big a model to build: checked before it is allocated.
+  const MemoryEstimate need = estimate_memory(cfg_, vocab_.size(), 1, 0);
+  const MemoryLimit limit = memory_limit();
+  if (limit.bytes >= 0 && need.build + need.runtime > limit.bytes)
+    throw Error(
+        fmt::format("{}: the checkpoint's model does not fit in memory: its weights "
+                    "need about {}, and this process may use {} ({})",
+                    ckpt_dir_, human_bytes(need.build), human_bytes(limit.bytes), limit.source));
   model_ = Transformer(cfg_, vocab_.size());
   load_weights(ckpt_dir_, *model_);
   model_->eval();

@@ -121,9 +121,10 @@ nlohmann::ordered_json summarize_run(const std::string& run_dir) {
     drop += r.value("drop_frac", 0.0) * n;
     steps += n;
     if (!r.contains("layers")) continue;
-    const auto& layers = r["layers"];
+    const auto& layers = r["layers"];  // read_metrics checked its shape and types
     load.resize(std::max(load.size(), layers.size()));
     for (size_t l = 0; l < layers.size(); ++l) {
+      if (!layers[l].contains("counts")) continue;
       const auto& counts = layers[l]["counts"];
       load[l].resize(std::max(load[l].size(), counts.size()));
       for (size_t e = 0; e < counts.size(); ++e)

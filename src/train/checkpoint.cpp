@@ -5,6 +5,7 @@
 #include <filesystem>
 #include <map>
 #include <regex>
+#include <set>
 #include <sstream>
 #include <unordered_map>
 
@@ -15,6 +16,7 @@
 #include <nlohmann/json.hpp>
 
 #include "train/adamw_state.h"
+#include "train/pickle_check.h"
 #include "util/error.h"
 #include "util/fs.h"
 #include "util/json_depth.h"
@@ -24,7 +26,7 @@ namespace fs = std::filesystem;
 
 namespace {
 
-const std::regex kCkptName(R"(ckpt-(\d{6,}))");
+const std::regex kCkptName(R"(ckpt-(\d{6,18}))");  // 18 digits: any step an int64 holds
 
 std::string ckpt_name(int64_t step) {
   return fmt::format("ckpt-{:06d}", step);
@@ -36,8 +38,9 @@ std::vector<std::pair<int64_t, std::string>> complete_checkpoints(const std::str
   for (const auto& entry : fs::directory_iterator(run_dir, ec)) {
     std::smatch m;
     const std::string name = entry.path().filename().string();
-    if (entry.is_directory() && std::regex_match(name, m, kCkptName) &&
-        fs::exists(entry.path() / "state.json"))
+    std::error_code e1, e2;  // a link loop or an unreadable entry is no checkpoint
+    if (entry.is_directory(e1) && std::regex_match(name, m, kCkptName) &&
+        fs::exists(entry.path() / "state.json", e2))
       out.emplace_back(std::stoll(m[1].str()), entry.path().string());
   }
   std::sort(out.begin(), out.end());
@@ -74,6 +77,7 @@ c10::IValue read_pickle_archive(const std::string& bytes, const std::string& pat
     size_t pickle_size = 0;
     std::tie(pickle, pickle_size) = reader.getRecord("data.pkl");
     const char* data = static_cast<const char*>(pickle.get());
+    check_pickle(std::string(data, pickle_size), path + " (data.pkl)");
     size_t pos = 0;
     auto read = [&](char* buf, size_t n) -> size_t {
       n = std::min(n, pickle_size - pos);
@@ -91,14 +95,21 @@ c10::IValue read_pickle_archive(const std::string& bytes, const std::string& pat
     torch::jit::Unpickler unpickler(read, nullptr, nullptr, read_record, c10::nullopt);
     unpickler.set_version(reader.version());
     value = unpickler.parse_ivalue();
+  } catch (const Error&) {
+    throw;
   } catch (const c10::Error& e) {
     throw Error(fmt::format("{}: not a readable archive (truncated or corrupted?): {}", path,
                             first_line(e.what_without_backtrace())));
+  } catch (const std::exception& e) {  // the reader's own std::stoull, vector::at, bad_alloc
+    throw Error(fmt::format("{}: not a readable archive (truncated or corrupted?): {}", path,
+                            first_line(e.what())));
   }
   std::vector<at::Tensor> tensors;
   collect_tensors(value, tensors);
   for (const at::Tensor& t : tensors) {
     if (t.numel() == 0) continue;
+    if (t.layout() != at::kStrided || !t.has_storage() || t.device() != at::kCPU)
+      throw Error(fmt::format("{}: holds a tensor that is not a plain CPU tensor", path));
     const auto it = record_bytes.find(t.storage().data());
     const int64_t item = static_cast<int64_t>(t.element_size());
     const bool inside =
@@ -180,20 +191,31 @@ CheckpointMeta read_checkpoint_meta(const std::string& ckpt_dir) {
 
 void load_weights(const std::string& ckpt_dir, torch::nn::Module& model) {
   const std::string path = (fs::path(ckpt_dir) / "model.pt").string();
-  const c10::IValue archive = read_pickle_archive(read_file(path, "checkpoint weights"), path);
+  // At most what this model's tensors take, with room for the archive's names and headers:
+  // a larger file is not this model's (and a sparse one could claim any size).
+  uint64_t expected = 0;
+  for (const auto& t : model.parameters())
+    expected += static_cast<uint64_t>(t.numel()) * 4;
+  for (const auto& t : model.buffers())
+    expected += static_cast<uint64_t>(t.numel()) * 4;
+  const c10::IValue archive =
+      read_pickle_archive(read_file(path, "checkpoint weights", 2 * expected + (16u << 20)), path);
   if (!archive.isGenericDict())
     throw Error(fmt::format("{}: not a weights file: it holds a {}, not a dict of tensors", path,
                             archive.tagKind()));
   const c10::impl::GenericDict dict = archive.toGenericDict();
-  for (const auto& entry : dict)
-    if (!entry.key().isString() || !entry.value().isTensor() ||
-        entry.value().toTensor().scalar_type() != at::kFloat)
-      throw Error(
-          fmt::format("{}: holds an entry {} that is not a parameter name with a "
-                      "float32 tensor",
-                      path,
-                      entry.key().isString() ? "'" + entry.key().toStringRef() + "'"
-                                             : "keyed by a " + entry.key().tagKind()));
+  for (const auto& entry : dict) {
+    if (!entry.key().isString())
+      throw Error(fmt::format("{}: holds an entry with a key of type {}, not a parameter name",
+                              path, entry.key().tagKind()));
+    const std::string& name = entry.key().toStringRef();
+    if (!entry.value().isTensor())
+      throw Error(fmt::format("{}: entry '{}' holds a {}, not a tensor", path, name,
+                              entry.value().tagKind()));
+    if (entry.value().toTensor().scalar_type() != at::kFloat)
+      throw Error(fmt::format("{}: tensor '{}' has dtype {}; switch's weights are float32", path,
+                              name, c10::toString(entry.value().toTensor().scalar_type())));
+  }
   torch::NoGradGuard no_grad;
   auto params = model.named_parameters();
   auto buffers = model.named_buffers();
@@ -252,26 +274,6 @@ void check_moment(const torch::Tensor& m, const torch::Tensor& p, const std::str
     fail("does not lie whole and contiguous in its storage");
 }
 
-void check_optimizer_state(torch::optim::Optimizer& opt, const std::string& path) {
-  size_t index = 0;
-  for (auto& group : opt.param_groups())
-    for (const auto& p : group.params()) {
-      if (const auto* st = adamw_state(opt, p)) {
-        check_moment(st->exp_avg(), p, path, "first moment", index);
-        check_moment(st->exp_avg_sq(), p, path, "second moment", index);
-        if (st->step() < 0)
-          throw Error(
-              fmt::format("{}: parameter {} has step {}, below 0", path, index, st->step()));
-      }
-      ++index;
-    }
-  if (opt.state().size() > index)
-    throw Error(
-        fmt::format("{}: holds state for {} parameters, the model has {} (an optimizer "
-                    "state of another model?)",
-                    path, opt.state().size(), index));
-}
-
 }  // namespace
 
 namespace {
@@ -301,10 +303,10 @@ void load_optimizer_dict(const std::string& bytes, const std::string& path,
     std::smatch match;
     const std::string key = e.key().isString() ? e.key().toStringRef() : "";
     if (!e.value().isTensor() || !std::regex_match(key, match, name))
-      throw Error(
-          fmt::format("{}: holds an entry {} that is not state.<i>.step, .exp_avg or "
-                      ".exp_avg_sq with a tensor",
-                      path, e.key().isString() ? "'" + key + "'" : e.key().tagKind()));
+      throw Error(fmt::format(
+          "{}: holds an entry {} that is not state.<i>.step, .exp_avg or "
+          ".exp_avg_sq with a tensor",
+          path, e.key().isString() ? "'" + key + "'" : "with a key of type " + e.key().tagKind()));
     const size_t i = std::stoul(match[1].str());
     if (i >= params.size())
       throw Error(
@@ -318,14 +320,25 @@ void load_optimizer_dict(const std::string& bytes, const std::string& path,
   }
   auto& state = opt.state();
   using Key = typename std::decay_t<decltype(state)>::key_type;
-  state.clear();
+  std::set<const void*> storages;  // the fused update writes every moment: none may alias
   for (auto& [i, entry] : entries) {
     const torch::Tensor& p = params[i];
     check_moment(entry.m, p, path, "first moment", i);
     check_moment(entry.v, p, path, "second moment", i);
+    for (const at::Tensor* t : {&entry.m, &entry.v})
+      if (t->numel() > 0 && !storages.insert(t->storage().data()).second)
+        throw Error(
+            fmt::format("{}: the moments of parameter {} share their data with another "
+                        "tensor",
+                        path, i));
     if (!entry.step.defined() || entry.step.scalar_type() != at::kLong || entry.step.numel() != 1 ||
-        entry.step.item<int64_t>() < 0)
-      throw Error(fmt::format("{}: the step of parameter {} is not one int64 >= 0", path, i));
+        entry.step.item<int64_t>() < 0 || entry.step.item<int64_t>() > (int64_t{1} << 62))
+      throw Error(
+          fmt::format("{}: the step of parameter {} is not one int64 in [0, 2^62]", path, i));
+  }
+  state.clear();
+  for (auto& [i, entry] : entries) {
+    const torch::Tensor& p = params[i];
     auto st = std::make_unique<torch::optim::AdamWParamState>();
     st->step(entry.step.item<int64_t>());
     st->exp_avg(entry.m);
@@ -352,29 +365,28 @@ bool load_optimizer_and_rng(const std::string& ckpt_dir, torch::optim::Optimizer
                             int64_t world) {
   const std::string optim_path = (fs::path(ckpt_dir) / "optim.pt").string();
   const std::string rng_path = (fs::path(ckpt_dir) / "rng.pt").string();
-  const std::string optim_bytes = read_file(optim_path, "checkpoint optimizer state");
-  bool legacy = false;
+  uint64_t expected = 0;  // two fp32 moments per parameter, as for the weights above
+  for (const auto& t : optimizer_params(opt))
+    expected += static_cast<uint64_t>(t.numel()) * 8;
+  const std::string optim_bytes =
+      read_file(optim_path, "checkpoint optimizer state", 2 * expected + (16u << 20));
+  bool legacy = false;  // LibTorch's module archive, as torch::save(optimizer) writes it
   try {
     std::istringstream in(optim_bytes);
     legacy = caffe2::serialize::PyTorchStreamReader(&in).hasRecord("constants.pkl");
-  } catch (const c10::Error&) {  // not an archive at all: read_pickle_archive says so
+  } catch (const std::exception&) {  // not an archive at all: read_pickle_archive says so
   }
-  if (legacy) {
-    // A checkpoint written before optim.pt became a plain dict: LibTorch's module reader
-    // (it cannot check records against the pickle), then every moment checked.
-    try {
-      std::istringstream in(optim_bytes);
-      torch::load(opt, in);
-    } catch (const c10::Error& e) {
-      throw Error(fmt::format("{}: cannot load the optimizer state: {}", optim_path,
-                              first_line(e.what_without_backtrace())));
-    }
-    check_optimizer_state(opt, optim_path);
-  } else {
-    load_optimizer_dict(optim_bytes, optim_path, opt);
-  }
+  if (legacy)
+    throw Error(fmt::format(
+        "{}: an optimizer state in LibTorch's module format, as versions before the plain "
+        "optim.pt wrote it; it carries TorchScript code, which switch does not run. Resume "
+        "from a checkpoint this version wrote",
+        optim_path));
+  load_optimizer_dict(optim_bytes, optim_path, opt);
   const c10::IValue archive =
-      read_pickle_archive(read_file(rng_path, "checkpoint RNG state"), rng_path);
+      read_pickle_archive(read_file(rng_path, "checkpoint RNG state",
+                                    (static_cast<size_t>(std::max<int64_t>(world, 1)) + 2) << 20),
+                          rng_path);
   try {
     if (!archive.isGenericDict()) throw Error(fmt::format("{}: not an RNG state file", rng_path));
     auto dict = archive.toGenericDict();
@@ -389,9 +401,13 @@ bool load_optimizer_and_rng(const std::string& ckpt_dir, torch::optim::Optimizer
     if (rank != 0) return false;
     gen.set_state(dict.at("torch_cpu").toTensor());
     return true;
+  } catch (const Error&) {
+    throw;
   } catch (const c10::Error& e) {
     throw Error(fmt::format("{}: cannot load the RNG state: {}", rng_path,
                             first_line(e.what_without_backtrace())));
+  } catch (const std::exception& e) {  // an entry missing (std::out_of_range)
+    throw Error(fmt::format("{}: cannot load the RNG state: {}", rng_path, first_line(e.what())));
   }
 }
 

@@ -6,7 +6,7 @@
 #include <cerrno>
 #include <cmath>
 #include <cstring>
-#include <fstream>
+#include <filesystem>
 
 #include <fmt/format.h>
 
@@ -38,14 +38,60 @@ void MetricsWriter::write(const nlohmann::ordered_json& record) {
     throw Error(fmt::format("cannot append to '{}' (disk full?)", path_));
 }
 
+namespace {
+
+// A record as switch writes it: `kind` a string, `step` a count, the numbers numbers, and
+// `layers` (when present) a list of objects whose counts are numbers. Others are not ours
+// (or were torn by a crash) and are left out, so readers can take the types for granted.
+bool well_formed(const nlohmann::json& j) {
+  if (!j.is_object()) return false;
+  const auto kind = j.find("kind");
+  const auto step = j.find("step");
+  if (kind == j.end() || !kind->is_string() || step == j.end() || !step->is_number_unsigned())
+    return false;
+  for (const char* k : {"time_s", "steps_in_record", "drop_frac"}) {  // always finite
+    const auto v = j.find(k);
+    if (v != j.end() && !v->is_number()) return false;
+  }
+  for (const char* k : {"val_loss", "train_loss", "loss", "ce", "lb_loss", "z_loss", "lr",
+                        "tokens_per_s", "grad_norm", "ms_forward", "ms_backward",
+                        "ms_optimizer"}) {  // null where a value was not finite
+    const auto v = j.find(k);
+    if (v != j.end() && !v->is_number() && !v->is_null()) return false;
+  }
+  const auto layers = j.find("layers");
+  if (layers == j.end()) return true;
+  if (!layers->is_array()) return false;
+  for (const auto& l : *layers) {
+    if (!l.is_object()) return false;
+    for (const char* k : {"counts", "prob_sum"}) {
+      const auto v = l.find(k);
+      if (v == l.end()) continue;
+      if (!v->is_array()) return false;
+      for (const auto& x : *v)
+        if (!x.is_number()) return false;
+    }
+  }
+  return true;
+}
+
+}  // namespace
+
 std::vector<nlohmann::json> read_metrics(const std::string& path) {
   std::vector<nlohmann::json> out;
-  std::ifstream in(path);
-  std::string line;
-  while (std::getline(in, line)) {
+  std::error_code ec;
+  if (!std::filesystem::exists(path, ec)) return out;  // none yet (or a dangling link)
+  // A regular file only (a FIFO planted in its place would block), of a bounded size.
+  const std::string text = read_file(path, "metrics file", size_t{4} << 30);
+  size_t start = 0;
+  while (start < text.size()) {
+    size_t end = text.find('\n', start);
+    if (end == std::string::npos) end = text.size();
+    const std::string line = text.substr(start, end - start);
+    start = end + 1;
     if (line.empty() || json_depth(line) > kMaxJsonDepth) continue;  // not a record of ours
     nlohmann::json j = nlohmann::json::parse(line, nullptr, /*allow_exceptions=*/false);
-    if (j.is_discarded() || !j.is_object()) continue;  // a torn line from a crash
+    if (j.is_discarded() || !well_formed(j)) continue;  // a torn line from a crash
     out.push_back(std::move(j));
   }
   return out;

@@ -4,10 +4,13 @@
 #include <sys/stat.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <cerrno>
+#include <cstdint>
 #include <cstdio>
 #include <cstring>
 #include <filesystem>
+#include <new>
 
 #include <fmt/format.h>
 
@@ -85,7 +88,12 @@ std::string read_file(const std::string& path, const std::string& what, size_t m
   const int fd = ::open(path.c_str(), O_RDONLY | O_NONBLOCK | O_CLOEXEC);
   if (fd < 0) throw Error(fmt::format("cannot open {} '{}': {}", what, path, strerror(errno)));
   struct stat st {};
-  if (::fstat(fd, &st) != 0 || !S_ISREG(st.st_mode)) {
+  if (::fstat(fd, &st) != 0) {
+    const int err = errno;
+    ::close(fd);
+    throw Error(fmt::format("cannot read {} '{}': {}", what, path, strerror(err)));
+  }
+  if (!S_ISREG(st.st_mode)) {
     ::close(fd);
     throw Error(fmt::format("{} '{}' is not a regular file{}", what, path,
                             S_ISDIR(st.st_mode) ? " (a directory)" : ""));
@@ -96,7 +104,13 @@ std::string read_file(const std::string& path, const std::string& what, size_t m
                             static_cast<uint64_t>(st.st_size), max_bytes));
   }
   std::string out;
-  out.reserve(static_cast<size_t>(st.st_size));
+  try {
+    out.reserve(
+        static_cast<size_t>(std::min<uint64_t>(static_cast<uint64_t>(st.st_size), 1u << 26)));
+  } catch (const std::bad_alloc&) {
+    ::close(fd);
+    throw Error(fmt::format("{} '{}': not enough memory to read it", what, path));
+  }
   char buf[1 << 16];
   for (;;) {
     const ssize_t n = ::read(fd, buf, sizeof buf);
@@ -107,7 +121,12 @@ std::string read_file(const std::string& path, const std::string& what, size_t m
       throw Error(fmt::format("cannot read {} '{}': {}", what, path, strerror(err)));
     }
     if (n == 0) break;
-    out.append(buf, static_cast<size_t>(n));
+    try {
+      out.append(buf, static_cast<size_t>(n));
+    } catch (const std::bad_alloc&) {
+      ::close(fd);
+      throw Error(fmt::format("{} '{}': not enough memory to read it", what, path));
+    }
     if (out.size() > max_bytes) {  // grew while being read
       ::close(fd);
       throw Error(fmt::format("{} '{}' is more than the {} bytes accepted", what, path, max_bytes));
