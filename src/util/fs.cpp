@@ -84,8 +84,14 @@ void write_file_atomic(const std::string& path, const std::vector<char>& bytes) 
 }
 
 std::string read_file(const std::string& path, const std::string& what, size_t max_bytes) {
-  // O_NONBLOCK: opening a FIFO must not wait for a writer; it is refused just below.
-  const int fd = ::open(path.c_str(), O_RDONLY | O_NONBLOCK | O_CLOEXEC);
+  // Not even opened unless it is a regular file: opening some devices does something.
+  struct stat pre {};
+  if (::stat(path.c_str(), &pre) == 0 && !S_ISREG(pre.st_mode))
+    throw Error(fmt::format("{} '{}' is not a regular file{}", what, path,
+                            S_ISDIR(pre.st_mode) ? " (a directory)" : ""));
+  // O_NONBLOCK: should it have become a FIFO since, opening must not wait for a writer; it
+  // is refused just below.
+  const int fd = ::open(path.c_str(), O_RDONLY | O_NONBLOCK | O_CLOEXEC | O_NOCTTY);
   if (fd < 0) throw Error(fmt::format("cannot open {} '{}': {}", what, path, strerror(errno)));
   struct stat st {};
   if (::fstat(fd, &st) != 0) {
