@@ -10,6 +10,7 @@
 #include "bench/memory.h"
 #include "train/trainer.h"
 #include "util/error.h"
+#include "util/main_guard.h"
 #include "util/malloc_tuning.h"
 
 namespace {
@@ -211,11 +212,5 @@ int run(int argc, char** argv) {
 }  // namespace
 
 int main(int argc, char** argv) {
-  // Whatever escapes is one line, exit 3 (SWITCH_DEBUG=1 shows LibTorch's whole message).
-  try {
-    return run(argc, argv);
-  } catch (const std::exception& e) {
-    std::cerr << "switch-bench: internal error: " << sw::unexpected_error_message(e) << std::endl;
-    return 3;
-  }
+  return sw::guarded_main("switch-bench", run, argc, argv);
 }

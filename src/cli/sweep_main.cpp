@@ -13,6 +13,7 @@
 #include "sweep/sweep.h"
 #include "util/dir_lock.h"
 #include "util/error.h"
+#include "util/main_guard.h"
 #include "util/process.h"
 
 namespace fs = std::filesystem;
@@ -163,11 +164,5 @@ int run(int argc, char** argv) {
 }  // namespace
 
 int main(int argc, char** argv) {
-  // Whatever escapes is one line, exit 3 (SWITCH_DEBUG=1 shows LibTorch's whole message).
-  try {
-    return run(argc, argv);
-  } catch (const std::exception& e) {
-    std::cerr << "switch-sweep: internal error: " << sw::unexpected_error_message(e) << std::endl;
-    return 3;
-  }
+  return sw::guarded_main("switch-sweep", run, argc, argv);
 }

@@ -9,6 +9,7 @@
 #include "util/error.h"
 #include "util/fs.h"
 #include "util/json_depth.h"
+#include "util/text.h"
 
 namespace sw {
 namespace fs = std::filesystem;
@@ -50,16 +51,6 @@ std::string bounded_name(const std::string& name) {
   for (unsigned char c : name)
     h = (h ^ c) * 1099511628211ull;
   return fmt::format("{}-{:016x}", name.substr(0, kKeep), h);
-}
-
-// A name as it can be shown in a message: control bytes as \xNN.
-std::string printable(const std::string& s) {
-  std::string out;
-  for (char c : s) {
-    const auto u = static_cast<unsigned char>(c);
-    out += u < 0x20 || u == 0x7f ? fmt::format("\\x{:02x}", u) : std::string(1, c);
-  }
-  return out;
 }
 
 bool valid_name(const std::string& n) {

@@ -14,6 +14,7 @@
 
 #include "util/error.h"
 #include "util/json_depth.h"
+#include "util/text.h"
 
 namespace sw {
 namespace fs = std::filesystem;
@@ -58,16 +59,6 @@ std::string utc_now() {
   char buf[32];
   std::strftime(buf, sizeof buf, "%Y-%m-%d %H:%M:%S UTC", &tm);
   return buf;
-}
-
-// Text from the lock file as it may be shown: control bytes as \xNN.
-std::string printable(const std::string& s) {
-  std::string out;
-  for (char c : s) {
-    const auto u = static_cast<unsigned char>(c);
-    out += u < 0x20 || u == 0x7f ? fmt::format("\\x{:02x}", u) : std::string(1, c);
-  }
-  return out;
 }
 
 // The record the holder wrote, as one readable phrase; `fd` is open on the lock file.
