@@ -116,6 +116,21 @@ TEST_CASE("switch-train: --list-keys and --print-config") {
   CHECK(nlohmann::json::parse(r.output)["moe"]["n_experts"] == 8);
 }
 
+TEST_CASE("docs/config.md is what switch-train --list-keys --markdown prints") {
+  const test::CmdResult r = test::run("{ " + kTrain + " --list-keys --markdown 2>/dev/null; }");
+  REQUIRE(r.rc == 0);
+  const std::string doc = test::read_file(test::source_path("docs/config.md"));
+  CHECK_MESSAGE(r.output == doc,
+                "docs/config.md is stale: regenerate it with 'build/switch-train --list-keys "
+                "--markdown > docs/config.md'");
+  for (const auto& k : sw::config_keys()) {
+    CHECK_MESSAGE(test::contains(doc, "| `" + k.key + "` |"), k.key);
+    for (const auto& choice : k.choices)
+      CHECK_MESSAGE(test::contains(doc, "`" + choice.first + "`: "), (k.key + " " + choice.first));
+  }
+  CHECK(test::run(kTrain + " --markdown").rc == 2);  // only with --list-keys
+}
+
 TEST_CASE("switch-sample: bad runs and options") {
   const std::string dir = test::scratch_dir("cli_sample");
   test::CmdResult r = test::run(kSample + " --run " + dir + "/none");

@@ -217,6 +217,9 @@ TEST_CASE("--nproc and the dist keys: bad combinations exit 2 naming the key") {
       {" --set dist.expert_parallel=2",
        "dist.expert_parallel = 2: the run has 1 rank; use 0 or 1, or start 2 ranks "
        "(switch-train --nproc 2)"},
+      {" --nproc 2 --set moe.strategy=loop",
+       "moe.strategy = loop: expert parallelism over 2 ranks computes each rank's experts "
+       "grouped; use moe.strategy=grouped, or dist.expert_parallel=1"},
       {" --nproc 0", "--nproc"},
   };
   for (const auto& c : cases) {

@@ -84,7 +84,7 @@ TEST_CASE("footprint: only the capacity strategy pays for the capacity factor") 
   const double base = sw::estimate_memory(c, 65, 1, 0).activations;
   c.moe.capacity_factor = 1000;  // a way to say "never drop" with the grouped strategy
   CHECK(sw::estimate_memory(c, 65, 1, 0).activations == base);
-  c.moe.strategy = "capacity";  // pads every expert to its capacity
+  c.moe.strategy = sw::Strategy::Capacity;  // pads every expert to its capacity
   CHECK(sw::estimate_memory(c, 65, 1, 0).activations > 100 * base);
   c.moe.capacity_factor = 1.25;
   c.moe.eval_capacity_factor = 3000;  // evaluation buffers at the evaluation factor

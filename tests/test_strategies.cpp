@@ -27,7 +27,7 @@ torch::Tensor grad_or_zeros(const torch::Tensor& p) {
 // random drop policy makes the same decisions for every strategy.
 Result run(sw::SwitchFFN& layer, sw::Strategy s, const torch::Tensor& x0,
            const torch::Tensor& target) {
-  layer->strategy = s;
+  layer->cfg.strategy = s;
   layer->zero_grad();
   torch::manual_seed(1234);
   torch::Tensor x = x0.clone().requires_grad_(true);
@@ -94,20 +94,20 @@ TEST_CASE("loop, capacity and grouped agree: top-k x drop policy x dropping x sc
   double worst = 0;
   int cases = 0;
   for (int64_t k : {1, 2}) {
-    for (const char* policy : {"random", "position", "probability"}) {
+    for (const auto& policy : sw::choices<sw::DropPolicy>()) {
       for (bool drop : {true, false}) {
         for (bool scale : {true, false}) {
-          for (const char* dropped : {"pass", "zero"}) {
+          for (const auto& dropped : sw::choices<sw::DroppedOutput>()) {
             sw::MoeConfig m = base_moe(4, k);
-            m.drop_policy = policy;
+            m.drop_policy = policy.value;
             m.drop_tokens = drop;
             m.is_scale_prob = scale;
-            m.dropped = dropped;
+            m.dropped = dropped.value;
             CAPTURE(k);
-            CAPTURE(policy);
+            CAPTURE(policy.name);
             CAPTURE(drop);
             CAPTURE(scale);
-            CAPTURE(dropped);
+            CAPTURE(dropped.name);
             worst = std::max(worst, check_all_strategies(m, 24));
             ++cases;
           }
@@ -242,8 +242,9 @@ TEST_CASE("weights trained with one strategy run with every other") {
   const std::string dir = test::scratch_dir("strategy_ckpt");
   sw::Config c = test::tiny_config();
   c.train.steps = 20;
-  c.moe.strategy = "grouped";
-  c.moe.drop_policy = "position";  // deterministic drops, so logits must match exactly
+  c.moe.strategy = sw::Strategy::Grouped;
+  c.moe.drop_policy =
+      sw::DropPolicy::Position;  // deterministic drops, so logits must match exactly
   sw::TrainOptions opt;
   opt.out_dir = dir;
   opt.quiet = true;
@@ -251,9 +252,9 @@ TEST_CASE("weights trained with one strategy run with every other") {
   const std::string ckpt = *sw::newest_checkpoint(dir);
   torch::Tensor idx = torch::randint(0, 65, {4, 32}, torch::kInt64);
   torch::Tensor reference;
-  for (const char* s : {"grouped", "loop", "capacity"}) {
+  for (const auto& s : sw::choices<sw::Strategy>()) {
     sw::Config cs = c;
-    cs.moe.strategy = s;
+    cs.moe.strategy = s.value;
     sw::Transformer m(cs, 65);
     sw::load_weights(ckpt, *m);
     m->eval();

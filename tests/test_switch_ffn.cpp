@@ -158,7 +158,7 @@ TEST_CASE("hand-worked layer: capacity, drop with pass-through, scaling, counts,
   moe.capacity_factor = 1.0;
   moe.drop_tokens = true;
   moe.is_scale_prob = true;
-  moe.dropped = "pass";
+  moe.dropped = sw::DroppedOutput::Pass;
   sw::SwitchFFN layer = hand_layer(moe);
   sw::SwitchFFNOutput out = layer->forward(x);
 
@@ -181,7 +181,7 @@ TEST_CASE("hand-worked layer: capacity, drop with pass-through, scaling, counts,
   CHECK(out.stats.lb_loss.item<double>() == doctest::Approx(lb).epsilon(1e-6));
 
   SUBCASE("moe.dropped = zero: the dropped token outputs zero") {
-    moe.dropped = "zero";
+    moe.dropped = sw::DroppedOutput::Zero;
     sw::SwitchFFN z = hand_layer(moe);
     torch::Tensor y = z->forward(x).y;
     CHECK(y[3].abs().sum().item<double>() == 0.0);

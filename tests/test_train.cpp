@@ -248,7 +248,7 @@ TEST_CASE("a non-finite loss stops the run naming the step and the layer, keepin
     CHECK(sw::newest_checkpoint(dir).value_or("") == dir + "/ckpt-000030");
 
     // Skipping cannot help with poisoned weights: it skips, then stops after 10 in a row.
-    r.train.on_nonfinite = "skip";
+    r.train.on_nonfinite = sw::OnNonfinite::Skip;
     const std::string e2 = test::error_of([&] { sw::train(r, opt); });
     CHECK_MESSAGE(test::contains(e2, "step 41: the loss is not finite"), e2);
     CHECK(test::contains(e2, "(11 steps in a row)"));

@@ -43,7 +43,7 @@ namespace {
 // One layer ready to run forward + backward on its own input.
 struct LayerRunner {
   explicit LayerRunner(const LayerCase& c_) : c(c_) {
-    if (c.strategy == "dense") {
+    if (!c.strategy) {
       dense = DenseFFN(c.d_model, c.d_ff * c.top_k, Activation::Gelu);
       module = dense.get();
     } else {
@@ -52,7 +52,7 @@ struct LayerRunner {
       moe.top_k = c.top_k;
       moe.capacity_factor = c.capacity_factor;
       moe.drop_tokens = c.drop_tokens;
-      moe.strategy = c.strategy;
+      moe.strategy = *c.strategy;
       moe_layer = SwitchFFN(c.d_model, c.d_ff, moe, Activation::Gelu);
       module = moe_layer.get();
     }
@@ -224,9 +224,13 @@ TrainResult bench_train(const Config& cfg) {
   return r;
 }
 
+std::string layer_name(const LayerCase& c) {
+  return c.strategy ? name_of(*c.strategy) : "dense";
+}
+
 nlohmann::ordered_json to_json(const LayerResult& r) {
   return {{"kind", "layer"},
-          {"strategy", r.c.strategy},
+          {"strategy", layer_name(r.c)},
           {"experts", r.c.experts},
           {"tokens", r.c.tokens},
           {"d_model", r.c.d_model},
@@ -253,7 +257,7 @@ nlohmann::ordered_json to_json(const AttentionResult& r) {
 
 nlohmann::ordered_json to_json(const TrainResult& r, const Config& cfg) {
   return {{"kind", "train_step"},
-          {"strategy", cfg.moe.strategy},
+          {"strategy", name_of(cfg.moe.strategy)},
           {"experts", r.experts},
           {"tokens", cfg.train.batch_size * cfg.model.seq_len},
           {"d_model", cfg.model.d_model},

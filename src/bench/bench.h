@@ -2,6 +2,7 @@
 // against a dense FFN of the same active width, and full training steps of a model.
 #pragma once
 
+#include <optional>
 #include <string>
 #include <vector>
 
@@ -12,11 +13,14 @@
 namespace sw {
 
 struct LayerCase {
-  std::string strategy;  // loop | capacity | grouped | dense
+  std::optional<Strategy> strategy;  // none: the dense FFN of the same active width
   int64_t experts = 1, tokens = 1024, d_model = 128, d_ff = 512, top_k = 1;
   bool drop_tokens = true;
   double capacity_factor = 1.25;
 };
+
+// "dense", or the strategy's name.
+std::string layer_name(const LayerCase& c);
 
 struct LayerResult {
   LayerCase c;

@@ -2,6 +2,7 @@
 #include <signal.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <atomic>
 #include <cstdlib>
 #include <filesystem>
@@ -44,27 +45,19 @@ void install_signal_handlers() {
   signal(SIGXFSZ, SIG_IGN);
 }
 
-// Keys a resumed run may change: they steer the loop, not the model or the data.
-const std::vector<std::string> kResumableKeys = {"train.steps",
-                                                 "train.log_every",
-                                                 "train.eval_every",
-                                                 "train.checkpoint_every",
-                                                 "train.keep_checkpoints",
-                                                 "train.threads",
-                                                 "train.on_nonfinite",
-                                                 "dist.expert_parallel",
-                                                 "dist.timeout_s"};
-
-std::string list_keys() {
-  const nlohmann::json defaults = sw::to_json(sw::Config{});
-  std::string out;
-  for (const auto& k : sw::config_keys()) {
-    std::string ptr = "/" + k.key;
-    std::replace(ptr.begin(), ptr.end(), '.', '/');
-    out += fmt::format("{:<24} {:<26} {}\n", k.key,
-                       defaults[nlohmann::json::json_pointer(ptr)].dump(), k.help);
+// Applies --set overrides to a resumed run's config: only keys that steer the loop, not the
+// model or the data, may change.
+void apply_resume_overrides(sw::Config& cfg, const std::vector<std::string>& overrides) {
+  std::vector<std::string> allowed;
+  for (const auto& k : sw::config_keys())
+    if (k.resumable) allowed.push_back(k.key);
+  for (const auto& o : overrides) {
+    const std::string key = o.substr(0, o.find('='));
+    if (std::find(allowed.begin(), allowed.end(), key) == allowed.end())
+      throw sw::Error(fmt::format("--resume: '{}' cannot change in a resumed run (allowed: {})",
+                                  key, fmt::join(allowed, ", ")));
+    sw::apply_override(cfg, o);
   }
-  return out;
 }
 
 // --nproc N: the same command line, minus --nproc, run as N ranks (and with --out fixed
@@ -121,7 +114,7 @@ int run(int argc, char** argv) {
       "language model."};
   std::string config_file, out_dir;
   std::vector<std::string> overrides;
-  bool resume = false, quiet = false, print_config = false, keys = false;
+  bool resume = false, quiet = false, print_config = false, keys = false, markdown = false;
   int nproc = 1;
   app.add_option("--config", config_file, "JSON config file applied over the defaults")
       ->check(CLI::ExistingFile);
@@ -138,6 +131,8 @@ int run(int argc, char** argv) {
       ->check(CLI::Range(1, 1024));
   app.add_flag("--print-config", print_config, "print the resolved config as JSON and exit");
   app.add_flag("--list-keys", keys, "list every config key with its default and exit");
+  app.add_flag("--markdown", markdown, "with --list-keys: print docs/config.md instead")
+      ->needs("--list-keys");
   app.footer(
       "Config keys are dotted (model.d_model, moe.n_experts, train.steps, ...); "
       "see --list-keys.");
@@ -149,7 +144,7 @@ int run(int argc, char** argv) {
   }
 
   if (keys) {
-    std::cout << list_keys();
+    std::cout << (markdown ? sw::keys_markdown() : sw::keys_text());
     return 0;
   }
 
@@ -165,13 +160,7 @@ int run(int argc, char** argv) {
       if (!config_file.empty())
         throw sw::Error("--resume takes the run's own config.json; drop --config");
       cfg = sw::resume_config(out_dir);
-      for (const auto& o : overrides) {
-        const std::string key = o.substr(0, o.find('='));
-        if (std::find(kResumableKeys.begin(), kResumableKeys.end(), key) == kResumableKeys.end())
-          throw sw::Error(fmt::format("--resume: '{}' cannot change in a resumed run (allowed: {})",
-                                      key, fmt::join(kResumableKeys, ", ")));
-        sw::apply_override(cfg, o);
-      }
+      apply_resume_overrides(cfg, overrides);
     } else {
       if (!config_file.empty()) sw::apply_file(cfg, config_file);
       for (const auto& o : overrides)

@@ -3,6 +3,7 @@
 #include <algorithm>
 #include <cmath>
 #include <functional>
+#include <type_traits>
 
 #include <fmt/format.h>
 
@@ -13,107 +14,242 @@
 namespace sw {
 namespace {
 
-struct Binding {
-  KeyInfo info;
-  std::function<void*(Config&)> at;  // where the value lives inside a Config
-};
-
-template <typename Member>
-Binding bind(std::string key, Kind kind, std::string help, Member member) {
-  return Binding{{std::move(key), kind, std::move(help)},
-                 [member](Config& c) -> void* { return member(c); }};
+template <typename T>
+constexpr Kind kind_of() {
+  if constexpr (std::is_enum_v<T>) return Kind::Choice;
+  if constexpr (std::is_same_v<T, bool>) return Kind::Bool;
+  if constexpr (std::is_same_v<T, int64_t>) return Kind::Int;
+  if constexpr (std::is_same_v<T, double>) return Kind::Float;
+  return Kind::String;
 }
 
-const std::vector<Binding>& bindings() {
-  static const std::vector<Binding> table = {
-      bind("data.path", Kind::String, "UTF-8 text file to train on",
-           [](Config& c) { return &c.data.path; }),
-      bind("data.val_fraction", Kind::Float, "fraction of characters (at the end) held out",
-           [](Config& c) { return &c.data.val_fraction; }),
-      bind("model.d_model", Kind::Int, "model width", [](Config& c) { return &c.model.d_model; }),
-      bind("model.n_layers", Kind::Int, "transformer blocks",
-           [](Config& c) { return &c.model.n_layers; }),
-      bind("model.n_heads", Kind::Int, "attention heads (must divide d_model)",
-           [](Config& c) { return &c.model.n_heads; }),
-      bind("model.d_ff", Kind::Int, "hidden width of the dense FFN and of each expert",
-           [](Config& c) { return &c.model.d_ff; }),
-      bind("model.seq_len", Kind::Int, "context length in characters",
-           [](Config& c) { return &c.model.seq_len; }),
-      bind("model.dropout", Kind::Float, "dropout probability",
-           [](Config& c) { return &c.model.dropout; }),
-      bind("model.pos_emb", Kind::Bool, "learned position embedding",
-           [](Config& c) { return &c.model.pos_emb; }),
-      bind("model.activation", Kind::String, "FFN activation: gelu | relu",
-           [](Config& c) { return &c.model.activation; }),
-      bind("moe.n_experts", Kind::Int, "experts per MoE layer",
-           [](Config& c) { return &c.moe.n_experts; }),
-      bind("moe.every", Kind::Int, "0: dense model; k: every k-th layer is an MoE layer",
-           [](Config& c) { return &c.moe.every; }),
-      bind("moe.top_k", Kind::Int, "experts per token (1: Switch, 2: GShard-style)",
-           [](Config& c) { return &c.moe.top_k; }),
-      bind("moe.capacity_factor", Kind::Float, "capacity = int(cf * top_k * tokens / experts)",
-           [](Config& c) { return &c.moe.capacity_factor; }),
-      bind("moe.eval_capacity_factor", Kind::Float, "capacity factor in evaluation",
-           [](Config& c) { return &c.moe.eval_capacity_factor; }),
-      bind("moe.drop_tokens", Kind::Bool, "drop tokens over an expert's capacity",
-           [](Config& c) { return &c.moe.drop_tokens; }),
-      bind("moe.drop_policy", Kind::String,
-           "who keeps a seat in a full expert: random | position | probability",
-           [](Config& c) { return &c.moe.drop_policy; }),
-      bind("moe.is_scale_prob", Kind::Bool, "scale expert outputs by the router probability",
-           [](Config& c) { return &c.moe.is_scale_prob; }),
-      bind("moe.dropped", Kind::String, "output of a dropped token: pass | zero",
-           [](Config& c) { return &c.moe.dropped; }),
-      bind("moe.strategy", Kind::String, "how the experts are computed: loop | capacity | grouped",
-           [](Config& c) { return &c.moe.strategy; }),
-      bind("moe.alpha", Kind::Float, "load-balancing loss weight",
-           [](Config& c) { return &c.moe.alpha; }),
-      bind("moe.z_loss", Kind::Float, "router z-loss weight",
-           [](Config& c) { return &c.moe.z_loss; }),
-      bind("moe.jitter", Kind::Float, "multiplicative router-input noise in training",
-           [](Config& c) { return &c.moe.jitter; }),
-      bind("moe.init_scale", Kind::Float, "expert and router init: N(0, init_scale / fan_in)",
-           [](Config& c) { return &c.moe.init_scale; }),
-      bind("train.steps", Kind::Int, "optimizer steps", [](Config& c) { return &c.train.steps; }),
-      bind("train.batch_size", Kind::Int, "sequences per step",
-           [](Config& c) { return &c.train.batch_size; }),
-      bind("train.lr", Kind::Float, "peak learning rate", [](Config& c) { return &c.train.lr; }),
-      bind("train.min_lr", Kind::Float, "learning rate at the end of the cosine decay",
-           [](Config& c) { return &c.train.min_lr; }),
-      bind("train.warmup", Kind::Int, "linear warmup steps",
-           [](Config& c) { return &c.train.warmup; }),
-      bind("train.beta1", Kind::Float, "AdamW beta1", [](Config& c) { return &c.train.beta1; }),
-      bind("train.beta2", Kind::Float, "AdamW beta2", [](Config& c) { return &c.train.beta2; }),
-      bind("train.weight_decay", Kind::Float, "AdamW weight decay (matrices only)",
-           [](Config& c) { return &c.train.weight_decay; }),
-      bind("train.grad_clip", Kind::Float, "max global gradient norm (0: off)",
-           [](Config& c) { return &c.train.grad_clip; }),
-      bind("train.eval_every", Kind::Int, "steps between evaluations",
-           [](Config& c) { return &c.train.eval_every; }),
-      bind("train.eval_batches", Kind::Int, "fixed validation batches per evaluation",
-           [](Config& c) { return &c.train.eval_batches; }),
-      bind("train.log_every", Kind::Int, "steps between train records and progress lines",
-           [](Config& c) { return &c.train.log_every; }),
-      bind("train.checkpoint_every", Kind::Int, "steps between checkpoints",
-           [](Config& c) { return &c.train.checkpoint_every; }),
-      bind("train.keep_checkpoints", Kind::Int, "newest checkpoints kept on disk",
-           [](Config& c) { return &c.train.keep_checkpoints; }),
-      bind("train.seed", Kind::Int, "seed of every random generator",
-           [](Config& c) { return &c.train.seed; }),
-      bind("train.threads", Kind::Int, "intra-op threads per rank (0: all cores / local ranks)",
-           [](Config& c) { return &c.train.threads; }),
-      bind("train.micro_batches", Kind::Int,
-           "routing groups per batch, run at once on the threads (the batch must divide)",
-           [](Config& c) { return &c.train.micro_batches; }),
-      bind("train.on_nonfinite", Kind::String,
-           "a non-finite loss or gradient: stop (keep the last checkpoint) | skip the step",
-           [](Config& c) { return &c.train.on_nonfinite; }),
-      bind("dist.expert_parallel", Kind::Int,
-           "ranks sharing each layer's experts: 0 = all ranks, 1 = data parallel only",
-           [](Config& c) { return &c.dist.expert_parallel; }),
-      bind("dist.timeout_s", Kind::Float, "seconds a rank waits for the others before failing",
-           [](Config& c) { return &c.dist.timeout_s; }),
+// Reads a JSON value into `out` when its type fits (an integer may be written 3.0).
+template <typename T>
+bool read_value(const nlohmann::json& v, T& out) {
+  if constexpr (std::is_enum_v<T>) {
+    if (!v.is_string()) return false;
+    const std::optional<T> e = choice_named<T>(v.get<std::string>());
+    if (e) out = *e;
+    return e.has_value();
+  } else if constexpr (std::is_same_v<T, int64_t>) {
+    if (v.is_number_integer()) {
+      out = v.get<int64_t>();
+      return true;
+    }
+    if (!v.is_number_float()) return false;
+    const double d = v.get<double>();
+    if (!std::isfinite(d) || d != std::floor(d) || std::fabs(d) >= 9e15) return false;
+    out = static_cast<int64_t>(d);
+    return true;
+  } else if constexpr (std::is_same_v<T, double>) {
+    if (v.is_number()) out = v.get<double>();
+    return v.is_number();
+  } else if constexpr (std::is_same_v<T, bool>) {
+    if (v.is_boolean()) out = v.get<bool>();
+    return v.is_boolean();
+  } else {
+    if (v.is_string()) out = v.get<std::string>();
+    return v.is_string();
+  }
+}
+
+template <typename T>
+nlohmann::json write_value(const T& v) {
+  if constexpr (std::is_enum_v<T>)
+    return name_of(v);
+  else
+    return v;
+}
+
+// A --set value as the JSON it stands for; null when the text is not of the key's kind.
+nlohmann::json parse_text(Kind kind, const std::string& text) {
+  size_t used = 0;
+  try {
+    switch (kind) {
+      case Kind::Int: {
+        const int64_t v = std::stoll(text, &used);
+        return used == text.size() ? nlohmann::json(v) : nlohmann::json();
+      }
+      case Kind::Float: {
+        const double v = std::stod(text, &used);
+        return used == text.size() ? nlohmann::json(v) : nlohmann::json();
+      }
+      case Kind::Bool:
+        if (text == "true" || text == "1") return true;
+        if (text == "false" || text == "0") return false;
+        return nlohmann::json();
+      case Kind::String:
+      case Kind::Choice:
+        return text;
+    }
+  } catch (const std::exception&) {  // std::stoll / std::stod: not a number, or out of range
+  }
+  return nlohmann::json();
+}
+
+// A key of the table: what it is, and how to read and write its value in a Config.
+struct Binding {
+  KeyInfo info;
+  std::function<nlohmann::json(const Config&)> get;
+  std::function<bool(Config&, const nlohmann::json&)> set;  // false: the value's type is wrong
+
+  Binding&& doc(std::string text) && {
+    info.doc = std::move(text);
+    return std::move(*this);
+  }
+  Binding&& resumable() && {
+    info.resumable = true;
+    return std::move(*this);
+  }
+};
+
+// The key `key` is field `field` of section `section`; its kind follows the field's type.
+template <typename S, typename T>
+Binding entry(std::string key, S Config::*section, T S::*field, std::string help) {
+  Binding b;
+  b.info.key = std::move(key);
+  b.info.kind = kind_of<T>();
+  b.info.help = std::move(help);
+  if constexpr (std::is_enum_v<T>) {
+    b.info.help += ": " + choice_list<T>();
+    for (const auto& c : choices<T>())
+      b.info.choices.emplace_back(c.name, c.doc);
+  }
+  b.get = [section, field](const Config& c) { return write_value(c.*section.*field); };
+  b.set = [section, field](Config& c, const nlohmann::json& v) {
+    return read_value(v, c.*section.*field);
   };
+  return b;
+}
+
+using C = Config;
+using MC = ModelConfig;
+using EC = MoeConfig;
+using TC = TrainConfig;
+
+// Every key, in the order --list-keys and docs/config.md list them.
+const std::vector<Binding>& bindings() {
+  static const std::vector<Binding> table = [] {
+    std::vector<Binding> t;
+    t.push_back(entry("data.path", &C::data, &DataConfig::path, "UTF-8 text file to train on")
+                    .doc("UTF-8 text file to train on (any UTF-8 corpus works)"));
+    t.push_back(entry("data.val_fraction", &C::data, &DataConfig::val_fraction,
+                      "fraction of characters (at the end) held out")
+                    .doc("fraction of characters, at the end, held out for validation"));
+    t.push_back(entry("model.d_model", &C::model, &MC::d_model, "model width"));
+    t.push_back(entry("model.n_layers", &C::model, &MC::n_layers, "transformer blocks"));
+    t.push_back(
+        entry("model.n_heads", &C::model, &MC::n_heads, "attention heads (must divide d_model)"));
+    t.push_back(entry("model.d_ff", &C::model, &MC::d_ff,
+                      "hidden width of the dense FFN and of each expert"));
+    t.push_back(entry("model.seq_len", &C::model, &MC::seq_len, "context length in characters"));
+    t.push_back(entry("model.dropout", &C::model, &MC::dropout, "dropout probability")
+                    .doc("dropout probability (embeddings, attention, residual branches)"));
+    t.push_back(entry("model.pos_emb", &C::model, &MC::pos_emb, "learned position embedding")
+                    .doc("learned position embedding (labml's Switch has none)"));
+    t.push_back(entry("model.activation", &C::model, &MC::activation, "FFN activation"));
+    t.push_back(entry("moe.n_experts", &C::moe, &EC::n_experts, "experts per MoE layer"));
+    t.push_back(entry("moe.every", &C::moe, &EC::every,
+                      "0: dense model; k: every k-th layer is an MoE layer")
+                    .doc("0: dense model; k: layers k-1, 2k-1, ... are MoE layers (2 = every "
+                         "other layer)"));
+    t.push_back(
+        entry("moe.top_k", &C::moe, &EC::top_k, "experts per token (1: Switch, 2: GShard-style)")
+            .doc("experts per token: 1 = Switch; 2 = GShard-style, gates renormalized "
+                 "over the k chosen"));
+    t.push_back(entry("moe.capacity_factor", &C::moe, &EC::capacity_factor,
+                      "capacity = int(cf * top_k * tokens / experts)")
+                    .doc("in training, expert capacity = `int(capacity_factor * top_k * tokens "
+                         "/ experts)`"));
+    t.push_back(entry("moe.eval_capacity_factor", &C::moe, &EC::eval_capacity_factor,
+                      "capacity factor in evaluation")
+                    .doc("the same in evaluation"));
+    t.push_back(
+        entry("moe.drop_tokens", &C::moe, &EC::drop_tokens, "drop tokens over an expert's capacity")
+            .doc("drop the assignments over an expert's capacity (false: dropless)"));
+    t.push_back(
+        entry("moe.drop_policy", &C::moe, &EC::drop_policy, "who keeps a seat in a full expert"));
+    t.push_back(entry("moe.is_scale_prob", &C::moe, &EC::is_scale_prob,
+                      "scale expert outputs by the router probability")
+                    .doc("multiply expert outputs by the gate (else by `gate / gate.detach()`, "
+                         "so gradients still reach the router)"));
+    t.push_back(entry("moe.dropped", &C::moe, &EC::dropped, "output of a dropped token")
+                    .doc("what a dropped assignment outputs"));
+    t.push_back(entry("moe.strategy", &C::moe, &EC::strategy, "how the experts are computed")
+                    .doc("how the experts are computed (all give the same outputs and gradients; "
+                         "see [the model](model.md))"));
+    t.push_back(entry("moe.alpha", &C::moe, &EC::alpha, "load-balancing loss weight")
+                    .doc("weight of the load-balancing loss"));
+    t.push_back(entry("moe.z_loss", &C::moe, &EC::z_loss, "router z-loss weight")
+                    .doc("weight of the router z-loss, `mean_t logsumexp(logits_t)^2`"));
+    t.push_back(
+        entry("moe.jitter", &C::moe, &EC::jitter, "multiplicative router-input noise in training")
+            .doc("multiplicative router-input noise in training, `x * U(1 - j, 1 + j)`"));
+    t.push_back(entry("moe.init_scale", &C::moe, &EC::init_scale,
+                      "expert and router init: N(0, init_scale / fan_in)")
+                    .doc("router and expert weights ~ N(0, init_scale / fan_in) (Switch paper: "
+                         "0.1; 1.0 won `tune_router.json` here)"));
+    t.push_back(entry("train.steps", &C::train, &TC::steps, "optimizer steps").resumable());
+    t.push_back(entry("train.batch_size", &C::train, &TC::batch_size, "sequences per step")
+                    .doc("sequences per step (the global batch, split over the ranks)"));
+    t.push_back(entry("train.lr", &C::train, &TC::lr, "peak learning rate")
+                    .doc("peak learning rate (AdamW)"));
+    t.push_back(entry("train.min_lr", &C::train, &TC::min_lr,
+                      "learning rate at the end of the cosine decay"));
+    t.push_back(entry("train.warmup", &C::train, &TC::warmup, "linear warmup steps"));
+    t.push_back(entry("train.beta1", &C::train, &TC::beta1, "AdamW beta1"));
+    t.push_back(entry("train.beta2", &C::train, &TC::beta2, "AdamW beta2"));
+    t.push_back(entry("train.weight_decay", &C::train, &TC::weight_decay,
+                      "AdamW weight decay (matrices only)")
+                    .doc("AdamW weight decay, on weight matrices and embeddings only"));
+    t.push_back(
+        entry("train.grad_clip", &C::train, &TC::grad_clip, "max global gradient norm (0: off)")
+            .doc("maximum global gradient norm (0: no clipping)"));
+    t.push_back(entry("train.eval_every", &C::train, &TC::eval_every, "steps between evaluations")
+                    .resumable());
+    t.push_back(entry("train.eval_batches", &C::train, &TC::eval_batches,
+                      "fixed validation batches per evaluation")
+                    .doc("fixed validation batches per evaluation (the same every time)"));
+    t.push_back(entry("train.log_every", &C::train, &TC::log_every,
+                      "steps between train records and progress lines")
+                    .resumable());
+    t.push_back(entry("train.checkpoint_every", &C::train, &TC::checkpoint_every,
+                      "steps between checkpoints")
+                    .doc("steps between checkpoints (the last step always writes one)")
+                    .resumable());
+    t.push_back(entry("train.keep_checkpoints", &C::train, &TC::keep_checkpoints,
+                      "newest checkpoints kept on disk")
+                    .resumable());
+    t.push_back(entry("train.seed", &C::train, &TC::seed, "seed of every random generator")
+                    .doc("seed of every random generator (data, init, dropping)"));
+    t.push_back(entry("train.threads", &C::train, &TC::threads,
+                      "intra-op threads per rank (0: all cores / local ranks)")
+                    .doc("intra-op threads per rank (0: all cores, shared out over the local "
+                         "ranks)")
+                    .resumable());
+    t.push_back(entry("train.micro_batches", &C::train, &TC::micro_batches,
+                      "routing groups per batch, run at once on the threads (the batch must "
+                      "divide)")
+                    .doc("the batch (each rank's share) is split into this many micro-batches, "
+                         "run at once one per thread; each is its own routing group (capacity, "
+                         "dropping and the balancing losses per micro-batch); must divide the "
+                         "batch"));
+    t.push_back(
+        entry("train.on_nonfinite", &C::train, &TC::on_nonfinite, "a non-finite loss or gradient")
+            .resumable());
+    t.push_back(entry("dist.expert_parallel", &C::dist, &DistConfig::expert_parallel,
+                      "ranks sharing each layer's experts: 0 = all ranks, 1 = data parallel only")
+                    .doc("ranks sharing each layer's experts: 0 = all ranks (expert parallel), "
+                         "1 = every rank holds every expert (data parallel only)")
+                    .resumable());
+    t.push_back(entry("dist.timeout_s", &C::dist, &DistConfig::timeout_s,
+                      "seconds a rank waits for the others before failing")
+                    .doc("seconds a rank waits at rendezvous or in a collective before failing")
+                    .resumable());
+    for (Binding& b : t)
+      if (b.info.doc.empty()) b.info.doc = b.info.help.substr(0, b.info.help.find(": "));
+    return t;
+  }();
   return table;
 }
 
@@ -123,8 +259,9 @@ const Binding* find_binding(const std::string& key) {
   return nullptr;
 }
 
-const char* kind_name(Kind k) {
-  switch (k) {
+// What a value of the key must be, e.g. "an integer", "one of loop | capacity | grouped".
+std::string expected(const KeyInfo& k) {
+  switch (k.kind) {
     case Kind::Int:
       return "an integer";
     case Kind::Float:
@@ -133,6 +270,12 @@ const char* kind_name(Kind k) {
       return "true or false";
     case Kind::String:
       return "a string";
+    case Kind::Choice: {
+      std::string names;
+      for (const auto& c : k.choices)
+        names += (names.empty() ? "" : " | ") + c.first;
+      return "one of " + names;
+    }
   }
   return "?";
 }
@@ -160,46 +303,14 @@ std::string unknown_key_message(const std::string& source, const std::string& ke
   return msg + "; 'switch-train --list-keys' lists every key";
 }
 
-void set_from_json(Config& c, const Binding& b, const nlohmann::json& v,
-                   const std::string& source) {
-  auto type_error = [&] {
-    return Error(fmt::format("{}: {} must be {}, got {}", source, b.info.key,
-                             kind_name(b.info.kind), v.dump()));
-  };
-  void* p = b.at(c);
-  switch (b.info.kind) {
-    case Kind::Int:
-      if (v.is_number_integer()) {
-        *static_cast<int64_t*>(p) = v.get<int64_t>();
-      } else if (v.is_number_float() && std::isfinite(v.get<double>()) &&
-                 v.get<double>() == std::floor(v.get<double>()) &&
-                 std::fabs(v.get<double>()) < 9e15) {
-        *static_cast<int64_t*>(p) = static_cast<int64_t>(v.get<double>());
-      } else {
-        throw type_error();
-      }
-      break;
-    case Kind::Float:
-      if (!v.is_number()) throw type_error();
-      *static_cast<double*>(p) = v.get<double>();
-      break;
-    case Kind::Bool:
-      if (!v.is_boolean()) throw type_error();
-      *static_cast<bool*>(p) = v.get<bool>();
-      break;
-    case Kind::String:
-      if (!v.is_string()) throw type_error();
-      *static_cast<std::string*>(p) = v.get<std::string>();
-      break;
-  }
-}
-
 void apply_object(Config& c, const nlohmann::json& obj, const std::string& prefix,
                   const std::string& source) {
   for (auto it = obj.begin(); it != obj.end(); ++it) {
     std::string key = prefix.empty() ? it.key() : prefix + "." + it.key();
     if (const Binding* b = find_binding(key)) {
-      set_from_json(c, *b, it.value(), source);
+      if (!b->set(c, it.value()))
+        throw Error(fmt::format("{}: {} must be {}, got {}", source, key, expected(b->info),
+                                it.value().dump()));
     } else if (it.value().is_object()) {
       // A section ("model") or a dotted prefix; only known sections may hold keys.
       bool is_prefix = false;
@@ -211,6 +322,85 @@ void apply_object(Config& c, const nlohmann::json& obj, const std::string& prefi
       throw Error(unknown_key_message(source, key));
     }
   }
+}
+
+[[noreturn]] void fail(const std::string& key, const std::string& value, const std::string& what) {
+  throw Error(fmt::format("config: {} = {}: {}", key, value, what));
+}
+
+void at_least(const std::string& key, int64_t v, int64_t lo) {
+  if (v < lo) fail(key, std::to_string(v), fmt::format("must be >= {}", lo));
+}
+
+// v in [lo, hi], with either end open.
+void in_range(const std::string& key, double v, double lo, double hi, bool lo_open, bool hi_open) {
+  const bool ok = std::isfinite(v) && (lo_open ? v > lo : v >= lo) && (hi_open ? v < hi : v <= hi);
+  if (!ok)
+    fail(key, fmt::format("{}", v),
+         fmt::format("must be in {}{}, {}{}", lo_open ? "(" : "[", lo, hi, hi_open ? ")" : "]"));
+}
+
+constexpr double kInf = std::numeric_limits<double>::infinity();
+
+void validate_model(const Config& c) {
+  if (c.data.path.empty()) fail("data.path", "''", "must name a UTF-8 text file");
+  in_range("data.val_fraction", c.data.val_fraction, 0.0, 1.0, true, true);
+  at_least("model.d_model", c.model.d_model, 1);
+  at_least("model.n_layers", c.model.n_layers, 1);
+  at_least("model.n_heads", c.model.n_heads, 1);
+  at_least("model.d_ff", c.model.d_ff, 1);
+  at_least("model.seq_len", c.model.seq_len, 1);
+  in_range("model.dropout", c.model.dropout, 0.0, 1.0, false, true);
+  if (c.model.d_model % c.model.n_heads != 0)
+    fail("model.d_model", std::to_string(c.model.d_model),
+         fmt::format("must be divisible by model.n_heads = {}", c.model.n_heads));
+}
+
+void validate_moe(const Config& c) {
+  at_least("moe.n_experts", c.moe.n_experts, 1);
+  at_least("moe.every", c.moe.every, 0);
+  in_range("moe.capacity_factor", c.moe.capacity_factor, 0.0, kInf, true, true);
+  in_range("moe.eval_capacity_factor", c.moe.eval_capacity_factor, 0.0, kInf, true, true);
+  in_range("moe.alpha", c.moe.alpha, 0.0, kInf, false, true);
+  in_range("moe.z_loss", c.moe.z_loss, 0.0, kInf, false, true);
+  in_range("moe.jitter", c.moe.jitter, 0.0, 1.0, false, true);
+  in_range("moe.init_scale", c.moe.init_scale, 0.0, kInf, true, true);
+  at_least("moe.top_k", c.moe.top_k, 1);
+  if (c.moe.top_k > c.moe.n_experts)
+    fail("moe.top_k", std::to_string(c.moe.top_k),
+         fmt::format("must be <= moe.n_experts = {}", c.moe.n_experts));
+  if (c.moe.every > c.model.n_layers)
+    fail("moe.every", std::to_string(c.moe.every),
+         fmt::format("leaves no MoE layer among model.n_layers = {} (use 0 for a dense model)",
+                     c.model.n_layers));
+}
+
+void validate_train(const Config& c) {
+  at_least("train.steps", c.train.steps, 1);
+  at_least("train.batch_size", c.train.batch_size, 1);
+  in_range("train.lr", c.train.lr, 0.0, kInf, true, true);
+  in_range("train.min_lr", c.train.min_lr, 0.0, c.train.lr, false, false);
+  at_least("train.warmup", c.train.warmup, 0);
+  in_range("train.beta1", c.train.beta1, 0.0, 1.0, false, true);
+  in_range("train.beta2", c.train.beta2, 0.0, 1.0, false, true);
+  in_range("train.weight_decay", c.train.weight_decay, 0.0, kInf, false, true);
+  in_range("train.grad_clip", c.train.grad_clip, 0.0, kInf, false, true);
+  at_least("train.eval_every", c.train.eval_every, 1);
+  at_least("train.eval_batches", c.train.eval_batches, 1);
+  at_least("train.log_every", c.train.log_every, 1);
+  at_least("train.checkpoint_every", c.train.checkpoint_every, 1);
+  at_least("train.keep_checkpoints", c.train.keep_checkpoints, 1);
+  at_least("train.seed", c.train.seed, 0);
+  at_least("train.threads", c.train.threads, 0);
+  if (c.train.threads > 1024)  // each one a thread of its own: more is a typo, not a machine
+    fail("train.threads", std::to_string(c.train.threads), "must be <= 1024");
+  at_least("train.micro_batches", c.train.micro_batches, 1);
+  if (c.train.batch_size % c.train.micro_batches != 0)
+    throw Error(fmt::format(
+        "config: train.micro_batches = {}: train.batch_size = {} must split evenly into it",
+        c.train.micro_batches, c.train.batch_size));
+  at_least("dist.expert_parallel", c.dist.expert_parallel, 0);
+  in_range("dist.timeout_s", c.dist.timeout_s, 0.0, kInf, true, true);
 }
 
 }  // namespace
@@ -252,29 +442,10 @@ std::string closest_key(const std::string& key) {
 
 nlohmann::json to_json(const Config& c) {
   nlohmann::json j = nlohmann::json::object();
-  Config& mut = const_cast<Config&>(c);  // the accessors are shared with the setters
   for (const auto& b : bindings()) {
-    const void* p = b.at(mut);
-    nlohmann::json v;
-    switch (b.info.kind) {
-      case Kind::Int:
-        v = *static_cast<const int64_t*>(p);
-        break;
-      case Kind::Float:
-        v = *static_cast<const double*>(p);
-        break;
-      case Kind::Bool:
-        v = *static_cast<const bool*>(p);
-        break;
-      case Kind::String:
-        v = *static_cast<const std::string*>(p);
-        break;
-    }
-    j[nlohmann::json::json_pointer("/" + [&] {
-      std::string s = b.info.key;
-      std::replace(s.begin(), s.end(), '.', '/');
-      return s;
-    }())] = v;
+    std::string pointer = "/" + b.info.key;
+    std::replace(pointer.begin(), pointer.end(), '.', '/');
+    j[nlohmann::json::json_pointer(pointer)] = b.get(c);
   }
   return j;
 }
@@ -320,143 +491,23 @@ void apply_file(Config& c, const std::string& path) {
 }
 
 void apply_override(Config& c, const std::string& assignment) {
-  size_t eq = assignment.find('=');
+  const size_t eq = assignment.find('=');
   if (eq == std::string::npos || eq == 0)
     throw Error(
         fmt::format("--set '{}': expected key=value, e.g. --set moe.n_experts=8", assignment));
-  std::string key = assignment.substr(0, eq);
-  std::string text = assignment.substr(eq + 1);
+  const std::string key = assignment.substr(0, eq);
+  const std::string text = assignment.substr(eq + 1);
   const Binding* b = find_binding(key);
   if (!b) throw Error(unknown_key_message("--set", key));
-  void* p = b->at(c);
-  auto bad = [&] {
-    return Error(fmt::format("--set {}: '{}' is not {}", key, text, kind_name(b->info.kind)));
-  };
-  switch (b->info.kind) {
-    case Kind::Int: {
-      size_t used = 0;
-      int64_t v = 0;
-      try {
-        v = std::stoll(text, &used);
-      } catch (const std::exception&) {
-        throw bad();
-      }
-      if (used != text.size()) throw bad();
-      *static_cast<int64_t*>(p) = v;
-      break;
-    }
-    case Kind::Float: {
-      size_t used = 0;
-      double v = 0;
-      try {
-        v = std::stod(text, &used);
-      } catch (const std::exception&) {
-        throw bad();
-      }
-      if (used != text.size()) throw bad();
-      *static_cast<double*>(p) = v;
-      break;
-    }
-    case Kind::Bool:
-      if (text == "true" || text == "1") {
-        *static_cast<bool*>(p) = true;
-      } else if (text == "false" || text == "0") {
-        *static_cast<bool*>(p) = false;
-      } else {
-        throw bad();
-      }
-      break;
-    case Kind::String:
-      *static_cast<std::string*>(p) = text;
-      break;
-  }
+  const nlohmann::json v = parse_text(b->info.kind, text);
+  if (v.is_null() || !b->set(c, v))
+    throw Error(fmt::format("--set {}: '{}' is not {}", key, text, expected(b->info)));
 }
 
 void validate(const Config& c) {
-  auto fail = [](const std::string& key, const std::string& value, const std::string& what) {
-    throw Error(fmt::format("config: {} = {}: {}", key, value, what));
-  };
-  auto at_least = [&](const std::string& key, int64_t v, int64_t lo) {
-    if (v < lo) fail(key, std::to_string(v), fmt::format("must be >= {}", lo));
-  };
-  auto in_range = [&](const std::string& key, double v, double lo, double hi, bool lo_open,
-                      bool hi_open) {
-    bool ok = std::isfinite(v) && (lo_open ? v > lo : v >= lo) && (hi_open ? v < hi : v <= hi);
-    if (!ok)
-      fail(key, fmt::format("{}", v),
-           fmt::format("must be in {}{}, {}{}", lo_open ? "(" : "[", lo, hi, hi_open ? ")" : "]"));
-  };
-  auto one_of = [&](const std::string& key, const std::string& v,
-                    const std::vector<std::string>& choices) {
-    if (std::find(choices.begin(), choices.end(), v) == choices.end()) {
-      std::string list;
-      for (const auto& ch : choices)
-        list += (list.empty() ? "" : " | ") + ch;
-      fail(key, "'" + v + "'", "must be one of " + list);
-    }
-  };
-  const double inf = std::numeric_limits<double>::infinity();
-
-  if (c.data.path.empty()) fail("data.path", "''", "must name a UTF-8 text file");
-  in_range("data.val_fraction", c.data.val_fraction, 0.0, 1.0, true, true);
-
-  at_least("model.d_model", c.model.d_model, 1);
-  at_least("model.n_layers", c.model.n_layers, 1);
-  at_least("model.n_heads", c.model.n_heads, 1);
-  at_least("model.d_ff", c.model.d_ff, 1);
-  at_least("model.seq_len", c.model.seq_len, 1);
-  in_range("model.dropout", c.model.dropout, 0.0, 1.0, false, true);
-  one_of("model.activation", c.model.activation, {"gelu", "relu"});
-  if (c.model.d_model % c.model.n_heads != 0)
-    fail("model.d_model", std::to_string(c.model.d_model),
-         fmt::format("must be divisible by model.n_heads = {}", c.model.n_heads));
-
-  at_least("moe.n_experts", c.moe.n_experts, 1);
-  at_least("moe.every", c.moe.every, 0);
-  in_range("moe.capacity_factor", c.moe.capacity_factor, 0.0, inf, true, true);
-  one_of("moe.dropped", c.moe.dropped, {"pass", "zero"});
-  in_range("moe.eval_capacity_factor", c.moe.eval_capacity_factor, 0.0, inf, true, true);
-  one_of("moe.drop_policy", c.moe.drop_policy, {"random", "position", "probability"});
-  one_of("moe.strategy", c.moe.strategy, {"loop", "capacity", "grouped"});
-  in_range("moe.alpha", c.moe.alpha, 0.0, inf, false, true);
-  in_range("moe.z_loss", c.moe.z_loss, 0.0, inf, false, true);
-  in_range("moe.jitter", c.moe.jitter, 0.0, 1.0, false, true);
-  in_range("moe.init_scale", c.moe.init_scale, 0.0, inf, true, true);
-  at_least("moe.top_k", c.moe.top_k, 1);
-  if (c.moe.top_k > c.moe.n_experts)
-    fail("moe.top_k", std::to_string(c.moe.top_k),
-         fmt::format("must be <= moe.n_experts = {}", c.moe.n_experts));
-  if (c.moe.every > c.model.n_layers)
-    fail("moe.every", std::to_string(c.moe.every),
-         fmt::format("leaves no MoE layer among model.n_layers = {} (use 0 for a dense model)",
-                     c.model.n_layers));
-
-  at_least("train.steps", c.train.steps, 1);
-  at_least("train.batch_size", c.train.batch_size, 1);
-  in_range("train.lr", c.train.lr, 0.0, inf, true, true);
-  in_range("train.min_lr", c.train.min_lr, 0.0, c.train.lr, false, false);
-  at_least("train.warmup", c.train.warmup, 0);
-  in_range("train.beta1", c.train.beta1, 0.0, 1.0, false, true);
-  in_range("train.beta2", c.train.beta2, 0.0, 1.0, false, true);
-  in_range("train.weight_decay", c.train.weight_decay, 0.0, inf, false, true);
-  in_range("train.grad_clip", c.train.grad_clip, 0.0, inf, false, true);
-  at_least("train.eval_every", c.train.eval_every, 1);
-  at_least("train.eval_batches", c.train.eval_batches, 1);
-  at_least("train.log_every", c.train.log_every, 1);
-  at_least("train.checkpoint_every", c.train.checkpoint_every, 1);
-  at_least("train.keep_checkpoints", c.train.keep_checkpoints, 1);
-  at_least("train.seed", c.train.seed, 0);
-  at_least("train.threads", c.train.threads, 0);
-  if (c.train.threads > 1024)  // each one a thread of its own: more is a typo, not a machine
-    fail("train.threads", std::to_string(c.train.threads), "must be <= 1024");
-  at_least("train.micro_batches", c.train.micro_batches, 1);
-  if (c.train.batch_size % c.train.micro_batches != 0)
-    throw Error(fmt::format(
-        "config: train.micro_batches = {}: train.batch_size = {} must split evenly into it",
-        c.train.micro_batches, c.train.batch_size));
-  one_of("train.on_nonfinite", c.train.on_nonfinite, {"stop", "skip"});
-  at_least("dist.expert_parallel", c.dist.expert_parallel, 0);
-  in_range("dist.timeout_s", c.dist.timeout_s, 0.0, inf, true, true);
+  validate_model(c);
+  validate_moe(c);
+  validate_train(c);
 }
 
 int64_t expert_parallel_ranks(const Config& c, int64_t world_size) {
@@ -482,6 +533,13 @@ void validate_world(const Config& c, int64_t world_size) {
     throw Error(fmt::format(
         "config: train.micro_batches = {}: each of {} ranks' {} rows must split evenly into it",
         c.train.micro_batches, W, c.train.batch_size / W));
+  if (expert_parallel_ranks(c, W) > 1 && c.n_moe_layers() > 0 &&
+      c.moe.strategy != Strategy::Grouped)
+    throw Error(fmt::format(
+        "config: moe.strategy = {}: expert parallelism over {} ranks computes each rank's "
+        "experts grouped; use moe.strategy=grouped, or dist.expert_parallel=1 to replicate the "
+        "experts",
+        name_of(c.moe.strategy), W));
   if (expert_parallel_ranks(c, W) > 1 && c.n_moe_layers() > 0 && c.moe.n_experts % W != 0)
     throw Error(fmt::format(
         "config: moe.n_experts = {}: must be divisible by the {} expert-parallel ranks (or "

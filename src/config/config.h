@@ -6,9 +6,12 @@
 
 #include <cstdint>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include <nlohmann/json.hpp>
+
+#include "config/options.h"
 
 namespace sw {
 
@@ -24,8 +27,8 @@ struct ModelConfig {
   int64_t d_ff = 512;    // hidden width of a dense FFN and of each expert
   int64_t seq_len = 64;  // context length in characters
   double dropout = 0.0;
-  bool pos_emb = true;              // learned position embedding (labml's Switch has none)
-  std::string activation = "gelu";  // gelu | relu
+  bool pos_emb = true;  // learned position embedding (labml's Switch has none)
+  Activation activation = Activation::Gelu;
 };
 
 struct MoeConfig {
@@ -35,12 +38,12 @@ struct MoeConfig {
   double capacity_factor = 1.25;      // training: capacity = int(cf * k * tokens / experts)
   double eval_capacity_factor = 2.0;  // the same in evaluation
   bool drop_tokens = true;
-  std::string drop_policy = "random";  // who keeps a seat: random | position | probability
+  DropPolicy drop_policy = DropPolicy::Random;  // who keeps a seat in a full expert
   bool is_scale_prob = true;
-  std::string dropped = "pass";      // what a dropped token outputs: pass (its input) | zero
-  std::string strategy = "grouped";  // loop | capacity | grouped
-  double alpha = 0.01;               // weight of the load-balancing loss
-  double z_loss = 0.001;             // weight of the router z-loss
+  DroppedOutput dropped = DroppedOutput::Pass;  // what a dropped assignment outputs
+  Strategy strategy = Strategy::Grouped;        // how the experts are computed
+  double alpha = 0.01;                          // weight of the load-balancing loss
+  double z_loss = 0.001;                        // weight of the router z-loss
   double jitter = 0.0;      // multiplicative router-input noise in training: x * U(1-j, 1+j)
   double init_scale = 1.0;  // expert and router weights ~ N(0, init_scale / fan_in)
 };
@@ -66,7 +69,7 @@ struct TrainConfig {
   // routing group (capacity, dropping and the load-balancing loss are per micro-batch) and
   // they run at once, one per thread; results do not depend on the thread count.
   int64_t micro_batches = 2;
-  std::string on_nonfinite = "stop";  // a non-finite loss or gradient: stop | skip the step
+  OnNonfinite on_nonfinite = OnNonfinite::Stop;  // a non-finite loss or gradient
 };
 
 // Several processes (ranks, from RANK / WORLD_SIZE or switch-train --nproc): every rank
@@ -89,15 +92,23 @@ struct Config {
   int64_t n_moe_layers() const;
 };
 
-enum class Kind { Int, Float, Bool, String };
+enum class Kind { Int, Float, Bool, String, Choice };
 
-// One configurable key: its dotted name, type, help text and the default it has in Config{}.
+// One configurable key: its dotted name, type and texts. The default is what Config{} holds.
 struct KeyInfo {
   std::string key;
   Kind kind;
-  std::string help;
+  std::string help;  // one line, for --list-keys (a Choice key's ends with its names)
+  std::string doc;   // the longer text of docs/config.md (a Choice key's values follow it)
+  std::vector<std::pair<std::string, std::string>> choices;  // Kind::Choice: name, meaning
+  bool resumable = false;  // may change when a run is resumed (it steers the loop only)
 };
 const std::vector<KeyInfo>& config_keys();
+
+// `switch-train --list-keys`: a line per key with its default and help.
+std::string keys_text();
+// docs/config.md, generated from the same table (`switch-train --list-keys --markdown`).
+std::string keys_markdown();
 
 // Nested JSON ({"model": {"d_model": 128}, ...}) with every key.
 nlohmann::json to_json(const Config& c);

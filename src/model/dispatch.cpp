@@ -3,16 +3,8 @@
 #include <algorithm>
 
 #include "model/random.h"
-#include "util/error.h"
 
 namespace sw {
-
-DropPolicy parse_drop_policy(const std::string& name) {
-  if (name == "random") return DropPolicy::Random;
-  if (name == "position") return DropPolicy::Position;
-  if (name == "probability") return DropPolicy::Probability;
-  throw Error("unknown drop policy '" + name + "' (random | position | probability)");
-}
 
 torch::Tensor random_ranks(int64_t n) {
   return torch::randperm(n, current_generator(), torch::kInt64);

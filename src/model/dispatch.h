@@ -15,14 +15,13 @@
 
 #include <torch/torch.h>
 
+#include "config/options.h"
+
 namespace sw {
 
-enum class DropPolicy {
-  Random,      // the seed: a uniformly random subset of an over-full expert's tokens stays
-  Position,    // first choices before second choices, then earlier tokens first
-  Probability  // highest gate first (ties: by position)
-};
-DropPolicy parse_drop_policy(const std::string& name);
+// DropPolicy (config/options.h): Random, the seed's, keeps a uniformly random subset of an
+// over-full expert's assignments; Position keeps first choices before second choices, then
+// earlier tokens; Probability keeps the highest gates (ties by position).
 
 struct Dispatch {
   int64_t top_k = 1;

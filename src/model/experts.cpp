@@ -1,16 +1,8 @@
 #include "model/experts.h"
 
-#include "util/error.h"
 #include "util/parallel.h"
 
 namespace sw {
-
-Strategy parse_strategy(const std::string& name) {
-  if (name == "loop") return Strategy::Loop;
-  if (name == "capacity") return Strategy::Capacity;
-  if (name == "grouped") return Strategy::Grouped;
-  throw Error("unknown expert strategy '" + name + "' (loop | capacity | grouped)");
-}
 
 namespace {
 

@@ -2,7 +2,8 @@
 // (w_in [E, D, F], b_in [E, F], w_out [E, F, D], b_out [E, D]) whatever strategy computes
 // them, so a checkpoint trained with one strategy runs with any other.
 //
-// Strategies (moe.strategy); all give the same outputs and gradients for the same dispatch:
+// Strategies (moe.strategy, config/options.h); all give the same outputs and gradients for the same
+// dispatch:
 //   loop      the seed's reference: one expert after another;
 //   capacity  a padded [E, C, D] buffer and one batched matmul per FFN layer (static shapes);
 //   grouped   the kept rows sorted by expert in one buffer and all experts computed by one
@@ -18,9 +19,6 @@
 #include "model/ffn.h"
 
 namespace sw {
-
-enum class Strategy { Loop, Capacity, Grouped };
-Strategy parse_strategy(const std::string& name);
 
 // All experts' FFN over rows sorted by expert: rows [offsets[e], offsets[e+1]) of x_ND go
 // through expert e. One autograd node: the backward writes each expert's gradient slice once

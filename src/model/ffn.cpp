@@ -1,14 +1,6 @@
 #include "model/ffn.h"
 
-#include "util/error.h"
-
 namespace sw {
-
-Activation parse_activation(const std::string& name) {
-  if (name == "gelu") return Activation::Gelu;
-  if (name == "relu") return Activation::Relu;
-  throw Error("unknown activation '" + name + "' (gelu | relu)");
-}
 
 torch::Tensor activate(const torch::Tensor& x, Activation a) {
   return a == Activation::Gelu ? torch::gelu(x) : torch::relu(x);

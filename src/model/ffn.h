@@ -2,14 +2,12 @@
 // activation shared with the experts so that one expert equals a dense FFN exactly.
 #pragma once
 
-#include <string>
-
 #include <torch/torch.h>
+
+#include "config/options.h"
 
 namespace sw {
 
-enum class Activation { Gelu, Relu };
-Activation parse_activation(const std::string& name);
 torch::Tensor activate(const torch::Tensor& x, Activation a);
 
 struct DenseFFNImpl : torch::nn::Module {

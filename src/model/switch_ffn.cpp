@@ -8,7 +8,7 @@
 namespace sw {
 
 SwitchFFNImpl::SwitchFFNImpl(int64_t d_model, int64_t d_ff, const MoeConfig& moe, Activation act)
-    : cfg(moe), strategy(parse_strategy(moe.strategy)), policy(parse_drop_policy(moe.drop_policy)) {
+    : cfg(moe) {
   router = register_module("router", Router(d_model, moe.n_experts, moe.top_k, moe.jitter));
   experts = register_module("experts", Experts(moe.n_experts, d_model, d_ff, act));
 }
@@ -34,7 +34,8 @@ Dispatch SwitchFFNImpl::dispatch(const Routing& r, int64_t tokens) {
   const double cf = is_training() ? cfg.capacity_factor : cfg.eval_capacity_factor;
   const int64_t capacity =
       cfg.drop_tokens ? expert_capacity(cf, tokens, cfg.n_experts, cfg.top_k) : -1;
-  return make_dispatch(r.expert_TK, r.gate_TK, cfg.n_experts, capacity, policy, random_rank);
+  return make_dispatch(r.expert_TK, r.gate_TK, cfg.n_experts, capacity, cfg.drop_policy,
+                       random_rank);
 }
 
 torch::Tensor SwitchFFNImpl::combine(const torch::Tensor& x_TD, const Routing& r,
@@ -51,10 +52,10 @@ torch::Tensor SwitchFFNImpl::combine(const torch::Tensor& x_TD, const Routing& r
   torch::Tensor y_ND =
       comm ? expert_parallel_ffn(*comm, x_ND, d.offsets, experts->w_in, experts->b_in,
                                  experts->w_out, experts->b_out, experts->act)
-           : experts->forward(x_ND, d, strategy);
+           : experts->forward(x_ND, d, cfg.strategy);
   torch::Tensor y_TD = torch::zeros_like(x_TD).index_add(
       0, token_N, y_ND * scale_A.index_select(0, d.order_N).unsqueeze(1));
-  if (d.n_dropped() > 0 && cfg.dropped == "pass") {
+  if (d.n_dropped() > 0 && cfg.dropped == DroppedOutput::Pass) {
     torch::Tensor token_M = d.token_M();
     y_TD = y_TD.index_add(
         0, token_M,

@@ -51,8 +51,6 @@ struct SwitchFFNImpl : torch::nn::Module {
 
   MoeConfig cfg;
   std::shared_ptr<Comm> comm;  // null: every expert is local
-  Strategy strategy;
-  DropPolicy policy;
   Router router{nullptr};
   Experts experts{nullptr};
   RankFn random_rank = random_ranks;  // replaceable for tests

@@ -14,7 +14,7 @@ BlockImpl::BlockImpl(const Config& c, bool moe) {
   attn = register_module("attn",
                          CausalSelfAttention(D, c.model.n_heads, c.model.seq_len, c.model.dropout));
   ln_ffn = register_module("ln_ffn", torch::nn::LayerNorm(torch::nn::LayerNormOptions({D})));
-  const Activation act = parse_activation(c.model.activation);
+  const Activation act = c.model.activation;
   if (moe)
     switch_ = register_module("ffn", SwitchFFN(D, c.model.d_ff, c.moe, act));
   else

@@ -161,7 +161,7 @@ MemoryEstimate estimate_memory(const Config& c, int64_t vocab, int64_t world,
   // Rows the experts compute per token: k for the grouped and loop strategies (only routed
   // tokens); the capacity strategy pads every expert to its capacity, and without dropping
   // to the busiest expert's load, counted at its worst (every expert as busy as all).
-  const bool padded = c.moe.strategy == "capacity";
+  const bool padded = c.moe.strategy == Strategy::Capacity;
   auto rows = [&](double factor) {
     if (!padded) return k;
     return c.moe.drop_tokens ? k * std::max(1.0, factor) : k * std::max(1.0, E);

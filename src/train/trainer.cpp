@@ -488,13 +488,14 @@ nlohmann::ordered_json train(const Config& cfg, const TrainOptions& opt) {
           "step {}: {} (cross-entropy {}, load-balancing {}, gradient norm {}){}", step + 1,
           std::isfinite(loss_v) ? "the gradients are not finite" : "the loss is not finite", ce_v,
           lb_v, grad_norm, where.empty() ? "" : "; first non-finite: " + where);
-      if (cfg.train.on_nonfinite != "skip" || consecutive_skips >= kMaxConsecutiveSkips) {
+      if (cfg.train.on_nonfinite != OnNonfinite::Skip ||
+          consecutive_skips >= kMaxConsecutiveSkips) {
         const auto kept = newest_checkpoint(opt.out_dir);
         throw Error(fmt::format(
             "{}{}. {}; try a lower train.lr{}.", what,
             consecutive_skips > 0 ? fmt::format(" ({} steps in a row)", consecutive_skips + 1) : "",
             kept ? "The last checkpoint is kept: " + *kept : std::string("No checkpoint yet"),
-            cfg.train.on_nonfinite == "skip" ? "" : " or train.on_nonfinite=skip"));
+            cfg.train.on_nonfinite == OnNonfinite::Skip ? "" : " or train.on_nonfinite=skip"));
       }
       ++consecutive_skips;
       ++state.skipped_steps;
