@@ -7,8 +7,8 @@
 
 #include <doctest/doctest.h>
 
-#include "dist/comm.h"
-#include "dist/expert_parallel.h"
+#include "distributed/comm.h"
+#include "model/expert_parallel.h"
 #include "helpers.h"
 #include "model/dispatch.h"
 #include "model/experts.h"

@@ -6,7 +6,7 @@
 
 #include <doctest/doctest.h>
 
-#include "dist/comm.h"
+#include "distributed/comm.h"
 #include "helpers.h"
 #include "train/metrics.h"
 

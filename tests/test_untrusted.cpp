@@ -9,12 +9,12 @@
 #include <caffe2/serialize/inline_container.h>
 #include <doctest/doctest.h>
 
-#include "dist/comm.h"
+#include "distributed/comm.h"
 #include "helpers.h"
 #include "model/transformer.h"
 #include "train/checkpoint.h"
 #include "train/metrics.h"
-#include "train/schedule.h"
+#include "train/optimizer.h"
 
 namespace {
 

@@ -13,8 +13,8 @@
 
 #include "config/config.h"
 #include "data/dataset.h"
-#include "dist/comm.h"
-#include "dist/launch.h"
+#include "distributed/comm.h"
+#include "distributed/launch.h"
 #include "train/footprint.h"
 #include "train/trainer.h"
 #include "util/error.h"

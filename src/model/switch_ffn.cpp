@@ -2,7 +2,7 @@
 
 #include <fmt/format.h>
 
-#include "dist/expert_parallel.h"
+#include "model/expert_parallel.h"
 #include "util/error.h"
 
 namespace sw {

@@ -9,7 +9,7 @@
 #include <torch/torch.h>
 
 #include "config/config.h"
-#include "dist/comm.h"
+#include "distributed/comm.h"
 #include "model/dispatch.h"
 #include "model/experts.h"
 #include "model/router.h"
@@ -45,7 +45,7 @@ struct SwitchFFNImpl : torch::nn::Module {
   torch::Tensor combine(const torch::Tensor& x_TD, const Routing& r, const Dispatch& d);
 
   // Expert parallelism: keep only this rank's experts [rank*E/W, (rank+1)*E/W) and compute
-  // the kept rows on their experts' ranks (src/dist/expert_parallel.h). Routing, capacity
+  // the kept rows on their experts' ranks (model/expert_parallel.h). Routing, capacity
   // and dropping stay decided on this rank's own tokens. Throws sw::Error unless W divides E.
   void enable_expert_parallel(std::shared_ptr<Comm> comm);
 

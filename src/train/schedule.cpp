@@ -1,5 +1,6 @@
 #include "train/schedule.h"
 
+#include <algorithm>
 #include <cmath>
 
 namespace sw {
@@ -10,32 +11,6 @@ double lr_at(const TrainConfig& t, int64_t step) {
   const double progress =
       std::min(1.0, static_cast<double>(step - t.warmup) / static_cast<double>(decay_steps));
   return t.min_lr + 0.5 * (1.0 + std::cos(M_PI * progress)) * (t.lr - t.min_lr);
-}
-
-bool is_decayed(const std::string& name, const torch::Tensor& p) {
-  const std::string leaf = name.substr(name.rfind('.') + 1);
-  if (leaf == "bias" || leaf == "b_in" || leaf == "b_out") return false;
-  if (name.find("ln_") != std::string::npos) return false;
-  return p.dim() >= 2;
-}
-
-std::unique_ptr<FusedAdamW> make_optimizer(torch::nn::Module& model, const TrainConfig& t) {
-  std::vector<torch::Tensor> decay, no_decay;
-  for (const auto& item : model.named_parameters())
-    (is_decayed(item.key(), item.value()) ? decay : no_decay).push_back(item.value());
-  auto options = [&](double wd) {
-    return std::make_unique<torch::optim::AdamWOptions>(
-        torch::optim::AdamWOptions(t.lr).betas({t.beta1, t.beta2}).weight_decay(wd));
-  };
-  std::vector<torch::optim::OptimizerParamGroup> groups;
-  groups.emplace_back(decay, options(t.weight_decay));
-  groups.emplace_back(no_decay, options(0.0));
-  return std::make_unique<FusedAdamW>(groups, torch::optim::AdamWOptions(t.lr));
-}
-
-void set_lr(torch::optim::Optimizer& opt, double lr) {
-  for (auto& group : opt.param_groups())
-    static_cast<torch::optim::AdamWOptions&>(group.options()).lr(lr);
 }
 
 }  // namespace sw

@@ -20,7 +20,8 @@
 #include "train/checkpoint.h"
 #include "train/footprint.h"
 #include "train/metrics.h"
-#include "train/parallel.h"
+#include "train/optimizer.h"
+#include "train/ranks.h"
 #include "train/schedule.h"
 #include "util/dir_lock.h"
 #include "util/error.h"
@@ -55,7 +56,7 @@ std::string human_duration(double s) {
 // The batches run at once, each alone on one thread and with a generator of its own, except
 // with expert parallelism, whose forward holds collectives. With several ranks each
 // evaluates its share of every batch and the means are averaged.
-double evaluate(Transformer& model, const std::vector<Batch>& batches, const Parallel& par) {
+double evaluate(Transformer& model, const std::vector<Batch>& batches, const Ranks& par) {
   auto gen = at::detail::getDefaultCPUGenerator();
   const torch::Tensor rng_state = gen.get_state();
   model->eval();
@@ -119,7 +120,7 @@ struct MicroBatchStep {
 };
 MicroBatchStep forward_backward_micro(Transformer& model, const torch::Tensor& x_BS,
                                       const torch::Tensor& y_BS, const Config& cfg,
-                                      const Parallel& par) {
+                                      const Ranks& par) {
   const int64_t m = cfg.train.micro_batches;
   const auto n = static_cast<size_t>(m);
   const std::vector<torch::Tensor> xs = x_BS.chunk(m), ys = y_BS.chunk(m);
@@ -306,7 +307,7 @@ Config resume_config(const std::string& run_dir) {
 nlohmann::ordered_json train(const Config& cfg, const TrainOptions& opt) {
   validate(cfg);
   const std::optional<DistEnv> env = dist_env_from_environment();
-  Parallel par;
+  Ranks par;
   par.world = env ? env->world_size : 1;
   par.rank = env ? env->rank : 0;
   validate_world(cfg, par.world);

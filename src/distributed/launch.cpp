@@ -1,4 +1,4 @@
-#include "dist/launch.h"
+#include "distributed/launch.h"
 
 #include <fcntl.h>
 #include <poll.h>
@@ -13,7 +13,7 @@
 
 #include <fmt/format.h>
 
-#include "dist/comm.h"
+#include "distributed/comm.h"
 #include "util/error.h"
 #include "util/process.h"
 

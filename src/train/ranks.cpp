@@ -1,4 +1,4 @@
-#include "train/parallel.h"
+#include "train/ranks.h"
 
 #include <fmt/format.h>
 
@@ -33,7 +33,7 @@ torch::Tensor gather_rows(Comm& comm, const torch::Tensor& local, int64_t E) {
 
 }  // namespace
 
-torch::Tensor Parallel::share(const torch::Tensor& rows) const {
+torch::Tensor Ranks::share(const torch::Tensor& rows) const {
   if (world == 1) return rows;
   const int64_t n = rows.size(0) / world;
   return rows.narrow(0, rank * n, n);

@@ -11,12 +11,12 @@
 
 #include <torch/torch.h>
 
-#include "dist/comm.h"
+#include "distributed/comm.h"
 #include "model/transformer.h"
 
 namespace sw {
 
-struct Parallel {
+struct Ranks {
   std::shared_ptr<Comm> comm;    // null: a single process
   int64_t rank = 0, world = 1;   // this rank, number of ranks
   bool expert_parallel = false;  // experts sharded over the ranks

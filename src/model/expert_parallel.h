@@ -8,7 +8,7 @@
 
 #include <torch/torch.h>
 
-#include "dist/comm.h"
+#include "distributed/comm.h"
 #include "model/ffn.h"
 
 namespace sw {

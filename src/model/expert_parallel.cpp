@@ -1,4 +1,4 @@
-#include "dist/expert_parallel.h"
+#include "model/expert_parallel.h"
 
 #include <fmt/format.h>
 
