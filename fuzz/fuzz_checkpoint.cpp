@@ -22,7 +22,7 @@
 
 #include "model/transformer.h"
 #include "train/checkpoint.h"
-#include "train/schedule.h"
+#include "train/optimizer.h"
 #include "util/error.h"
 #include "util/fs.h"
 
