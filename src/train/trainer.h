@@ -1,5 +1,7 @@
 // The training loop: data, model, AdamW with warmup + cosine, gradient clipping, periodic
 // evaluation on fixed batches, metrics.jsonl, atomic checkpoints, resume and summary.json.
+// The loop is train() in trainer.cpp; one step is train/step.h, the records
+// train/progress.h, the run directory train/run_dir.h.
 #pragma once
 
 #include <atomic>
@@ -8,6 +10,7 @@
 #include <nlohmann/json.hpp>
 
 #include "config/config.h"
+#include "train/run_dir.h"
 
 namespace sw {
 
@@ -35,17 +38,8 @@ struct Interrupted {
 // cores): rank 0 prints, writes metrics, checkpoints and the summary.
 nlohmann::ordered_json train(const Config& cfg, const TrainOptions& opt);
 
-// The config of an existing run directory (its config.json), for --resume.
-Config resume_config(const std::string& run_dir);
-
-// Writes <run_dir>/config.json (atomically).
-void write_config_file(const std::string& run_dir, const Config& cfg);
-
 // Sets LibTorch's intra-op thread count (0: all cores shared by `local_ranks` processes)
 // and returns the count in use.
 int64_t configure_threads(int64_t requested, int64_t local_ranks = 1);
-
-// A default run directory name: runs/<YYYYmmdd-HHMMSS>.
-std::string default_run_dir();
 
 }  // namespace sw
