@@ -107,89 +107,65 @@ std::string memory_line(const sw::Config& cfg, int64_t world) {
                                      : sw::human_bytes(limit.bytes) + " (" + limit.source + ")");
 }
 
-int run(int argc, char** argv) {
-  sw::keep_freed_memory();
-  CLI::App app{
-      "Train a Switch Transformer (sparse mixture-of-experts) character-level "
-      "language model."};
+struct Args {
   std::string config_file, out_dir;
   std::vector<std::string> overrides;
   bool resume = false, quiet = false, print_config = false, keys = false, markdown = false;
   int nproc = 1;
-  app.add_option("--config", config_file, "JSON config file applied over the defaults")
-      ->check(CLI::ExistingFile);
-  app.add_option("--set", overrides, "override one key: --set moe.n_experts=8 (repeatable)")
-      ->type_name("KEY=VALUE");
-  app.add_option("--out", out_dir, "run directory (default runs/<timestamp>)");
-  app.add_flag("--resume", resume, "continue the run in --out from its newest checkpoint");
   int64_t keep = 0;
-  app.add_option("--keep", keep, "keep only the newest N checkpoints (train.keep_checkpoints)")
+};
+
+void add_options(CLI::App& app, Args& a) {
+  app.add_option("--config", a.config_file, "JSON config file applied over the defaults")
+      ->check(CLI::ExistingFile);
+  app.add_option("--set", a.overrides, "override one key: --set moe.n_experts=8 (repeatable)")
+      ->type_name("KEY=VALUE");
+  app.add_option("--out", a.out_dir, "run directory (default runs/<timestamp>)");
+  app.add_flag("--resume", a.resume, "continue the run in --out from its newest checkpoint");
+  app.add_option("--keep", a.keep, "keep only the newest N checkpoints (train.keep_checkpoints)")
       ->check(CLI::Range(int64_t{1}, int64_t{1} << 40));
-  app.add_flag("-q,--quiet", quiet, "print nothing but errors");
-  app.add_option("--nproc", nproc,
+  app.add_flag("-q,--quiet", a.quiet, "print nothing but errors");
+  app.add_option("--nproc", a.nproc,
                  "start N ranks on this machine (expert + data parallel over c10d/Gloo)")
       ->check(CLI::Range(1, 1024));
-  app.add_flag("--print-config", print_config, "print the resolved config as JSON and exit");
-  app.add_flag("--list-keys", keys, "list every config key with its default and exit");
-  app.add_flag("--markdown", markdown, "with --list-keys: print docs/config.md instead")
+  app.add_flag("--print-config", a.print_config, "print the resolved config as JSON and exit");
+  app.add_flag("--list-keys", a.keys, "list every config key with its default and exit");
+  app.add_flag("--markdown", a.markdown, "with --list-keys: print docs/config.md instead")
       ->needs("--list-keys");
   app.footer(
       "Config keys are dotted (model.d_model, moe.n_experts, train.steps, ...); "
       "see --list-keys.");
-  try {
-    app.parse(argc, argv);
-  } catch (const CLI::ParseError& e) {
-    const int rc = app.exit(e);  // prints help, or the parse error and a hint
-    return rc == 0 ? 0 : 2;
-  }
+}
 
-  if (keys) {
-    std::cout << (markdown ? sw::keys_markdown() : sw::keys_text());
-    return 0;
-  }
-
-  if (keep > 0) overrides.push_back(fmt::format("train.keep_checkpoints={}", keep));
-
+// The run's config (a resumed run's own, with the overrides it allows) and the number of
+// ranks, validated; throws sw::Error.
+sw::Config resolve_config(const Args& a, int64_t& world) {
   sw::Config cfg;
-  sw::TrainOptions opt;
-  int64_t world = nproc;
-  opt.quiet = quiet;
-  try {
-    if (resume) {
-      if (out_dir.empty()) throw sw::Error("--resume needs --out DIR naming the run to continue");
-      if (!config_file.empty())
-        throw sw::Error("--resume takes the run's own config.json; drop --config");
-      cfg = sw::resume_config(out_dir);
-      apply_resume_overrides(cfg, overrides);
-    } else {
-      if (!config_file.empty()) sw::apply_file(cfg, config_file);
-      for (const auto& o : overrides)
-        sw::apply_override(cfg, o);
-    }
-    sw::validate(cfg);
-    if (auto env = sw::dist_env_from_environment()) {
-      if (nproc > 1)
-        throw sw::Error(
-            "--nproc starts its own ranks; it cannot run under a launcher that set WORLD_SIZE");
-      world = env->world_size;
-    }
-    sw::validate_world(cfg, world);
-  } catch (const sw::Error& e) {
-    std::cerr << "switch-train: error: " << e.what() << std::endl;
-    return 2;
+  if (a.resume) {
+    if (a.out_dir.empty()) throw sw::Error("--resume needs --out DIR naming the run to continue");
+    if (!a.config_file.empty())
+      throw sw::Error("--resume takes the run's own config.json; drop --config");
+    cfg = sw::resume_config(a.out_dir);
+    apply_resume_overrides(cfg, a.overrides);
+  } else {
+    if (!a.config_file.empty()) sw::apply_file(cfg, a.config_file);
+    for (const auto& o : a.overrides)
+      sw::apply_override(cfg, o);
   }
-
-  if (print_config) {
-    std::cout << sw::to_json(cfg).dump(2) << std::endl;
-    std::cerr << memory_line(cfg, world) << std::endl;  // stdout stays a config file
-    return 0;
+  sw::validate(cfg);
+  world = a.nproc;
+  if (auto env = sw::dist_env_from_environment()) {
+    if (a.nproc > 1)
+      throw sw::Error(
+          "--nproc starts its own ranks; it cannot run under a launcher that set WORLD_SIZE");
+    world = env->world_size;
   }
+  sw::validate_world(cfg, world);
+  return cfg;
+}
 
-  opt.out_dir = out_dir.empty() ? sw::default_run_dir() : out_dir;
-  if (nproc > 1) return launch(argc, argv, nproc, opt.out_dir, out_dir.empty());
-  opt.resume = resume;
-  opt.config_changed = resume && !overrides.empty();
-  opt.stop = &g_stop;
+// Trains in this process; the exit status says how it ended.
+int train_here(const sw::Config& cfg, const sw::TrainOptions& opt) {
   install_signal_handlers();
   try {
     sw::train(cfg, opt);
@@ -212,6 +188,47 @@ int run(int argc, char** argv) {
     return 3;
   }
   return 0;
+}
+
+int run(int argc, char** argv) {
+  sw::keep_freed_memory();
+  CLI::App app{
+      "Train a Switch Transformer (sparse mixture-of-experts) character-level "
+      "language model."};
+  Args a;
+  add_options(app, a);
+  try {
+    app.parse(argc, argv);
+  } catch (const CLI::ParseError& e) {
+    const int rc = app.exit(e);  // prints help, or the parse error and a hint
+    return rc == 0 ? 0 : 2;
+  }
+  if (a.keys) {
+    std::cout << (a.markdown ? sw::keys_markdown() : sw::keys_text());
+    return 0;
+  }
+  if (a.keep > 0) a.overrides.push_back(fmt::format("train.keep_checkpoints={}", a.keep));
+  sw::Config cfg;
+  int64_t world = 1;
+  try {
+    cfg = resolve_config(a, world);
+  } catch (const sw::Error& e) {
+    std::cerr << "switch-train: error: " << e.what() << std::endl;
+    return 2;
+  }
+  if (a.print_config) {
+    std::cout << sw::to_json(cfg).dump(2) << std::endl;
+    std::cerr << memory_line(cfg, world) << std::endl;  // stdout stays a config file
+    return 0;
+  }
+  sw::TrainOptions opt;
+  opt.quiet = a.quiet;
+  opt.out_dir = a.out_dir.empty() ? sw::default_run_dir() : a.out_dir;
+  if (a.nproc > 1) return launch(argc, argv, a.nproc, opt.out_dir, a.out_dir.empty());
+  opt.resume = a.resume;
+  opt.config_changed = a.resume && !a.overrides.empty();
+  opt.stop = &g_stop;
+  return train_here(cfg, opt);
 }
 
 }  // namespace

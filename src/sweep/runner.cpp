@@ -14,6 +14,7 @@
 #include <iostream>
 #include <limits>
 #include <map>
+#include <optional>
 #include <thread>
 
 #include <fmt/format.h>
@@ -188,139 +189,163 @@ PointState point_state(const SweepPoint& p, const std::string& run_dir) {
   return PointState::Resume;
 }
 
-int run_sweep(const Sweep& s, const SweepOptions& opt, int* stopped) {
-  *stopped = 0;
-  const int64_t cores =
-      opt.cores > 0 ? opt.cores : std::max<int64_t>(1, std::thread::hardware_concurrency());
-  const int jobs = std::max(1, opt.jobs);
-  const int64_t threads = std::max<int64_t>(1, cores / jobs);
-  auto say = [&](const std::string& line) {
-    if (!opt.quiet) std::cout << line << std::endl;
-  };
-  fs::create_directories(fs::path(opt.out_dir) / ".points");
-  write_file_atomic((fs::path(opt.out_dir) / "sweep.json").string(),
-                    read_file(s.path, "sweep file"));
+namespace {
 
+// Runs a sweep's points as switch-train processes, at most opt.jobs at once.
+class SweepRunner {
+ public:
+  SweepRunner(const Sweep& s, const SweepOptions& opt) : s_(s), opt_(opt) {
+    cores_ = opt.cores > 0 ? opt.cores : std::max<int64_t>(1, std::thread::hardware_concurrency());
+    jobs_ = std::max(1, opt.jobs);
+    threads_ = std::max<int64_t>(1, cores_ / jobs_);
+  }
+
+  // Returns how many points failed; *stopped: the stop signal forwarded, else 0.
+  int run(int* stopped) {
+    *stopped = 0;
+    fs::create_directories(fs::path(opt_.out_dir) / ".points");
+    write_file_atomic((fs::path(opt_.out_dir) / "sweep.json").string(),
+                      read_file(s_.path, "sweep file"));
+    int forwarded = 0;
+    size_t next = 0;
+    while (next < s_.points.size() || !running_.empty()) {
+      const int sig = opt_.stop ? opt_.stop->load() : 0;
+      if (sig != 0 && sig != forwarded) {  // forward each new request once
+        for (const auto& [pid, _] : running_)
+          kill(pid, sig);
+        forwarded = sig;
+        *stopped = sig;
+      }
+      while (*stopped == 0 && next < s_.points.size() && static_cast<int>(running_.size()) < jobs_)
+        launch(next++);
+      if (running_.empty()) break;
+      wait_one(*stopped != 0);
+    }
+    return failed_;
+  }
+
+ private:
   struct Running {
     size_t index;
     std::chrono::steady_clock::time_point start;
   };
-  std::map<pid_t, Running> running;
-  const size_t n = s.points.size();
-  size_t next = 0;
-  int failed = 0;
-  auto label = [&](size_t i) { return fmt::format("[{}/{}] {}", i + 1, n, s.points[i].name); };
 
-  auto launch = [&](size_t i) -> bool {
-    const SweepPoint& p = s.points[i];
-    const std::string dir = (fs::path(opt.out_dir) / p.name).string();
+  void say(const std::string& line) const {
+    if (!opt_.quiet) std::cout << line << std::endl;
+  }
+  std::string label(size_t i) const {
+    return fmt::format("[{}/{}] {}", i + 1, s_.points.size(), s_.points[i].name);
+  }
+  std::string dir_of(size_t i) const {
+    return (fs::path(opt_.out_dir) / s_.points[i].name).string();
+  }
+
+  // A point another process writes (a switch-train started in it by hand) is left alone:
+  // not moved aside, no log opened in it. The probe's lock is held while the sweep moves or
+  // prepares the folder, and handed to the point's own switch-train when it starts.
+  std::optional<DirLock> probe(size_t i) {
+    if (!fs::exists(dir_of(i))) return DirLock();
+    try {
+      return DirLock::acquire(dir_of(i), "run directory",
+                              "the sweep leaves this point alone; run the sweep again when "
+                              "that process is done");
+    } catch (const Error& e) {
+      ++failed_;
+      say(fmt::format("{}: FAILED: {}", label(i), e.what()));
+      return std::nullopt;
+    }
+  }
+
+  // The command line of a point that starts afresh: a directory of another config moved
+  // aside first, the point's config written for it.
+  void fresh_args(size_t i, PointState st, int64_t threads, std::vector<std::string>& argv) {
+    const SweepPoint& p = s_.points[i];
+    if (st == PointState::Changed) {
+      const fs::path stale = fs::path(opt_.out_dir) / ".stale" /
+                             fmt::format("{}-{}", p.name, static_cast<int64_t>(std::time(nullptr)));
+      fs::create_directories(stale.parent_path());
+      fs::rename(dir_of(i), stale);
+      say(fmt::format("{}: its directory held another config; moved to {}", label(i),
+                      stale.string()));
+    }
+    const std::string cfg = (fs::path(opt_.out_dir) / ".points" / (p.name + ".json")).string();
+    write_file_atomic(cfg, to_json(p.config).dump(2) + "\n");
+    argv.insert(argv.end(), {"--config=" + cfg, fmt::format("--set=train.threads={}", threads)});
+  }
+
+  void launch(size_t i) {
+    const SweepPoint& p = s_.points[i];
+    const std::string dir = dir_of(i);
     const PointState st = point_state(p, dir);
-    if (st == PointState::Done) {
-      say(label(i) + ": already done, skipped");
-      return false;
-    }
-    // A point another process writes (a switch-train started in it by hand) is left alone:
-    // not moved aside, no log opened in it. The probe's lock is held while the sweep moves
-    // or prepares the folder, and handed to the point's own switch-train when it starts.
-    DirLock probe;
-    if (fs::exists(dir)) {
-      try {
-        probe = DirLock::acquire(dir, "run directory",
-                                 "the sweep leaves this point alone; run the sweep again when "
-                                 "that process is done");
-      } catch (const Error& e) {
-        ++failed;
-        say(fmt::format("{}: FAILED: {}", label(i), e.what()));
-        return false;
-      }
-    }
+    if (st == PointState::Done) return say(label(i) + ": already done, skipped");
+    std::optional<DirLock> lock = probe(i);
+    if (!lock) return;
     // One job: the point's own thread count (0: every core); several: the cores shared out.
-    const int64_t t = jobs > 1                     ? threads
+    const int64_t t = jobs_ > 1                    ? threads_
                       : p.config.train.threads > 0 ? p.config.train.threads
-                                                   : cores;
+                                                   : cores_;
     // Paths as "--key=value", one argument each: a name starting with '-' is no option.
-    std::vector<std::string> argv = {opt.train_exe, "-q", "--out=" + dir};
+    std::vector<std::string> argv = {opt_.train_exe, "-q", "--out=" + dir};
     int64_t shown_threads = t;
     if (st == PointState::Resume) {
       // With the thread count it started with, so that it ends as a straight run would.
       argv.push_back("--resume");
       Config started;
       apply_file(started, (fs::path(dir) / "config.json").string());
-      shown_threads = started.train.threads > 0 ? started.train.threads : cores;
+      shown_threads = started.train.threads > 0 ? started.train.threads : cores_;
     } else {
-      if (st == PointState::Changed) {
-        const fs::path stale =
-            fs::path(opt.out_dir) / ".stale" /
-            fmt::format("{}-{}", p.name, static_cast<int64_t>(std::time(nullptr)));
-        fs::create_directories(stale.parent_path());
-        fs::rename(dir, stale);
-        say(fmt::format("{}: its directory held another config; moved to {}", label(i),
-                        stale.string()));
-      }
-      const std::string cfg = (fs::path(opt.out_dir) / ".points" / (p.name + ".json")).string();
-      write_file_atomic(cfg, to_json(p.config).dump(2) + "\n");
-      argv.insert(argv.end(), {"--config=" + cfg, fmt::format("--set=train.threads={}", t)});
+      fresh_args(i, st, t, argv);
     }
     fs::create_directories(dir);
-    probe = DirLock();  // released just before the point's switch-train takes it
+    lock.reset();  // released just before the point's switch-train takes it
     const pid_t pid = spawn(argv, (fs::path(dir) / "train.log").string());
-    running[pid] = {i, std::chrono::steady_clock::now()};
+    running_[pid] = {i, std::chrono::steady_clock::now()};
     say(fmt::format("{}: {} ({} thread{})", label(i),
                     st == PointState::Resume ? "resuming from its checkpoint" : "training",
                     shown_threads, shown_threads == 1 ? "" : "s"));
-    return true;
-  };
+  }
 
-  int forwarded = 0;
-  while (next < n || !running.empty()) {
-    const int sig = opt.stop ? opt.stop->load() : 0;
-    if (sig != 0 && sig != forwarded) {  // forward each new request once
-      for (const auto& [pid, _] : running)
-        kill(pid, sig);
-      forwarded = sig;
-      *stopped = sig;
-    }
-    while (*stopped == 0 && next < n && static_cast<int>(running.size()) < jobs)
-      launch(next++);
-    if (running.empty()) break;
+  // Waits for one point's process and reports how it ended.
+  void wait_one(bool stopping) {
     int status = 0;
     const pid_t pid = waitpid(-1, &status, 0);
     if (pid < 0) {
-      if (errno == EINTR) continue;
+      if (errno == EINTR) return;
       throw Error(fmt::format("waiting for a point: {}", std::strerror(errno)));
     }
-    auto it = running.find(pid);
-    if (it == running.end()) continue;
+    auto it = running_.find(pid);
+    if (it == running_.end()) return;
     const size_t i = it->second.index;
     const double secs =
         std::chrono::duration<double>(std::chrono::steady_clock::now() - it->second.start).count();
-    running.erase(it);
-    const std::string dir = (fs::path(opt.out_dir) / s.points[i].name).string();
+    running_.erase(it);
+    const std::string dir = dir_of(i);
     const int code = WIFEXITED(status) ? WEXITSTATUS(status) : 128 + WTERMSIG(status);
     if (code == 0) {
       const ojson r = summarize_run(dir);
       say(fmt::format("{}: done in {:.0f} s | val loss {} | {} tok/s", label(i), secs,
                       fmt_num(r["final_val_loss"], "{:.4f}"),
                       fmt_num(r["tokens_per_s"], "{:.0f}")));
-    } else if (*stopped != 0 && (code == 130 || code == 143)) {
+    } else if (stopping && (code == 130 || code == 143)) {
       say(fmt::format("{}: stopped with a checkpoint; run the sweep again to resume it", label(i)));
     } else {
-      ++failed;
+      ++failed_;
       say(fmt::format("{}: FAILED (exit {}): {} (log: {}/train.log)", label(i), code,
                       last_line(dir + "/train.log"), dir));
     }
   }
-  return failed;
-}
 
-std::string write_sweep_summary(const Sweep& s, const std::string& out_dir) {
-  // The columns: every key some point overrides, in first-seen order.
-  std::vector<std::string> keys;
-  for (const auto& p : s.points)
-    for (const auto& [k, _] : p.overrides.items())
-      if (std::find(keys.begin(), keys.end(), k) == keys.end()) keys.push_back(k);
+  const Sweep& s_;
+  const SweepOptions& opt_;
+  int64_t cores_ = 1, threads_ = 1;
+  int jobs_ = 1;
+  std::map<pid_t, Running> running_;
+  int failed_ = 0;
+};
 
-  std::vector<ojson> rows;
+// One row per point: its state, overrides and run figures, and its val loss at the equal
+// wall time (the shortest finished run's); returns that time (infinity: none finished).
+double summary_rows(const Sweep& s, const std::string& out_dir, std::vector<ojson>& rows) {
   for (const auto& p : s.points) {
     const std::string dir = (fs::path(out_dir) / p.name).string();
     ojson row = {{"point", p.name}};
@@ -336,57 +361,44 @@ std::string write_sweep_summary(const Sweep& s, const std::string& out_dir) {
       row[k] = v;
     rows.push_back(std::move(row));
   }
-  // Equal wall time: the shortest finished run's wall time; every run's val loss then.
   double equal_s = std::numeric_limits<double>::infinity();
   for (const auto& r : rows)
     if (r["status"] == "done" && !r["wall_s"].is_null())
       equal_s = std::min(equal_s, r["wall_s"].get<double>());
-  const bool have_equal = std::isfinite(equal_s);
   for (size_t i = 0; i < rows.size(); ++i) {
     rows[i]["val_at_equal_time"] = nullptr;
     rows[i]["step_at_equal_time"] = nullptr;
-    if (!have_equal) continue;
+    if (!std::isfinite(equal_s)) continue;
     const ojson at =
         val_at_time((fs::path(out_dir) / s.points[i].name).string(), equal_s * (1 + 1e-9));
     rows[i]["val_at_equal_time"] = at["val_loss"];
     rows[i]["step_at_equal_time"] = at["step"];
   }
+  return equal_s;
+}
 
-  auto key_of = [](const ojson& r) {
-    return r["best_val_loss"].is_null() ? std::numeric_limits<double>::infinity()
-                                        : r["best_val_loss"].get<double>();
-  };
-  std::stable_sort(rows.begin(), rows.end(),
-                   [&](const ojson& a, const ojson& b) { return key_of(a) < key_of(b); });
+std::string cell(const ojson& v) {
+  return v.is_string() ? v.get<std::string>() : v.dump();
+}
 
-  auto cell = [](const ojson& v) { return v.is_string() ? v.get<std::string>() : v.dump(); };
-  // Markdown.
+std::string markdown_table(const std::vector<ojson>& rows, const std::vector<std::string>& keys,
+                           double equal_s) {
   std::string md = "| # | point | ";
   for (const auto& k : keys)
     md += k + " | ";
   const std::string at_col =
-      have_equal ? fmt::format("val @ {:.0f} s (step)", equal_s) : "val @ equal time";
+      std::isfinite(equal_s) ? fmt::format("val @ {:.0f} s (step)", equal_s) : "val @ equal time";
   md += "best val | final val | " + at_col +
         " | final train | dropped % | load CV | tokens/s | wall s | params active / total | "
         "status |\n|";
   for (size_t i = 0; i < keys.size() + 12; ++i)
     md += "---|";
   md += "\n";
-  std::string csv = "point,status";
-  for (const auto& k : keys)
-    csv += "," + k;
-  csv +=
-      ",best_val_loss,final_val_loss,final_train_loss,drop_frac,load_cv,tokens_per_s,wall_s,"
-      "steps,params_total,params_active,val_at_equal_time,step_at_equal_time\n";
   for (size_t i = 0; i < rows.size(); ++i) {
     const ojson& r = rows[i];
     md += fmt::format("| {} | {} | ", i + 1, r["point"].get<std::string>());
-    csv += r["point"].get<std::string>() + "," + r["status"].get<std::string>();
-    for (const auto& k : keys) {
-      const std::string v = r["overrides"].contains(k) ? cell(r["overrides"][k]) : "";
-      md += v + " | ";
-      csv += "," + v;
-    }
+    for (const auto& k : keys)
+      md += (r["overrides"].contains(k) ? cell(r["overrides"][k]) : "") + " | ";
     const ojson& drop = r["drop_frac"];
     const std::string at = r["val_at_equal_time"].is_null()
                                ? ""
@@ -402,16 +414,66 @@ std::string write_sweep_summary(const Sweep& s, const std::string& out_dir) {
                       drop.is_null() ? "" : fmt::format("{:.2f}", 100.0 * drop.get<double>()),
                       fmt_num(r["load_cv"], "{:.3f}"), fmt_num(r["tokens_per_s"], "{:.0f}"),
                       fmt_num(r["wall_s"], "{:.0f}"), params, r["status"].get<std::string>());
-    for (const char* k : {"best_val_loss", "final_val_loss", "final_train_loss", "drop_frac",
-                          "load_cv", "tokens_per_s", "wall_s", "steps", "params_total",
-                          "params_active", "val_at_equal_time", "step_at_equal_time"})
+  }
+  return md;
+}
+
+std::string csv_table(const std::vector<ojson>& rows, const std::vector<std::string>& keys) {
+  static const char* const kFigures[] = {"best_val_loss",
+                                         "final_val_loss",
+                                         "final_train_loss",
+                                         "drop_frac",
+                                         "load_cv",
+                                         "tokens_per_s",
+                                         "wall_s",
+                                         "steps",
+                                         "params_total",
+                                         "params_active",
+                                         "val_at_equal_time",
+                                         "step_at_equal_time"};
+  std::string csv = "point,status";
+  for (const auto& k : keys)
+    csv += "," + k;
+  for (const char* k : kFigures)
+    csv += std::string(",") + k;
+  csv += "\n";
+  for (const ojson& r : rows) {
+    csv += r["point"].get<std::string>() + "," + r["status"].get<std::string>();
+    for (const auto& k : keys)
+      csv += "," + (r["overrides"].contains(k) ? cell(r["overrides"][k]) : "");
+    for (const char* k : kFigures)
       csv += "," + (r[k].is_null() ? std::string() : r[k].dump());
     csv += "\n";
   }
-  const ojson summary = {
-      {"sweep", s.path}, {"equal_time_s", have_equal ? ojson(equal_s) : ojson()}, {"points", rows}};
+  return csv;
+}
+
+}  // namespace
+
+int run_sweep(const Sweep& s, const SweepOptions& opt, int* stopped) {
+  return SweepRunner(s, opt).run(stopped);
+}
+
+std::string write_sweep_summary(const Sweep& s, const std::string& out_dir) {
+  // The columns: every key some point overrides, in first-seen order.
+  std::vector<std::string> keys;
+  for (const auto& p : s.points)
+    for (const auto& [k, _] : p.overrides.items())
+      if (std::find(keys.begin(), keys.end(), k) == keys.end()) keys.push_back(k);
+  std::vector<ojson> rows;
+  const double equal_s = summary_rows(s, out_dir, rows);
+  auto key_of = [](const ojson& r) {
+    return r["best_val_loss"].is_null() ? std::numeric_limits<double>::infinity()
+                                        : r["best_val_loss"].get<double>();
+  };
+  std::stable_sort(rows.begin(), rows.end(),
+                   [&](const ojson& a, const ojson& b) { return key_of(a) < key_of(b); });
+  const std::string md = markdown_table(rows, keys, equal_s);
+  const ojson summary = {{"sweep", s.path},
+                         {"equal_time_s", std::isfinite(equal_s) ? ojson(equal_s) : ojson()},
+                         {"points", rows}};
   write_file_atomic((fs::path(out_dir) / "summary.json").string(), summary.dump(2) + "\n");
-  write_file_atomic((fs::path(out_dir) / "summary.csv").string(), csv);
+  write_file_atomic((fs::path(out_dir) / "summary.csv").string(), csv_table(rows, keys));
   write_file_atomic((fs::path(out_dir) / "summary.md").string(), md);
   return md;
 }

@@ -67,6 +67,153 @@ void apply_overrides(Config& c, const ojson& set, const std::string& where) {
   apply_json(c, nlohmann::json::parse(set.dump()), where);
 }
 
+// The base config: compiled-in defaults, then 'base' (a file, relative to the sweep's
+// folder, or an object), then 'set'.
+Config read_base(const ojson& j, const std::string& source, const std::string& dir) {
+  Config base;
+  if (j.contains("base")) {
+    const ojson& b = j["base"];
+    if (b.is_string()) {
+      fs::path p = b.get<std::string>();
+      if (p.is_relative()) p = fs::path(dir) / p;
+      apply_file(base, p.string());
+    } else if (b.is_object()) {
+      apply_overrides(base, b, source + " base");
+    } else {
+      throw Error(fmt::format("{}: 'base' must be a config file path or a config object, got {}",
+                              source, b.type_name()));
+    }
+  }
+  if (j.contains("set")) {
+    if (!j["set"].is_object())
+      throw Error(fmt::format("{}: 'set' must be an object of key: value", source));
+    apply_overrides(base, j["set"], source + " set");
+  }
+  return base;
+}
+
+struct Variant {
+  std::string name;
+  ojson set;
+};
+
+// 'variants': a name and overrides each; without them, one unnamed variant.
+std::vector<Variant> read_variants(const ojson& j, const std::string& source) {
+  if (!j.contains("variants")) return {{"", ojson::object()}};
+  const ojson& v = j["variants"];
+  if (!v.is_array() || v.empty())
+    throw Error(
+        fmt::format("{}: 'variants' must be a non-empty array of {{\"name\", \"set\"}}", source));
+  std::vector<Variant> variants;
+  std::set<std::string> names;
+  for (size_t i = 0; i < v.size(); ++i) {
+    const std::string where = fmt::format("{}: variants[{}]", source, i);
+    if (!v[i].is_object() || !v[i].contains("name") || !v[i]["name"].is_string())
+      throw Error(where + ": needs a \"name\" (a string)");
+    for (const auto& [key, _] : v[i].items())
+      if (key != "name" && key != "set")
+        throw Error(fmt::format("{}: unknown key '{}' (known: name, set)", where, key));
+    Variant var{v[i]["name"].get<std::string>(), v[i].value("set", ojson::object())};
+    if (!valid_name(var.name))
+      throw Error(fmt::format("{}: name '{}' must be letters, digits, '.', '-', '_' or '+'", where,
+                              printable(var.name)));
+    if (!names.insert(var.name).second)
+      throw Error(fmt::format("{}: name '{}' is used twice", where, var.name));
+    if (!var.set.is_object()) throw Error(where + ": \"set\" must be an object of key: value");
+    variants.push_back(std::move(var));
+  }
+  return variants;
+}
+
+using Grid = std::vector<std::pair<std::string, ojson>>;  // key -> its values, in file order
+
+Grid read_grid(const ojson& j, const std::string& source) {
+  Grid grid;
+  if (!j.contains("grid")) return grid;
+  if (!j["grid"].is_object())
+    throw Error(fmt::format("{}: 'grid' must be an object of key: [values]", source));
+  for (const auto& [key, values] : j["grid"].items()) {
+    if (!values.is_array() || values.empty())
+      throw Error(fmt::format("{}: grid key '{}' needs a non-empty list of values", source, key));
+    grid.emplace_back(key, values);
+  }
+  return grid;
+}
+
+// 'seeds'; without them, one null entry (the config's own train.seed).
+std::vector<ojson> read_seeds(const ojson& j, const std::string& source) {
+  if (!j.contains("seeds")) return {ojson()};
+  if (!j["seeds"].is_array() || j["seeds"].empty())
+    throw Error(fmt::format("{}: 'seeds' must be a non-empty list of integers", source));
+  std::vector<ojson> seeds;
+  for (const auto& v : j["seeds"]) {
+    if (!v.is_number_integer() || v.get<int64_t>() < 0)
+      throw Error(fmt::format("{}: seed {} is not a non-negative integer", source, v.dump()));
+    seeds.push_back(v);
+  }
+  return seeds;
+}
+
+// The number of grid points. A sweep is a list of training runs: products no one could run
+// (and that would not fit in memory) are refused, checked before multiplying past the limit.
+size_t grid_size(const Grid& grid, size_t outer, const std::string& source) {
+  constexpr size_t kMaxPoints = 10000;
+  size_t points = 1;
+  for (const auto& g : grid) {
+    if (g.second.size() > kMaxPoints / (points * outer))
+      throw Error(fmt::format("{}: the sweep has more than {} points", source, kMaxPoints));
+    points *= g.second.size();
+  }
+  if (points * outer > kMaxPoints)
+    throw Error(fmt::format("{}: the sweep has more than {} points", source, kMaxPoints));
+  return points;
+}
+
+// Grid point `gi` (last key fastest) as {key: value}, and its name parts.
+ojson grid_point(const Grid& grid, size_t gi, const std::vector<std::string>& shorts,
+                 std::vector<std::string>& parts) {
+  ojson set = ojson::object();
+  std::vector<size_t> idx(grid.size());
+  for (size_t k = grid.size(), rest = gi; k-- > 0;) {
+    idx[k] = rest % grid[k].second.size();
+    rest /= grid[k].second.size();
+  }
+  for (size_t k = 0; k < grid.size(); ++k) {
+    const ojson& v = grid[k].second[idx[k]];
+    set[grid[k].first] = v;
+    parts.push_back(shorts[k] + "-" + name_value(v));
+  }
+  return set;
+}
+
+// One point: the base with the variant's, the grid point's, the seed's and the command
+// line's overrides, validated.
+SweepPoint make_point(const Config& base, const Variant& var, const ojson& grid_set,
+                      std::vector<std::string> parts, const ojson& seed,
+                      const std::vector<std::string>& sets, const std::string& where_) {
+  SweepPoint p;
+  if (!seed.is_null()) parts.push_back("seed-" + seed.dump());
+  p.name = parts.empty() ? "base" : bounded_name(fmt::format("{}", fmt::join(parts, "_")));
+  const std::string where = where_ + " (" + p.name + ")";
+  p.config = base;
+  apply_overrides(p.config, var.set, where);
+  apply_overrides(p.config, grid_set, where);
+  if (!seed.is_null()) p.config.train.seed = seed.get<int64_t>();
+  for (const auto& a : sets)
+    apply_override(p.config, a);
+  try {
+    validate(p.config);
+  } catch (const Error& e) {
+    throw Error(fmt::format("{}: {}", where, e.what()));
+  }
+  for (const auto& [k, v] : var.set.items())
+    p.overrides[k] = v;
+  for (const auto& [k, v] : grid_set.items())
+    p.overrides[k] = v;
+  if (!seed.is_null()) p.overrides["train.seed"] = seed;
+  return p;
+}
+
 }  // namespace
 
 nlohmann::json comparable_config(const Config& c) {
@@ -88,138 +235,27 @@ Sweep parse_sweep(const std::string& text, const std::string& source, const std:
 
   Sweep s;
   s.path = source;
-  Config base;
-  if (j.contains("base")) {
-    const ojson& b = j["base"];
-    if (b.is_string()) {
-      fs::path p = b.get<std::string>();
-      if (p.is_relative()) p = fs::path(dir) / p;
-      apply_file(base, p.string());
-    } else if (b.is_object()) {
-      apply_overrides(base, b, source + " base");
-    } else {
-      throw Error(fmt::format("{}: 'base' must be a config file path or a config object, got {}",
-                              source, b.type_name()));
-    }
-  }
-  if (j.contains("set")) {
-    if (!j["set"].is_object())
-      throw Error(fmt::format("{}: 'set' must be an object of key: value", source));
-    apply_overrides(base, j["set"], source + " set");
-  }
-
-  // Variants: a name and overrides each.
-  struct Variant {
-    std::string name;
-    ojson set;
-  };
-  std::vector<Variant> variants;
-  if (j.contains("variants")) {
-    const ojson& v = j["variants"];
-    if (!v.is_array() || v.empty())
-      throw Error(
-          fmt::format("{}: 'variants' must be a non-empty array of {{\"name\", \"set\"}}", source));
-    std::set<std::string> names;
-    for (size_t i = 0; i < v.size(); ++i) {
-      const std::string where = fmt::format("{}: variants[{}]", source, i);
-      if (!v[i].is_object() || !v[i].contains("name") || !v[i]["name"].is_string())
-        throw Error(where + ": needs a \"name\" (a string)");
-      for (const auto& [key, _] : v[i].items())
-        if (key != "name" && key != "set")
-          throw Error(fmt::format("{}: unknown key '{}' (known: name, set)", where, key));
-      Variant var{v[i]["name"].get<std::string>(), v[i].value("set", ojson::object())};
-      if (!valid_name(var.name))
-        throw Error(fmt::format("{}: name '{}' must be letters, digits, '.', '-', '_' or '+'",
-                                where, printable(var.name)));
-      if (!names.insert(var.name).second)
-        throw Error(fmt::format("{}: name '{}' is used twice", where, var.name));
-      if (!var.set.is_object()) throw Error(where + ": \"set\" must be an object of key: value");
-      variants.push_back(std::move(var));
-    }
-    s.has_variants = true;
-  } else {
-    variants.push_back({"", ojson::object()});
-  }
-
-  // Grid: key -> non-empty list of values, in the file's order.
-  std::vector<std::pair<std::string, ojson>> grid;
-  if (j.contains("grid")) {
-    if (!j["grid"].is_object())
-      throw Error(fmt::format("{}: 'grid' must be an object of key: [values]", source));
-    for (const auto& [key, values] : j["grid"].items()) {
-      if (!values.is_array() || values.empty())
-        throw Error(fmt::format("{}: grid key '{}' needs a non-empty list of values", source, key));
-      grid.emplace_back(key, values);
-      s.grid_keys.push_back(key);
-    }
-  }
+  const Config base = read_base(j, source, dir);
+  const std::vector<Variant> variants = read_variants(j, source);
+  const Grid grid = read_grid(j, source);
+  const std::vector<ojson> seeds = read_seeds(j, source);
+  s.has_variants = j.contains("variants");
+  s.has_seeds = j.contains("seeds");
+  for (const auto& g : grid)
+    s.grid_keys.push_back(g.first);
   const std::vector<std::string> shorts = short_keys(s.grid_keys);
 
-  std::vector<ojson> seeds = {ojson()};
-  if (j.contains("seeds")) {
-    if (!j["seeds"].is_array() || j["seeds"].empty())
-      throw Error(fmt::format("{}: 'seeds' must be a non-empty list of integers", source));
-    seeds.clear();
-    for (const auto& v : j["seeds"]) {
-      if (!v.is_number_integer() || v.get<int64_t>() < 0)
-        throw Error(fmt::format("{}: seed {} is not a non-negative integer", source, v.dump()));
-      seeds.push_back(v);
-    }
-    s.has_seeds = true;
-  }
-
   // The product: variants x grid (last key fastest) x seeds.
-  // A sweep is a list of training runs: refuse products no one could run (and that would
-  // not fit in memory), checking before multiplying past the limit.
-  constexpr size_t kMaxPoints = 10000;
-  size_t grid_points = 1;
-  const size_t outer = variants.size() * seeds.size();
-  for (const auto& g : grid) {
-    if (g.second.size() > kMaxPoints / (grid_points * outer))
-      throw Error(fmt::format("{}: the sweep has more than {} points", source, kMaxPoints));
-    grid_points *= g.second.size();
-  }
-  if (grid_points * outer > kMaxPoints)
-    throw Error(fmt::format("{}: the sweep has more than {} points", source, kMaxPoints));
+  const size_t grid_points = grid_size(grid, variants.size() * seeds.size(), source);
   std::set<std::string> names;
   for (const Variant& var : variants)
     for (size_t gi = 0; gi < grid_points; ++gi)
       for (const ojson& seed : seeds) {
-        SweepPoint p;
         std::vector<std::string> parts;
         if (!var.name.empty()) parts.push_back(var.name);
-        p.config = base;
-        std::string where = fmt::format("{}: point {}", source, s.points.size() + 1);
-        ojson grid_set = ojson::object();
-        size_t rest = gi;
-        std::vector<size_t> idx(grid.size());
-        for (size_t k = grid.size(); k-- > 0;) {
-          idx[k] = rest % grid[k].second.size();
-          rest /= grid[k].second.size();
-        }
-        for (size_t k = 0; k < grid.size(); ++k) {
-          const ojson& v = grid[k].second[idx[k]];
-          grid_set[grid[k].first] = v;
-          parts.push_back(shorts[k] + "-" + name_value(v));
-        }
-        if (!seed.is_null()) parts.push_back("seed-" + seed.dump());
-        p.name = parts.empty() ? "base" : bounded_name(fmt::format("{}", fmt::join(parts, "_")));
-        where += " (" + p.name + ")";
-        apply_overrides(p.config, var.set, where);
-        apply_overrides(p.config, grid_set, where);
-        if (!seed.is_null()) p.config.train.seed = seed.get<int64_t>();
-        for (const auto& a : sets)
-          apply_override(p.config, a);
-        try {
-          validate(p.config);
-        } catch (const Error& e) {
-          throw Error(fmt::format("{}: {}", where, e.what()));
-        }
-        for (const auto& [k, v] : var.set.items())
-          p.overrides[k] = v;
-        for (const auto& [k, v] : grid_set.items())
-          p.overrides[k] = v;
-        if (!seed.is_null()) p.overrides["train.seed"] = seed;
+        const ojson grid_set = grid_point(grid, gi, shorts, parts);
+        SweepPoint p = make_point(base, var, grid_set, parts, seed, sets,
+                                  fmt::format("{}: point {}", source, s.points.size() + 1));
         if (!names.insert(p.name).second)
           throw Error(fmt::format("{}: two points are both named '{}'", source, p.name));
         s.points.push_back(std::move(p));

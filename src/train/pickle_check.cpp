@@ -129,116 +129,132 @@ class Checker {
         push(0, at);
         return false;
       case 'K':
-        read_le(1, at);
-        push(0, at);
-        return false;  // BININT1
       case 'M':
-        read_le(2, at);
-        push(0, at);
-        return false;  // BININT2
       case 'J':
-        read_le(4, at);
-        push(0, at);
-        return false;  // BININT
       case 'G':
-        read_le(8, at);
-        push(0, at);
-        return false;  // BINFLOAT
-      case 0x8a: {     // LONG1
+      case 0x8a:
+      case 'X':
+      case 'c':
+        value(op, at);
+        return false;
+      case 'q':
+      case 'r':
+      case 'h':
+      case 'j':
+        memo(op, at);
+        return false;
+      case 't':
+      case 'l':
+      case 'd':
+      case 0x85:
+      case 0x86:
+      case 0x87:
+        container(op, at);
+        return false;
+      case 'a':
+      case 's':
+      case 'e':
+      case 'u':
+      case 'R':
+      case 'b':
+      case 'Q':
+        fill(op, at);
+        return false;
+      default:
+        fail(at, fmt::format("opcode 0x{:02x} is not one a tensor archive uses", op));
+    }
+  }
+
+  // An opcode that pushes one value read from its argument.
+  void value(uint8_t op, size_t at) {
+    switch (op) {
+      case 'K':  // BININT1
+      case 'M':  // BININT2
+      case 'J':  // BININT
+      case 'G':  // BINFLOAT
+        read_le(op == 'K' ? 1 : op == 'M' ? 2 : op == 'J' ? 4 : 8, at);
+        break;
+      case 0x8a: {  // LONG1
         const uint64_t n = read_le(1, at);
         if (n > 8) fail(at, "an integer of more than 8 bytes");
         read_le(n, at);
-        push(0, at);
-        return false;
+        break;
       }
       case 'X': {  // BINUNICODE
         const uint64_t n = read_le(4, at);
         if (n > kMaxString || n > b_.size() - pos_) fail(at, "a string longer than the data");
         pos_ += n;
-        push(0, at);
-        return false;
+        break;
       }
-      case 'c': {  // GLOBAL
+      default: {  // 'c', GLOBAL
         const std::string module = read_line(at);
         const std::string name = read_line(at);
         if (allowed_globals().count(module + "\n" + name) == 0)
           fail(at, fmt::format("global '{}.{}' is not one a tensor archive uses", module, name));
-        push(0, at);
-        return false;
       }
-      case 'q':
-      case 'r': {  // BINPUT, LONG_BINPUT
-        const uint64_t id = read_le(op == 'q' ? 1 : 4, at);
-        if (id >= kMaxMemo) fail(at, "a memo index out of range");
-        if (stack_.empty()) fail(at, "PUT with an empty stack");
-        memo_[static_cast<uint32_t>(id)] = stack_.back();
-        return false;
-      }
-      case 'h':
-      case 'j': {  // BINGET, LONG_BINGET
-        const uint64_t id = read_le(op == 'h' ? 1 : 4, at);
-        const auto it = memo_.find(static_cast<uint32_t>(id));
-        if (id >= kMaxMemo || it == memo_.end()) fail(at, "GET of a memo entry never PUT");
-        push(it->second, at);
-        return false;
-      }
-      case 't':
-      case 'l':
-      case 'd': {  // TUPLE, LIST, DICT
-        const size_t n = marks_.empty() ? 0 : stack_.size() - marks_.back();
-        if (op == 'd' && n % 2 != 0) fail(at, "DICT of an odd number of items");
-        push(pop_to_mark(at, "TUPLE/LIST/DICT") + 1, at);
-        return false;
-      }
-      case 0x85:
-      case 0x86:
-      case 0x87: {  // TUPLE1..3
-        const size_t n = static_cast<size_t>(op - 0x84);
-        need(n, at, "TUPLEn");
-        int deepest = 0;
-        for (size_t i = 0; i < n; ++i) {
-          deepest = std::max(deepest, stack_.back());
-          stack_.pop_back();
-        }
-        push(deepest + 1, at);
-        return false;
-      }
-      case 'a':
-      case 's': {  // APPEND, SETITEM
-        const size_t n = op == 'a' ? 1 : 2;
-        need(n + 1, at, op == 'a' ? "APPEND" : "SETITEM");
-        int deepest = 0;
-        for (size_t i = 0; i < n; ++i) {
-          deepest = std::max(deepest, stack_.back());
-          stack_.pop_back();
-        }
-        into_top(deepest, at, "APPEND/SETITEM");
-        return false;
-      }
-      case 'e':
-      case 'u': {  // APPENDS, SETITEMS
-        if (marks_.empty()) fail(at, "APPENDS/SETITEMS without MARK");
-        const size_t n = stack_.size() - marks_.back();
-        if (op == 'u' && n % 2 != 0) fail(at, "SETITEMS of an odd number of items");
-        const int deepest = pop_to_mark(at, "APPENDS/SETITEMS");
-        into_top(deepest, at, "APPENDS/SETITEMS");
-        return false;
-      }
-      case 'R':
-      case 'b': {  // REDUCE (callable, args), BUILD (object, state)
-        need(2, at, op == 'R' ? "REDUCE" : "BUILD");
-        const int arg = stack_.back();
-        stack_.pop_back();
-        stack_.back() = std::max(stack_.back(), arg);
-        return false;
-      }
-      case 'Q':  // BINPERSID: a storage, named by the tuple on top
-        need(1, at, "BINPERSID");
-        stack_.back() = 0;
-        return false;
-      default:
-        fail(at, fmt::format("opcode 0x{:02x} is not one a tensor archive uses", op));
     }
+    push(0, at);
+  }
+
+  // BINPUT, LONG_BINPUT, BINGET, LONG_BINGET.
+  void memo(uint8_t op, size_t at) {
+    const uint64_t id = read_le(op == 'q' || op == 'h' ? 1 : 4, at);
+    if (op == 'q' || op == 'r') {
+      if (id >= kMaxMemo) fail(at, "a memo index out of range");
+      if (stack_.empty()) fail(at, "PUT with an empty stack");
+      memo_[static_cast<uint32_t>(id)] = stack_.back();
+      return;
+    }
+    const auto it = memo_.find(static_cast<uint32_t>(id));
+    if (id >= kMaxMemo || it == memo_.end()) fail(at, "GET of a memo entry never PUT");
+    push(it->second, at);
+  }
+
+  // TUPLE, LIST, DICT (the items above the mark), TUPLE1..3 (the top 1 to 3 items).
+  void container(uint8_t op, size_t at) {
+    if (op == 't' || op == 'l' || op == 'd') {
+      const size_t n = marks_.empty() ? 0 : stack_.size() - marks_.back();
+      if (op == 'd' && n % 2 != 0) fail(at, "DICT of an odd number of items");
+      push(pop_to_mark(at, "TUPLE/LIST/DICT") + 1, at);
+      return;
+    }
+    const size_t n = static_cast<size_t>(op - 0x84);
+    need(n, at, "TUPLEn");
+    push(pop_top(n) + 1, at);
+  }
+
+  // APPEND, SETITEM, APPENDS, SETITEMS (into the container below), REDUCE (callable, args),
+  // BUILD (object, state), BINPERSID (a storage, named by the tuple on top).
+  void fill(uint8_t op, size_t at) {
+    if (op == 'a' || op == 's') {
+      const size_t n = op == 'a' ? 1 : 2;
+      need(n + 1, at, op == 'a' ? "APPEND" : "SETITEM");
+      into_top(pop_top(n), at, "APPEND/SETITEM");
+    } else if (op == 'e' || op == 'u') {
+      if (marks_.empty()) fail(at, "APPENDS/SETITEMS without MARK");
+      const size_t n = stack_.size() - marks_.back();
+      if (op == 'u' && n % 2 != 0) fail(at, "SETITEMS of an odd number of items");
+      const int deepest = pop_to_mark(at, "APPENDS/SETITEMS");
+      into_top(deepest, at, "APPENDS/SETITEMS");
+    } else if (op == 'R' || op == 'b') {
+      need(2, at, op == 'R' ? "REDUCE" : "BUILD");
+      const int arg = stack_.back();
+      stack_.pop_back();
+      stack_.back() = std::max(stack_.back(), arg);
+    } else {
+      need(1, at, "BINPERSID");
+      stack_.back() = 0;
+    }
+  }
+
+  // Pops the top n items; returns their deepest nesting.
+  int pop_top(size_t n) {
+    int deepest = 0;
+    for (size_t i = 0; i < n; ++i) {
+      deepest = std::max(deepest, stack_.back());
+      stack_.pop_back();
+    }
+    return deepest;
   }
 
   const std::string& b_;
