@@ -1,7 +1,5 @@
 #include "train/step.h"
 
-#include <signal.h>
-
 #include <chrono>
 #include <cmath>
 
@@ -226,10 +224,7 @@ StepResult train_step(StepContext& c, int64_t step) {
   s.z = v[2];
   s.loss = training_loss(c.cfg.moe, s.ce, s.lb, s.z);
   s.grad_norm = g.norm;
-  if (v[3] > 0) {  // this rank's own signal, or the one another rank received
-    const int mine = c.stop ? c.stop->load() : 0;
-    s.stop_signal = mine != 0 ? mine : SIGTERM;
-  }
+  s.stop_requested = v[3] > 0;
   s.applied = std::isfinite(s.loss) && std::isfinite(s.grad_norm);
   if (!s.applied) {
     c.nonfinite.skip_or_throw(describe_nonfinite(c.model, x_BS, s, step));

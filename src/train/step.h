@@ -33,7 +33,7 @@ struct StepResult {
   double ce = 0, lb = 0, z = 0, loss = 0;  // means over the ranks
   double grad_norm = 0;                    // global, before clipping
   bool applied = true;                     // false: not finite, skipped (train.on_nonfinite)
-  int stop_signal = 0;                     // a stop request on any rank (its signal number)
+  bool stop_requested = false;             // on any rank (a signal received)
   double forward_s = 0, backward_s = 0, optimizer_s = 0, step_s = 0;
   CommStats comm;                          // this rank's collectives during the step
   std::vector<std::vector<MoeStats>> moe;  // each routing group's statistics

@@ -1,5 +1,7 @@
 #include "train/trainer.h"
 
+#include <signal.h>
+
 #include <chrono>
 #include <cmath>
 #include <filesystem>
@@ -280,6 +282,13 @@ nlohmann::ordered_json finish(Run& r) {
   return summary;
 }
 
+// The signal that stops the run: this process's own, else the one another rank received
+// (SIGTERM stands for it).
+int stop_signal(const TrainOptions& opt) {
+  const int mine = opt.stop ? opt.stop->load() : 0;
+  return mine != 0 ? mine : SIGTERM;
+}
+
 bool due(int64_t step, int64_t every, bool last) {
   return step % every == 0 || last;
 }
@@ -327,10 +336,11 @@ nlohmann::ordered_json train(const Config& cfg, const TrainOptions& opt) {
       interval = Interval{};
     }
     if (due(r.state.step, cfg.train.eval_every, last)) evaluate_and_log(r);
-    if (opt.checkpoints && (due(r.state.step, cfg.train.checkpoint_every, last) || s.stop_signal))
+    const int stop = s.stop_requested ? stop_signal(opt) : 0;
+    if (opt.checkpoints && (due(r.state.step, cfg.train.checkpoint_every, last) || stop != 0))
       checkpoint(r);
-    if (s.stop_signal != 0 && !last)
-      throw Interrupted{s.stop_signal, r.state.step,
+    if (stop != 0 && !last)
+      throw Interrupted{stop, r.state.step,
                         opt.checkpoints ? newest_checkpoint(opt.out_dir).value_or("") : ""};
   }
   return finish(r);
