@@ -8,9 +8,9 @@
 #include <doctest/doctest.h>
 
 #include "distributed/comm.h"
-#include "model/expert_parallel.h"
 #include "helpers.h"
 #include "model/dispatch.h"
+#include "model/expert_parallel.h"
 #include "model/experts.h"
 #include "model/switch_ffn.h"
 

@@ -64,12 +64,14 @@ torch::Tensor SwitchFFNImpl::combine(const torch::Tensor& x_TD, const Routing& r
   return y_TD;
 }
 
-SwitchFFNOutput SwitchFFNImpl::forward(const torch::Tensor& x) {
+SwitchFFNOutput SwitchFFNImpl::forward(const torch::Tensor& x,
+                                       const std::function<void(const torch::Tensor&)>& on_logits) {
   const int64_t D = x.size(-1), E = cfg.n_experts;
   torch::Tensor x_TD = x.reshape({-1, D});
   const int64_t T = x_TD.size(0);
 
   Routing r = route(x_TD);
+  if (on_logits) on_logits(r.logits_TE);
   Dispatch d = dispatch(r, T);
 
   SwitchFFNOutput out;

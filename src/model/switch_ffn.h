@@ -4,6 +4,7 @@
 // as values.
 #pragma once
 
+#include <functional>
 #include <memory>
 
 #include <torch/torch.h>
@@ -36,7 +37,9 @@ struct SwitchFFNOutput {
 
 struct SwitchFFNImpl : torch::nn::Module {
   SwitchFFNImpl(int64_t d_model, int64_t d_ff, const MoeConfig& moe, Activation act);
-  SwitchFFNOutput forward(const torch::Tensor& x);  // x: [..., D]
+  // x: [..., D]. `on_logits`, when set, sees the router logits (the non-finite probe).
+  SwitchFFNOutput forward(const torch::Tensor& x,
+                          const std::function<void(const torch::Tensor&)>& on_logits = {});
 
   // The parts, for tests and benchmarks: routing, then dispatch under the current mode's
   // capacity, then experts and combine.

@@ -22,15 +22,33 @@ BlockImpl::BlockImpl(const Config& c, bool moe) {
   ffn_drop = register_module("ffn_drop", torch::nn::Dropout(c.model.dropout));
 }
 
-torch::Tensor BlockImpl::forward(const torch::Tensor& x_BSD, std::vector<MoeStats>& stats) {
-  torch::Tensor x = x_BSD + attn(ln_attn(x_BSD));
+torch::Tensor BlockImpl::forward(const torch::Tensor& x_BSD, int64_t index, const BlockPass& pass) {
+  auto look = [&](const torch::Tensor& t, const std::string& stage, const std::string& module) {
+    if (pass.hook)
+      pass.hook(t, fmt::format("block {}: {} (blocks.{}.{})", index, stage, index, module));
+  };
+  torch::Tensor x =
+      x_BSD + (pass.caches ? attn->forward_cached(ln_attn(x_BSD), (*pass.caches)[index])
+                           : attn(ln_attn(x_BSD)));
+  look(x, "attention", "attn");
   torch::Tensor h = ln_ffn(x);
+  torch::Tensor y;
   if (switch_) {
-    SwitchFFNOutput o = switch_(h);
-    stats.push_back(std::move(o.stats));
-    return x + apply_dropout(ffn_drop, o.y);
+    std::function<void(const torch::Tensor&)> on_logits;
+    if (pass.hook)
+      on_logits = [&](const torch::Tensor& l) { look(l, "router logits", "ffn.router"); };
+    SwitchFFNOutput o = switch_->forward(h, on_logits);
+    y = o.y;
+    look(y, "experts' output", "ffn.experts");
+    if (pass.moe) {
+      o.stats.layer = index;
+      pass.moe->push_back(std::move(o.stats));
+    }
+  } else {
+    y = dense(h);
+    look(y, "feed-forward output", "ffn");
   }
-  return x + apply_dropout(ffn_drop, dense(h));
+  return x + apply_dropout(ffn_drop, y);
 }
 
 TransformerImpl::TransformerImpl(const Config& c, int64_t vocab_size) : cfg(c) {
@@ -73,69 +91,44 @@ TransformerImpl::TransformerImpl(const Config& c, int64_t vocab_size) : cfg(c) {
   }
 }
 
-ModelOutput TransformerImpl::forward(const torch::Tensor& idx_BS) {
+torch::Tensor TransformerImpl::run(const torch::Tensor& idx_BS, int64_t start,
+                                   const BlockPass& pass) {
   const int64_t S = idx_BS.size(1);
   torch::Tensor x = tok_emb(idx_BS);
-  if (pos_emb) x = x + pos_emb(torch::arange(S, idx_BS.options()));
+  if (pos_emb) x = x + pos_emb(torch::arange(start, start + S, idx_BS.options()));
+  if (pass.hook) pass.hook(x, "the embeddings (tok_emb, pos_emb)");
   x = apply_dropout(emb_drop, x);
+  for (size_t i = 0; i < block_list.size(); ++i)
+    x = block_list[i]->forward(x, static_cast<int64_t>(i), pass);
+  torch::Tensor logits_BSV = head(ln_f(x));
+  if (pass.hook) pass.hook(logits_BSV, "the output head (ln_f, head)");
+  return logits_BSV;
+}
+
+ModelOutput TransformerImpl::forward(const torch::Tensor& idx_BS) {
   ModelOutput out;
-  for (size_t i = 0; i < block_list.size(); ++i) {
-    const size_t before = out.moe.size();
-    x = block_list[i]->forward(x, out.moe);
-    if (out.moe.size() > before) out.moe.back().layer = static_cast<int64_t>(i);
-  }
-  out.logits_BSV = head(ln_f(x));
+  BlockPass pass;
+  pass.moe = &out.moe;
+  out.logits_BSV = run(idx_BS, 0, pass);
   return out;
 }
 
 torch::Tensor TransformerImpl::forward_cached(const torch::Tensor& idx_BS,
                                               std::vector<KVCache>& caches) {
   caches.resize(block_list.size());
-  const int64_t S = idx_BS.size(1), start = caches[0].len;
-  torch::Tensor x = tok_emb(idx_BS);
-  if (pos_emb) x = x + pos_emb(torch::arange(start, start + S, idx_BS.options()));
-  for (size_t i = 0; i < block_list.size(); ++i) {
-    BlockImpl& b = *block_list[i];
-    x = x + b.attn->forward_cached(b.ln_attn(x), caches[i]);
-    torch::Tensor h = b.ln_ffn(x);
-    x = x + (b.switch_ ? b.switch_(h).y : b.dense(h));
-  }
-  return head(ln_f(x));
+  BlockPass pass;
+  pass.caches = &caches;
+  return run(idx_BS, caches[0].len, pass);
 }
 
 std::string TransformerImpl::first_nonfinite(const torch::Tensor& idx_BS) {
   torch::NoGradGuard no_grad;
   std::string first;
-  auto check = [&](const torch::Tensor& t, const std::string& what) {
+  BlockPass pass;
+  pass.hook = [&](const torch::Tensor& t, const std::string& what) {
     if (first.empty() && !torch::isfinite(t).all().item<bool>()) first = what;
   };
-  const int64_t S = idx_BS.size(1);
-  torch::Tensor x = tok_emb(idx_BS);
-  if (pos_emb) x = x + pos_emb(torch::arange(S, idx_BS.options()));
-  check(x, "the embeddings (tok_emb, pos_emb)");
-  x = apply_dropout(emb_drop, x);
-  for (size_t i = 0; i < block_list.size(); ++i) {
-    BlockImpl& b = *block_list[i];
-    const std::string at = fmt::format("block {}: ", i);
-    x = x + b.attn(b.ln_attn(x));
-    check(x, at + fmt::format("attention (blocks.{}.attn)", i));
-    torch::Tensor h = b.ln_ffn(x);
-    if (b.switch_) {
-      SwitchFFNImpl& f = *b.switch_;
-      torch::Tensor h_TD = h.reshape({-1, h.size(-1)});
-      Routing r = f.route(h_TD);
-      check(r.logits_TE, at + fmt::format("router logits (blocks.{}.ffn.router)", i));
-      Dispatch d = f.dispatch(r, h_TD.size(0));
-      torch::Tensor y = f.combine(h_TD, r, d).view(h.sizes());
-      check(y, at + fmt::format("experts' output (blocks.{}.ffn.experts)", i));
-      x = x + apply_dropout(b.ffn_drop, y);
-    } else {
-      torch::Tensor y = b.dense(h);
-      check(y, at + fmt::format("feed-forward output (blocks.{}.ffn)", i));
-      x = x + apply_dropout(b.ffn_drop, y);
-    }
-  }
-  check(head(ln_f(x)), "the output head (ln_f, head)");
+  run(idx_BS, 0, pass);
   return first;
 }
 

@@ -4,6 +4,8 @@
 // routing statistics of every MoE layer; the trainer turns those into losses and metrics.
 #pragma once
 
+#include <functional>
+#include <string>
 #include <vector>
 
 #include <torch/torch.h>
@@ -15,9 +17,22 @@
 
 namespace sw {
 
+// A look at a stage's output as a pass goes: the tensor and the stage, e.g.
+// "block 1: attention (blocks.1.attn)" (the non-finite probe).
+using StageHook = std::function<void(const torch::Tensor&, const std::string&)>;
+
+// What one pass over the blocks keeps besides the output: the MoE layers' statistics
+// (training), the attention caches (generation), a look at each stage (the probe).
+struct BlockPass {
+  std::vector<MoeStats>* moe = nullptr;
+  std::vector<KVCache>* caches = nullptr;  // one per block
+  StageHook hook;
+};
+
 struct BlockImpl : torch::nn::Module {
   BlockImpl(const Config& c, bool moe);
-  torch::Tensor forward(const torch::Tensor& x_BSD, std::vector<MoeStats>& stats);
+  // Block `index` of the model on x_BSD.
+  torch::Tensor forward(const torch::Tensor& x_BSD, int64_t index, const BlockPass& pass);
 
   torch::nn::LayerNorm ln_attn{nullptr}, ln_ffn{nullptr};
   CausalSelfAttention attn{nullptr};
@@ -57,6 +72,11 @@ struct TransformerImpl : torch::nn::Module {
   std::vector<Block> block_list;
   torch::nn::LayerNorm ln_f{nullptr};
   torch::nn::Linear head{nullptr};
+
+ private:
+  // The one traversal behind forward, forward_cached and first_nonfinite: embeddings from
+  // position `start`, the blocks, the head.
+  torch::Tensor run(const torch::Tensor& idx_BS, int64_t start, const BlockPass& pass);
 };
 TORCH_MODULE(Transformer);
 

@@ -1,0 +1,138 @@
+// The model around the MoE layer: the fused causal attention against the composed one, the
+// transformer's shapes, statistics and parameter counts, and its one traversal of the
+// blocks seen through forward, the cached forward and the non-finite probe.
+#include <cmath>
+#include <limits>
+
+#include <doctest/doctest.h>
+
+#include "helpers.h"
+#include "model/attention.h"
+#include "model/transformer.h"
+
+namespace {
+
+double max_abs_diff(const torch::Tensor& a, const torch::Tensor& b) {
+  return (a - b).abs().max().item<double>();
+}
+
+sw::Config small_config() {
+  sw::Config c;
+  c.model.d_model = 32;
+  c.model.n_heads = 4;
+  c.model.d_ff = 64;
+  c.model.n_layers = 4;
+  c.model.seq_len = 16;
+  c.moe.n_experts = 4;
+  return c;
+}
+
+}  // namespace
+
+TEST_CASE("fused causal attention equals the composed one: outputs and every gradient") {
+  // In double, so a wrong term in the hand-written backward cannot hide in rounding; at the
+  // full context and a shorter one (the masks are slices); and causality: no output depends
+  // on a later position.
+  torch::manual_seed(3);
+  sw::CausalSelfAttention attn(/*d_model=*/24, /*n_heads=*/3, /*max_len=*/10, /*dropout=*/0.0);
+  attn->to(torch::kFloat64);
+  for (int64_t S : {10, 7}) {
+    CAPTURE(S);
+    torch::Tensor x = torch::randn({2, S, 24}, torch::kFloat64).requires_grad_(true);
+    torch::Tensor g = torch::randn({2, S, 24}, torch::kFloat64);
+    auto run = [&](bool fused) {
+      attn->zero_grad(/*set_to_none=*/true);
+      x.mutable_grad() = torch::Tensor();
+      torch::Tensor y = fused ? attn->forward(x) : attn->forward_composed(x);
+      y.backward(g);
+      std::vector<torch::Tensor> out = {y.detach(), x.grad().clone()};
+      for (const auto& p : attn->parameters())
+        out.push_back(p.grad().clone());
+      return out;
+    };
+    const auto fused = run(true), composed = run(false);
+    REQUIRE(fused.size() == composed.size());
+    REQUIRE(fused.size() == 6);  // y, dx, qkv weight and bias, proj weight and bias
+    for (size_t i = 0; i < fused.size(); ++i) {
+      CAPTURE(i);
+      CHECK(composed[i].abs().max().item<double>() > 1e-3);  // nothing vanishes trivially
+      CHECK(max_abs_diff(fused[i], composed[i]) < 1e-12);
+    }
+    // Changing the last position leaves every earlier output unchanged.
+    torch::NoGradGuard no_grad;
+    torch::Tensor x2 = x.detach().clone();
+    x2.select(1, S - 1).add_(1.0);
+    torch::Tensor d = (attn->forward(x2) - attn->forward(x.detach())).abs().amax({0, 2});
+    CHECK(d.slice(0, 0, S - 1).max().item<double>() == 0.0);
+    CHECK(d[S - 1].item<double>() > 1e-3);
+  }
+}
+
+TEST_CASE("transformer: logits shape, one stats entry per MoE layer, parameter counts") {
+  sw::Config c;
+  c.model.d_model = 32;
+  c.model.n_heads = 4;
+  c.model.d_ff = 64;
+  c.model.n_layers = 4;
+  c.model.seq_len = 16;
+  c.moe.n_experts = 4;
+  for (int64_t every : {0, 1, 2}) {
+    CAPTURE(every);
+    c.moe.every = every;
+    sw::Transformer m(c, 11);
+    sw::ModelOutput out = m->forward(torch::randint(0, 11, {3, 16}, torch::kInt64));
+    CHECK(out.logits_BSV.sizes() == torch::IntArrayRef({3, 16, 11}));
+    CHECK(static_cast<int64_t>(out.moe.size()) == c.n_moe_layers());
+    for (const auto& s : out.moe) {
+      CHECK(s.counts_E.sum().item<int64_t>() == 48);
+      CHECK(s.layer % std::max<int64_t>(every, 1) == std::max<int64_t>(every, 1) - 1);
+    }
+    // Experts not chosen are inactive: each MoE layer has (E - 1) experts' worth fewer.
+    const int64_t per_expert = 32 * 64 + 64 + 64 * 32 + 32;
+    CHECK(m->n_params() - m->n_active_params() == c.n_moe_layers() * 3 * per_expert);
+  }
+  // Names follow the module tree.
+  sw::Transformer m(c, 11);
+  auto names = m->named_parameters();
+  CHECK(names.contains("blocks.1.ffn.router.proj.weight"));
+  CHECK(names.contains("blocks.1.ffn.experts.w_in"));
+  CHECK(names.contains("tok_emb.weight"));
+}
+
+TEST_CASE("without position embedding the model has no pos_emb parameters") {
+  sw::Config c;
+  c.model.pos_emb = false;
+  c.model.n_layers = 1;
+  sw::Transformer m(c, 5);
+  CHECK_FALSE(m->named_parameters().contains("pos_emb.weight"));
+}
+
+TEST_CASE("transformer: the cached forward and the probe see what forward computes") {
+  sw::Config c = small_config();
+  c.moe.every = 2;  // dense and MoE blocks both
+  c.moe.drop_policy = sw::DropPolicy::Position;
+  sw::Transformer m(c, 11);
+  m->eval();
+  torch::NoGradGuard no_grad;
+  const torch::Tensor idx = torch::randint(0, 11, {2, 16}, torch::kInt64);
+  const torch::Tensor full = m->forward(idx).logits_BSV;
+  std::vector<sw::KVCache> caches;
+  const torch::Tensor cached = m->forward_cached(idx, caches);
+  CHECK(max_abs_diff(cached, full) < 1e-5);
+  CHECK(caches.size() == 4);
+  CHECK(m->first_nonfinite(idx).empty());
+  // A NaN in one stage is named at that stage, whichever kind of block holds it.
+  struct Case {
+    std::string param, stage;
+  };
+  for (const Case& k : std::vector<Case>{
+           {"blocks.1.ffn.router.proj.weight", "block 1: router logits (blocks.1.ffn.router)"},
+           {"blocks.2.ffn.fc_out.bias", "block 2: feed-forward output (blocks.2.ffn)"},
+           {"blocks.0.attn.proj.bias", "block 0: attention (blocks.0.attn)"},
+           {"head.bias", "the output head (ln_f, head)"}}) {
+    sw::Transformer broken(c, 11);
+    broken->eval();
+    broken->named_parameters()[k.param].fill_(std::numeric_limits<float>::quiet_NaN());
+    CHECK(broken->first_nonfinite(idx) == k.stage);
+  }
+}
