@@ -1,14 +1,10 @@
-// SwitchFeedForward against hand-worked cases and against the dense FFN; dispatch indices;
-// the transformer's shapes, statistics and parameter counts.
+// SwitchFeedForward against hand-worked cases and against the dense FFN; dispatch indices.
 #include <cmath>
 
 #include <doctest/doctest.h>
 
 #include "helpers.h"
-#include "model/attention.h"
 #include "model/switch_ffn.h"
-#include "model/transformer.h"
-#include "train/fused_adamw.h"
 
 namespace {
 
@@ -244,115 +240,5 @@ TEST_CASE("one expert with unlimited capacity equals the dense FFN: outputs and 
     CHECK(dw_in < 1e-5);
     CHECK(dw_out < 1e-5);
     CHECK(db < 1e-5);
-  }
-}
-
-TEST_CASE("transformer: logits shape, one stats entry per MoE layer, parameter counts") {
-  sw::Config c;
-  c.model.d_model = 32;
-  c.model.n_heads = 4;
-  c.model.d_ff = 64;
-  c.model.n_layers = 4;
-  c.model.seq_len = 16;
-  c.moe.n_experts = 4;
-  for (int64_t every : {0, 1, 2}) {
-    CAPTURE(every);
-    c.moe.every = every;
-    sw::Transformer m(c, 11);
-    sw::ModelOutput out = m->forward(torch::randint(0, 11, {3, 16}, torch::kInt64));
-    CHECK(out.logits_BSV.sizes() == torch::IntArrayRef({3, 16, 11}));
-    CHECK(static_cast<int64_t>(out.moe.size()) == c.n_moe_layers());
-    for (const auto& s : out.moe) {
-      CHECK(s.counts_E.sum().item<int64_t>() == 48);
-      CHECK(s.layer % std::max<int64_t>(every, 1) == std::max<int64_t>(every, 1) - 1);
-    }
-    // Experts not chosen are inactive: each MoE layer has (E - 1) experts' worth fewer.
-    const int64_t per_expert = 32 * 64 + 64 + 64 * 32 + 32;
-    CHECK(m->n_params() - m->n_active_params() == c.n_moe_layers() * 3 * per_expert);
-  }
-  // Names follow the module tree.
-  sw::Transformer m(c, 11);
-  auto names = m->named_parameters();
-  CHECK(names.contains("blocks.1.ffn.router.proj.weight"));
-  CHECK(names.contains("blocks.1.ffn.experts.w_in"));
-  CHECK(names.contains("tok_emb.weight"));
-}
-
-TEST_CASE("without position embedding the model has no pos_emb parameters") {
-  sw::Config c;
-  c.model.pos_emb = false;
-  c.model.n_layers = 1;
-  sw::Transformer m(c, 5);
-  CHECK_FALSE(m->named_parameters().contains("pos_emb.weight"));
-}
-
-TEST_CASE("FusedAdamW matches LibTorch's AdamW, with clipping folded in") {
-  torch::manual_seed(2);
-  const double lr = 1e-2, wd = 0.1;
-  std::vector<torch::Tensor> pa = {torch::randn({300, 7}), torch::randn({5})};
-  std::vector<torch::Tensor> pb = {pa[0].clone(), pa[1].clone()};
-  for (auto& p : pa)
-    p.requires_grad_(true);
-  for (auto& p : pb)
-    p.requires_grad_(true);
-  auto opts = torch::optim::AdamWOptions(lr).betas({0.9, 0.95}).weight_decay(wd);
-  torch::optim::AdamW reference(pa, opts);
-  sw::FusedAdamW fused(pb, opts);
-  for (int step = 0; step < 6; ++step) {
-    std::vector<torch::Tensor> grads = {torch::randn({300, 7}) * 3, torch::randn({5}) * 3};
-    for (int i = 0; i < 2; ++i) {
-      pa[i].mutable_grad() = grads[i].clone();
-      pb[i].mutable_grad() = grads[i].clone();
-    }
-    const double total = torch::nn::utils::clip_grad_norm_(pa, 1.0);
-    const sw::GradNorm g = sw::grad_norm(pb, 1.0);
-    CHECK(g.norm == doctest::Approx(total).epsilon(1e-5));
-    CHECK(g.clip_scale < 1.0);
-    fused.set_grad_scale(g.clip_scale);
-    reference.step();
-    fused.step();
-  }
-  const double d = std::max((pa[0] - pb[0]).abs().max().item<double>(),
-                            (pa[1] - pb[1]).abs().max().item<double>());
-  MESSAGE("max |AdamW - FusedAdamW| after 6 steps: " << d);
-  CHECK(d < 1e-6);
-}
-
-TEST_CASE("fused causal attention equals the composed one: outputs and every gradient") {
-  // In double, so a wrong term in the hand-written backward cannot hide in rounding; at the
-  // full context and a shorter one (the masks are slices); and causality: no output depends
-  // on a later position.
-  torch::manual_seed(3);
-  sw::CausalSelfAttention attn(/*d_model=*/24, /*n_heads=*/3, /*max_len=*/10, /*dropout=*/0.0);
-  attn->to(torch::kFloat64);
-  for (int64_t S : {10, 7}) {
-    CAPTURE(S);
-    torch::Tensor x = torch::randn({2, S, 24}, torch::kFloat64).requires_grad_(true);
-    torch::Tensor g = torch::randn({2, S, 24}, torch::kFloat64);
-    auto run = [&](bool fused) {
-      attn->zero_grad(/*set_to_none=*/true);
-      x.mutable_grad() = torch::Tensor();
-      torch::Tensor y = fused ? attn->forward(x) : attn->forward_composed(x);
-      y.backward(g);
-      std::vector<torch::Tensor> out = {y.detach(), x.grad().clone()};
-      for (const auto& p : attn->parameters())
-        out.push_back(p.grad().clone());
-      return out;
-    };
-    const auto fused = run(true), composed = run(false);
-    REQUIRE(fused.size() == composed.size());
-    REQUIRE(fused.size() == 6);  // y, dx, qkv weight and bias, proj weight and bias
-    for (size_t i = 0; i < fused.size(); ++i) {
-      CAPTURE(i);
-      CHECK(composed[i].abs().max().item<double>() > 1e-3);  // nothing vanishes trivially
-      CHECK(max_abs_diff(fused[i], composed[i]) < 1e-12);
-    }
-    // Changing the last position leaves every earlier output unchanged.
-    torch::NoGradGuard no_grad;
-    torch::Tensor x2 = x.detach().clone();
-    x2.select(1, S - 1).add_(1.0);
-    torch::Tensor d = (attn->forward(x2) - attn->forward(x.detach())).abs().amax({0, 2});
-    CHECK(d.slice(0, 0, S - 1).max().item<double>() == 0.0);
-    CHECK(d[S - 1].item<double>() > 1e-3);
   }
 }
