@@ -90,7 +90,7 @@ sw::MoeConfig base_moe(int64_t E, int64_t k) {
 
 }  // namespace
 
-TEST_CASE("loop, capacity and grouped agree: top-k x drop policy x dropping x scaling") {
+TEST_CASE("loop, capacity and grouped agree: top-k x drop policy x dropping x scaling x score") {
   double worst = 0;
   int cases = 0;
   for (int64_t k : {1, 2}) {
@@ -115,6 +115,17 @@ TEST_CASE("loop, capacity and grouped agree: top-k x drop policy x dropping x sc
       }
     }
   }
+  // The other score function and balancing terms, top-1 and top-2.
+  for (int64_t k : {1, 2})
+    for (const auto& balance : sw::choices<sw::Balance>()) {
+      sw::MoeConfig m = base_moe(4, k);
+      m.score = sw::Score::Sigmoid;
+      m.balance = balance.value;
+      CAPTURE(k);
+      CAPTURE(balance.name);
+      worst = std::max(worst, check_all_strategies(m, 24));
+      ++cases;
+    }
   MESSAGE(cases << " configurations, max abs difference to the loop over outputs and all "
                    "gradients: "
                 << worst);

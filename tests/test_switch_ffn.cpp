@@ -203,15 +203,78 @@ TEST_CASE("hand-worked layer: capacity, drop with pass-through, scaling, counts,
   }
 }
 
+TEST_CASE("sigmoid scores: chosen by score, gates normalised over the chosen, hand-worked") {
+  // hand_layer's router: logits 10 * x. Tokens [1, 0], [0, 1], [3, 0] give logits
+  // [10, 0], [0, 10], [30, 0]; sigmoid scores s(10), s(0) = 0.5, s(30).
+  torch::Tensor x = torch::tensor({1.f, 0.f, 0.f, 1.f, 3.f, 0.f}).view({3, 2});
+  sw::MoeConfig moe;
+  moe.score = sw::Score::Sigmoid;
+  moe.drop_tokens = false;
+  for (int64_t k : {1, 2}) {
+    CAPTURE(k);
+    moe.top_k = k;
+    sw::SwitchFFN layer = hand_layer(moe);
+    layer->router->top_k = k;
+    const sw::Routing r = layer->route(x);
+    const double s10 = sigmoid(10), s30 = sigmoid(30);
+    CHECK(to_vec(r.expert_TK.select(1, 0)) == std::vector<int64_t>{0, 1, 0});
+    // The balancing losses see the scores normalised over all experts.
+    CHECK(r.probs_TE[0][0].item<double>() == doctest::Approx(s10 / (s10 + 0.5)).epsilon(1e-6));
+    CHECK(r.probs_TE[2][1].item<double>() == doctest::Approx(0.5 / (s30 + 0.5)).epsilon(1e-6));
+    if (k == 1) {  // one chosen expert: its gate is 1, the output the expert's own
+      CHECK(r.gate_TK.squeeze(1).eq(1.0).all().item<bool>());
+      torch::Tensor y = layer->forward(x).y;
+      torch::Tensor expected = torch::tensor({2.f, 0.f, 0.f, 3.f, 6.f, 0.f}).view({3, 2});
+      CHECK(torch::allclose(y, expected, 1e-6, 1e-6));
+    } else {  // both chosen: gates s / (s10 + 0.5) for token 0
+      CHECK(r.gate_TK[0][0].item<double>() == doctest::Approx(s10 / (s10 + 0.5)).epsilon(1e-6));
+      CHECK(r.gate_TK[0][1].item<double>() == doctest::Approx(0.5 / (s10 + 0.5)).epsilon(1e-6));
+    }
+  }
+}
+
+TEST_CASE("moe.balance: the Switch loss, the variance of the mean probabilities, or nothing") {
+  torch::Tensor x = torch::tensor({1.f, 0.f, 2.f, 0.f, 0.f, 1.f, 3.f, 0.f}).view({4, 2});
+  sw::MoeConfig moe;
+  const double p0 = sigmoid(10), p1 = sigmoid(20), p2 = sigmoid(10), p3 = sigmoid(30);
+  const double P0 = (p0 + p1 + (1 - p2) + p3) / 4, P1 = 1 - P0;  // mean router probabilities
+  for (const auto& b : sw::choices<sw::Balance>()) {
+    CAPTURE(b.name);
+    moe.balance = b.value;
+    sw::SwitchFFN layer = hand_layer(moe);
+    const sw::MoeStats s = layer->forward(x).stats;
+    const double got = s.balance_loss.item<double>();
+    switch (b.value) {
+      case sw::Balance::AuxLoss:
+        CHECK(got == s.lb_loss.item<double>());
+        break;
+      case sw::Balance::Variance:
+        CHECK(
+            got ==
+            doctest::Approx(((P0 - 0.5) * (P0 - 0.5) + (P1 - 0.5) * (P1 - 0.5)) / 2).epsilon(1e-5));
+        break;
+      case sw::Balance::None:
+        CHECK(got == 0.0);
+        break;
+    }
+    CHECK(s.lb_loss.item<double>() > 1.0);  // the Switch loss is reported whatever the mode
+  }
+}
+
 TEST_CASE("one expert with unlimited capacity equals the dense FFN: outputs and gradients") {
   torch::manual_seed(0);
   const int64_t D = 16, F = 40;
-  for (bool scale : {true, false}) {
+  for (const auto& sc : std::vector<std::pair<sw::Score, bool>>{
+           {sw::Score::Softmax, true}, {sw::Score::Softmax, false}, {sw::Score::Sigmoid, true}}) {
+    const sw::Score score = sc.first;
+    const bool scale = sc.second;
     CAPTURE(scale);
+    CAPTURE(sw::name_of(score));
     sw::MoeConfig moe;
     moe.n_experts = 1;
     moe.drop_tokens = false;
     moe.is_scale_prob = scale;
+    moe.score = score;
     sw::SwitchFFN sw_layer(D, F, moe, sw::Activation::Gelu);
     sw::DenseFFN dense(D, F, sw::Activation::Gelu);
     {
@@ -233,8 +296,8 @@ TEST_CASE("one expert with unlimited capacity equals the dense FFN: outputs and 
     const double dw_out =
         max_abs_diff(sw_layer->experts->w_out.grad()[0].t(), dense->fc_out->weight.grad());
     const double db = max_abs_diff(sw_layer->experts->b_in.grad()[0], dense->fc_in->bias.grad());
-    MESSAGE("scale=" << scale << " max diff: y " << dy << ", dx " << dx << ", dw_in " << dw_in
-                     << ", dw_out " << dw_out << ", db_in " << db);
+    MESSAGE(sw::name_of(score) << " scale=" << scale << " max diff: y " << dy << ", dx " << dx
+                               << ", dw_in " << dw_in << ", dw_out " << dw_out << ", db_in " << db);
     CHECK(dy < 1e-5);
     CHECK(dx < 1e-5);
     CHECK(dw_in < 1e-5);

@@ -99,6 +99,37 @@ TEST_CASE("resume from a checkpoint reproduces the straight run exactly") {
   }
 }
 
+TEST_CASE("moe.balance and moe.score: the objective in the records is the one trained") {
+  const std::string dir = test::scratch_dir("balance_records");
+  sw::Config c = test::tiny_config();
+  c.train.steps = 10;
+  c.train.log_every = 5;
+  c.moe.balance = sw::Balance::Variance;
+  c.moe.score = sw::Score::Sigmoid;
+  c.moe.alpha = 3.0;  // large enough that the term shows in the loss
+  train_tiny(dir, c);
+  int records = 0;
+  for (const auto& r : sw::read_metrics(dir + "/metrics.jsonl")) {
+    if (r["kind"] != "train") continue;
+    ++records;
+    REQUIRE(r.contains("balance_loss"));
+    const double bal = r["balance_loss"].get<double>();
+    CHECK(bal > 0);
+    CHECK(bal < 0.25);  // a variance of probabilities that sum to 1
+    CHECK(r["loss"].get<double>() == doctest::Approx(r["ce"].get<double>() + 3.0 * bal +
+                                                     c.moe.z_loss * r["z_loss"].get<double>()));
+    CHECK(r["lb_loss"].get<double>() > 0.5);  // the Switch loss, reported alongside
+  }
+  CHECK(records == 2);
+  // The default records no separate term: its balancing term is lb_loss.
+  const std::string plain = test::scratch_dir("balance_records_default");
+  sw::Config d = test::tiny_config();
+  d.train.steps = 5;
+  train_tiny(plain, d);
+  for (const auto& r : sw::read_metrics(plain + "/metrics.jsonl"))
+    CHECK_FALSE(r.contains("balance_loss"));
+}
+
 TEST_CASE("micro-batches: the same bits on one thread and on two") {
   sw::Config c = test::tiny_config();
   c.train.steps = 20;

@@ -157,6 +157,7 @@ const std::vector<Binding>& bindings() {
         entry("moe.top_k", &C::moe, &EC::top_k, "experts per token (1: Switch, 2: GShard-style)")
             .doc("experts per token: 1 = Switch; 2 = GShard-style, gates renormalized "
                  "over the k chosen"));
+    t.push_back(entry("moe.score", &C::moe, &EC::score, "router score function"));
     t.push_back(entry("moe.capacity_factor", &C::moe, &EC::capacity_factor,
                       "capacity = int(cf * top_k * tokens / experts)")
                     .doc("in training, expert capacity = `int(capacity_factor * top_k * tokens "
@@ -178,6 +179,9 @@ const std::vector<Binding>& bindings() {
     t.push_back(entry("moe.strategy", &C::moe, &EC::strategy, "how the experts are computed")
                     .doc("how the experts are computed (all give the same outputs and gradients; "
                          "see [the model](model.md))"));
+    t.push_back(entry("moe.balance", &C::moe, &EC::balance, "how the experts' load is balanced")
+                    .doc("how the experts' load is balanced (every mode reports the Switch loss "
+                         "as `lb_loss` and the load per expert)"));
     t.push_back(entry("moe.alpha", &C::moe, &EC::alpha, "load-balancing loss weight")
                     .doc("weight of the load-balancing loss"));
     t.push_back(entry("moe.z_loss", &C::moe, &EC::z_loss, "router z-loss weight")

@@ -33,10 +33,12 @@ struct ModelConfig {
 
 struct MoeConfig {
   int64_t n_experts = 4;
-  int64_t every = 1;  // 0: no MoE layer (dense); k: layers k-1, 2k-1, ... are MoE layers
-  int64_t top_k = 1;  // experts per token: 1 = Switch, 2 = GShard-style
-  double capacity_factor = 1.25;      // training: capacity = int(cf * k * tokens / experts)
-  double eval_capacity_factor = 2.0;  // the same in evaluation
+  int64_t every = 1;             // 0: no MoE layer (dense); k: layers k-1, 2k-1, ... are MoE layers
+  int64_t top_k = 1;             // experts per token: 1 = Switch, 2 = GShard-style
+  Score score = Score::Softmax;  // the router's score function
+  Balance balance = Balance::AuxLoss;  // the balancing term of the objective
+  double capacity_factor = 1.25;       // training: capacity = int(cf * k * tokens / experts)
+  double eval_capacity_factor = 2.0;   // the same in evaluation
   bool drop_tokens = true;
   DropPolicy drop_policy = DropPolicy::Random;  // who keeps a seat in a full expert
   bool is_scale_prob = true;

@@ -57,4 +57,31 @@ const std::vector<Choice<OnNonfinite>>& choices<OnNonfinite>() {
   return table;
 }
 
+template <>
+const std::vector<Choice<Score>>& choices<Score>() {
+  static const std::vector<Choice<Score>> table = {
+      {Score::Softmax, "softmax",
+       "a softmax over the experts; top-1 gates are the winning probability, top-k ones "
+       "renormalised over the chosen (Switch, GShard)"},
+      {Score::Sigmoid, "sigmoid",
+       "an independent sigmoid per expert; the gates are the chosen scores normalised over the "
+       "chosen experts, and the balancing losses see the scores normalised over all experts "
+       "(DeepSeek-V3)"},
+  };
+  return table;
+}
+
+template <>
+const std::vector<Choice<Balance>>& choices<Balance>() {
+  static const std::vector<Choice<Balance>> table = {
+      {Balance::AuxLoss, "aux_loss",
+       "the Switch load-balancing loss `E * sum_i f_i * P_i` (f: fraction of assignments, P: "
+       "mean router probability), times `moe.alpha`"},
+      {Balance::Variance, "variance",
+       "the variance over experts of the mean router probability `P_i`, times `moe.alpha`"},
+      {Balance::None, "none", "no balancing term (the Switch loss is still reported)"},
+  };
+  return table;
+}
+
 }  // namespace sw

@@ -1,5 +1,6 @@
-// The config's enumerated options (model.activation, moe.drop_policy, moe.dropped,
-// moe.strategy, train.on_nonfinite): each an enum with one table of names. Config files,
+// The config's enumerated options (model.activation, moe.score, moe.balance,
+// moe.drop_policy, moe.dropped, moe.strategy, train.on_nonfinite): each an enum with one table of
+// names. Config files,
 // --set, validation, --list-keys, docs/config.md and switch-bench read these tables, so a
 // new value is one row here plus its implementation. Strings are parsed once, at config
 // load; the rest of the project sees only the enums.
@@ -16,6 +17,8 @@ enum class DropPolicy { Random, Position, Probability };
 enum class DroppedOutput { Pass, Zero };
 enum class Strategy { Loop, Capacity, Grouped };
 enum class OnNonfinite { Stop, Skip };
+enum class Score { Softmax, Sigmoid };
+enum class Balance { AuxLoss, Variance, None };
 
 // One value of an option: its name in configs and what it means.
 template <typename E>
@@ -38,6 +41,10 @@ template <>
 const std::vector<Choice<Strategy>>& choices<Strategy>();
 template <>
 const std::vector<Choice<OnNonfinite>>& choices<OnNonfinite>();
+template <>
+const std::vector<Choice<Score>>& choices<Score>();
+template <>
+const std::vector<Choice<Balance>>& choices<Balance>();
 
 template <typename E>
 const char* name_of(E value) {

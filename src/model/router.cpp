@@ -4,8 +4,9 @@
 
 namespace sw {
 
-RouterImpl::RouterImpl(int64_t d_model, int64_t n_experts, int64_t top_k_, double jitter_)
-    : top_k(top_k_), jitter(jitter_) {
+RouterImpl::RouterImpl(int64_t d_model, int64_t n_experts, int64_t top_k_, double jitter_,
+                       Score score_)
+    : top_k(top_k_), jitter(jitter_), score(score_) {
   proj = register_module("proj", torch::nn::Linear(d_model, n_experts));
 }
 
@@ -15,6 +16,14 @@ Routing RouterImpl::forward(const torch::Tensor& x_TD) {
     x = x * torch::empty_like(x).uniform_(1.0 - jitter, 1.0 + jitter, current_generator());
   Routing r;
   r.logits_TE = torch::linear(x, proj->weight.to(torch::kFloat32), proj->bias.to(torch::kFloat32));
+  if (score == Score::Sigmoid) {
+    const torch::Tensor s_TE = torch::sigmoid(r.logits_TE);
+    r.probs_TE = s_TE / s_TE.sum(-1, /*keepdim=*/true);
+    auto [s_TK, e_TK] = s_TE.topk(top_k, /*dim=*/-1);
+    r.gate_TK = s_TK / s_TK.sum(-1, /*keepdim=*/true);
+    r.expert_TK = e_TK;
+    return r;
+  }
   r.probs_TE = torch::softmax(r.logits_TE, /*dim=*/-1);
   if (top_k == 1) {
     auto [p_T, e_T] = r.probs_TE.max(/*dim=*/-1);

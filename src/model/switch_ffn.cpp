@@ -9,7 +9,8 @@ namespace sw {
 
 SwitchFFNImpl::SwitchFFNImpl(int64_t d_model, int64_t d_ff, const MoeConfig& moe, Activation act)
     : cfg(moe) {
-  router = register_module("router", Router(d_model, moe.n_experts, moe.top_k, moe.jitter));
+  router =
+      register_module("router", Router(d_model, moe.n_experts, moe.top_k, moe.jitter, moe.score));
   experts = register_module("experts", Experts(moe.n_experts, d_model, d_ff, act));
 }
 
@@ -88,6 +89,17 @@ SwitchFFNOutput SwitchFFNImpl::forward(const torch::Tensor& x,
   torch::Tensor frac_E = d.counts_E.to(torch::kFloat32) / static_cast<double>(s.assignments);
   s.lb_loss = static_cast<double>(E) * (frac_E * (prob_sum_E / static_cast<double>(T))).sum();
   s.z_loss = torch::logsumexp(r.logits_TE, -1).pow(2).mean();
+  switch (cfg.balance) {
+    case Balance::AuxLoss:
+      s.balance_loss = s.lb_loss;
+      break;
+    case Balance::Variance:  // over experts, of P_i = prob_sum_i / T
+      s.balance_loss = (prob_sum_E / static_cast<double>(T)).var(/*unbiased=*/false);
+      break;
+    case Balance::None:
+      s.balance_loss = torch::zeros({}, torch::kFloat32);
+      break;
+  }
   return out;
 }
 

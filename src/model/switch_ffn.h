@@ -19,15 +19,16 @@ namespace sw {
 
 // What one MoE layer reports for one forward pass.
 struct MoeStats {
-  int64_t layer = -1;        // index of the transformer block (set by the transformer)
-  int64_t tokens = 0;        // T
-  int64_t assignments = 0;   // T * top_k
-  torch::Tensor counts_E;    // int64: assignments routed to each expert, before dropping
-  torch::Tensor prob_sum_E;  // float: sum over tokens of each expert's router probability
-  int64_t dropped = 0;       // assignments over capacity
-  torch::Tensor prob_max_T;  // float: each token's highest router probability
-  torch::Tensor lb_loss;     // scalar, differentiable: E * sum_i f_i * P_i (before alpha)
-  torch::Tensor z_loss;      // scalar, differentiable: mean_t logsumexp(logits_t)^2
+  int64_t layer = -1;          // index of the transformer block (set by the transformer)
+  int64_t tokens = 0;          // T
+  int64_t assignments = 0;     // T * top_k
+  torch::Tensor counts_E;      // int64: assignments routed to each expert, before dropping
+  torch::Tensor prob_sum_E;    // float: sum over tokens of each expert's router probability
+  int64_t dropped = 0;         // assignments over capacity
+  torch::Tensor prob_max_T;    // float: each token's highest router probability
+  torch::Tensor lb_loss;       // scalar, differentiable: E * sum_i f_i * P_i (before alpha)
+  torch::Tensor z_loss;        // scalar, differentiable: mean_t logsumexp(logits_t)^2
+  torch::Tensor balance_loss;  // scalar, differentiable: the term moe.alpha weighs (moe.balance)
 };
 
 struct SwitchFFNOutput {

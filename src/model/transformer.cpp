@@ -153,10 +153,12 @@ int64_t TransformerImpl::n_active_params() const {
 }
 
 AuxLosses total_aux_losses(const std::vector<MoeStats>& stats) {
-  AuxLosses a{torch::zeros({}, torch::kFloat32), torch::zeros({}, torch::kFloat32)};
+  AuxLosses a{torch::zeros({}, torch::kFloat32), torch::zeros({}, torch::kFloat32),
+              torch::zeros({}, torch::kFloat32)};
   for (const auto& st : stats) {
     a.lb = a.lb + st.lb_loss;
     a.z = a.z + st.z_loss;
+    a.balance = a.balance + st.balance_loss;
   }
   return a;
 }

@@ -82,8 +82,9 @@ TORCH_MODULE(Transformer);
 
 // The auxiliary losses summed over MoE layers, before their weights (moe.alpha, moe.z_loss).
 struct AuxLosses {
-  torch::Tensor lb;  // sum of E * sum_i f_i P_i
-  torch::Tensor z;   // sum of mean_t logsumexp(logits_t)^2
+  torch::Tensor lb;       // sum of E * sum_i f_i P_i
+  torch::Tensor z;        // sum of mean_t logsumexp(logits_t)^2
+  torch::Tensor balance;  // sum of the balancing terms (moe.balance; aux_loss: lb)
 };
 AuxLosses total_aux_losses(const std::vector<MoeStats>& stats);
 

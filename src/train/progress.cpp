@@ -36,6 +36,7 @@ void Interval::add(const StepResult& s) {
   ce += s.ce;
   lb += s.lb;
   z += s.z;
+  balance += s.balance;
   for (const auto& group : s.moe)
     routing.add(group);
 }
@@ -44,13 +45,13 @@ nlohmann::ordered_json train_record(const Interval& in, const MoeConfig& moe, in
                                     double time_s, int64_t tokens_per_step, int64_t skipped_steps,
                                     bool comm) {
   const double n = static_cast<double>(in.steps);
-  const double ce = in.ce / n, lb = in.lb / n, z = in.z / n;
+  const double ce = in.ce / n, lb = in.lb / n, z = in.z / n, balance = in.balance / n;
   nlohmann::ordered_json rec = {
       {"kind", "train"},
       {"step", step},
       {"time_s", time_s},
       {"lr", in.lr},
-      {"loss", training_loss(moe, ce, lb, z)},
+      {"loss", training_loss(moe, ce, balance, z)},
       {"ce", ce},
       {"lb_loss", lb},
       {"z_loss", z},
@@ -61,6 +62,7 @@ nlohmann::ordered_json train_record(const Interval& in, const MoeConfig& moe, in
       {"ms_optimizer", 1000.0 * in.optimizer_s / n},
       {"steps_in_record", in.steps},
       {"layers", in.routing.to_json()}};
+  if (moe.balance != Balance::AuxLoss) rec["balance_loss"] = balance;  // else it is lb_loss
   rec["grad_norm"] = in.grad_norm;  // of the record's last step, before clipping
   if (skipped_steps > 0) rec["skipped_steps"] = skipped_steps;
   if (comm)

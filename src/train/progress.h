@@ -23,7 +23,7 @@ std::string human_duration(double seconds);
 // statistics only the applied ones (a skipped step's values stay out of the averages).
 struct Interval {
   RoutingAccumulator routing;
-  double ce = 0, lb = 0, z = 0;
+  double ce = 0, lb = 0, z = 0, balance = 0;
   double step_s = 0, forward_s = 0, backward_s = 0, optimizer_s = 0;
   CommStats comm;     // this rank's collectives in the interval's steps
   int64_t steps = 0;  // applied steps

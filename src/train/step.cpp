@@ -32,16 +32,16 @@ StepLoss step_loss(const ModelOutput& out, const torch::Tensor& y_BS, const Conf
   StepLoss l;
   l.ce = torch::cross_entropy_loss(out.logits_BSV.reshape({-1, V}), y_BS.reshape({-1}));
   l.aux = total_aux_losses(out.moe);
-  l.total = training_loss(cfg.moe, l.ce, l.aux.lb, l.aux.z);
+  l.total = training_loss(cfg.moe, l.ce, l.aux.balance, l.aux.z);
   return l;
 }
 
 // The forward and backward passes of a step on this rank: the loss values and how long
 // each pass took. Leaves the gradient of the mean loss in every parameter's .grad.
 struct Passes {
-  double ce = 0, lb = 0, z = 0;            // means over the routing groups
-  double forward_s = 0, backward_s = 0;    // summed over the routing groups
-  std::vector<std::vector<MoeStats>> moe;  // each routing group's statistics
+  double ce = 0, lb = 0, z = 0, balance = 0;  // means over the routing groups
+  double forward_s = 0, backward_s = 0;       // summed over the routing groups
+  std::vector<std::vector<MoeStats>> moe;     // each routing group's statistics
 };
 
 Passes whole_batch(Transformer& model, const torch::Tensor& x_BS, const torch::Tensor& y_BS,
@@ -58,6 +58,7 @@ Passes whole_batch(Transformer& model, const torch::Tensor& x_BS, const torch::T
   p.ce = l.ce.item<double>();
   p.lb = l.aux.lb.item<double>();
   p.z = l.aux.z.item<double>();
+  p.balance = l.aux.balance.item<double>();
   p.moe.push_back(std::move(out.moe));
   return p;
 }
@@ -94,6 +95,7 @@ Passes micro_batches(Transformer& model, const torch::Tensor& x_BS, const torch:
       each[u].ce = l.ce.item<double>();
       each[u].lb = l.aux.lb.item<double>();
       each[u].z = l.aux.z.item<double>();
+      each[u].balance = l.aux.balance.item<double>();
       each[u].moe.push_back(std::move(out.moe));
     }
   };
@@ -115,6 +117,7 @@ Passes micro_batches(Transformer& model, const torch::Tensor& x_BS, const torch:
     r.ce += e.ce / static_cast<double>(m);
     r.lb += e.lb / static_cast<double>(m);
     r.z += e.z / static_cast<double>(m);
+    r.balance += e.balance / static_cast<double>(m);
     r.forward_s += e.forward_s;
     r.backward_s += e.backward_s;
     r.moe.push_back(std::move(e.moe.front()));
@@ -152,11 +155,11 @@ std::string describe_nonfinite(Transformer& model, const torch::Tensor& x_BS, co
 }
 
 // The global gradient norm and clip factor from this rank's gradients, or, with several
-// ranks, after one all-reduce that also sums `values` (the losses and a stop request).
+// ranks, after one all-reduce that also sums `values` (the losses, then a stop request).
 GradNorm combine_over_ranks(StepContext& c, std::vector<double>& values) {
   if (!c.ranks.comm) return sw::grad_norm(c.model->parameters(), c.cfg.train.grad_clip);
   const double grad_sq = reduce_gradients(*c.ranks.comm, c.params, values);
-  for (int i = 0; i < 3; ++i)
+  for (size_t i = 0; i + 1 < values.size(); ++i)
     values[i] /= static_cast<double>(c.ranks.world);
   GradNorm g{};
   g.norm = std::sqrt(grad_sq);
@@ -217,14 +220,16 @@ StepResult train_step(StepContext& c, int64_t step) {
 
   // The values over all ranks: losses averaged, and a stop request from any rank stops
   // every rank after this same step.
-  std::vector<double> v = {p.ce, p.lb, p.z, static_cast<double>(c.stop ? c.stop->load() : 0)};
+  std::vector<double> v = {p.ce, p.lb, p.z, p.balance,
+                           static_cast<double>(c.stop ? c.stop->load() : 0)};
   const GradNorm g = combine_over_ranks(c, v);
   s.ce = v[0];
   s.lb = v[1];
   s.z = v[2];
-  s.loss = training_loss(c.cfg.moe, s.ce, s.lb, s.z);
+  s.balance = v[3];
+  s.loss = training_loss(c.cfg.moe, s.ce, s.balance, s.z);
   s.grad_norm = g.norm;
-  s.stop_requested = v[3] > 0;
+  s.stop_requested = v[4] > 0;
   s.applied = std::isfinite(s.loss) && std::isfinite(s.grad_norm);
   if (!s.applied) {
     c.nonfinite.skip_or_throw(describe_nonfinite(c.model, x_BS, s, step));

@@ -20,17 +20,19 @@
 
 namespace sw {
 
-// The training objective: cross-entropy plus the weighted balancing losses; the one
-// definition, for tensors in the forward pass and for the values in records.
+// The training objective: cross-entropy plus the weighted balancing term (moe.balance) and
+// router z-loss; the one definition, for tensors in the forward pass and for the values in
+// records.
 template <typename T>
-T training_loss(const MoeConfig& m, const T& ce, const T& lb, const T& z) {
-  return ce + m.alpha * lb + m.z_loss * z;
+T training_loss(const MoeConfig& m, const T& ce, const T& balance, const T& z) {
+  return ce + m.alpha * balance + m.z_loss * z;
 }
 
 // What one step did, for the train records.
 struct StepResult {
   double lr = 0;
-  double ce = 0, lb = 0, z = 0, loss = 0;  // means over the ranks
+  double ce = 0, lb = 0, z = 0, loss = 0;  // means over the ranks (lb: the Switch loss)
+  double balance = 0;                      // the balancing term (aux_loss: lb)
   double grad_norm = 0;                    // global, before clipping
   bool applied = true;                     // false: not finite, skipped (train.on_nonfinite)
   bool stop_requested = false;             // on any rank (a signal received)
