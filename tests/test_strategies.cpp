@@ -115,14 +115,14 @@ TEST_CASE("loop, capacity and grouped agree: top-k x drop policy x dropping x sc
       }
     }
   }
-  // The other score function and balancing terms, top-1 and top-2.
-  for (int64_t k : {1, 2})
-    for (const auto& balance : sw::choices<sw::Balance>()) {
+  // Sigmoid scores, top-2 (top-1 gates are all 1) under each drop policy, and top-1.
+  for (const auto& policy : sw::choices<sw::DropPolicy>())
+    for (int64_t k : {2, 1}) {
       sw::MoeConfig m = base_moe(4, k);
       m.score = sw::Score::Sigmoid;
-      m.balance = balance.value;
+      m.drop_policy = policy.value;
       CAPTURE(k);
-      CAPTURE(balance.name);
+      CAPTURE(policy.name);
       worst = std::max(worst, check_all_strategies(m, 24));
       ++cases;
     }

@@ -259,6 +259,14 @@ TEST_CASE("moe.balance: the Switch loss, the variance of the mean probabilities,
     }
     CHECK(s.lb_loss.item<double>() > 1.0);  // the Switch loss is reported whatever the mode
   }
+  // Under sigmoid scores the term sees the scores normalised over the experts.
+  moe.score = sw::Score::Sigmoid;
+  moe.balance = sw::Balance::Variance;
+  const double h = 0.5, s10 = sigmoid(10), s20 = sigmoid(20), s30 = sigmoid(30);
+  const double Q0 = (s10 / (s10 + h) + s20 / (s20 + h) + h / (h + s10) + s30 / (s30 + h)) / 4;
+  const double Q1 = 1 - Q0;
+  CHECK(hand_layer(moe)->forward(x).stats.balance_loss.item<double>() ==
+        doctest::Approx(((Q0 - 0.5) * (Q0 - 0.5) + (Q1 - 0.5) * (Q1 - 0.5)) / 2).epsilon(1e-5));
 }
 
 TEST_CASE("one expert with unlimited capacity equals the dense FFN: outputs and gradients") {

@@ -126,8 +126,30 @@ TEST_CASE("moe.balance and moe.score: the objective in the records is the one tr
   sw::Config d = test::tiny_config();
   d.train.steps = 5;
   train_tiny(plain, d);
-  for (const auto& r : sw::read_metrics(plain + "/metrics.jsonl"))
+  int plain_records = 0;
+  for (const auto& r : sw::read_metrics(plain + "/metrics.jsonl")) {
+    plain_records += r["kind"] == "train" ? 1 : 0;
     CHECK_FALSE(r.contains("balance_loss"));
+  }
+  CHECK(plain_records == 1);
+  // What is trained: under `none` moe.alpha weighs nothing (bit for bit the same run), under
+  // `variance` it changes the run.
+  auto mean_ce = [&](sw::Balance b, double alpha, const std::string& name) {
+    sw::Config e = test::tiny_config();
+    e.train.steps = 6;
+    e.train.log_every = 6;
+    e.moe.balance = b;
+    e.moe.alpha = alpha;
+    const std::string run = test::scratch_dir(name);
+    train_tiny(run, e);
+    for (const auto& r : sw::read_metrics(run + "/metrics.jsonl"))
+      if (r["kind"] == "train") return r["ce"].get<double>();
+    return -1.0;
+  };
+  CHECK(mean_ce(sw::Balance::None, 0.0, "balance_none_0") ==
+        mean_ce(sw::Balance::None, 5.0, "balance_none_5"));
+  CHECK(mean_ce(sw::Balance::Variance, 0.0, "balance_variance_0") !=
+        mean_ce(sw::Balance::Variance, 5.0, "balance_variance_5"));
 }
 
 TEST_CASE("micro-batches: the same bits on one thread and on two") {

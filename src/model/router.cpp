@@ -1,5 +1,7 @@
 #include "model/router.h"
 
+#include <limits>
+
 #include "model/random.h"
 
 namespace sw {
@@ -17,10 +19,13 @@ Routing RouterImpl::forward(const torch::Tensor& x_TD) {
   Routing r;
   r.logits_TE = torch::linear(x, proj->weight.to(torch::kFloat32), proj->bias.to(torch::kFloat32));
   if (score == Score::Sigmoid) {
+    // Scores below ~1e-38 (logits under -87) underflow to 0: the sums are kept positive
+    // so that such a token gets zero gates, not 0 / 0.
+    const double tiny = std::numeric_limits<float>::min();
     const torch::Tensor s_TE = torch::sigmoid(r.logits_TE);
-    r.probs_TE = s_TE / s_TE.sum(-1, /*keepdim=*/true);
+    r.probs_TE = s_TE / s_TE.sum(-1, /*keepdim=*/true).clamp_min(tiny);
     auto [s_TK, e_TK] = s_TE.topk(top_k, /*dim=*/-1);
-    r.gate_TK = s_TK / s_TK.sum(-1, /*keepdim=*/true);
+    r.gate_TK = s_TK / s_TK.sum(-1, /*keepdim=*/true).clamp_min(tiny);
     r.expert_TK = e_TK;
     return r;
   }

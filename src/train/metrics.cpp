@@ -53,8 +53,8 @@ bool well_formed(const nlohmann::json& j) {
     const auto v = j.find(k);
     if (v != j.end() && !v->is_number()) return false;
   }
-  for (const char* k : {"val_loss", "train_loss", "loss", "ce", "lb_loss", "z_loss", "lr",
-                        "tokens_per_s", "grad_norm", "ms_forward", "ms_backward",
+  for (const char* k : {"val_loss", "train_loss", "loss", "ce", "lb_loss", "z_loss", "balance_loss",
+                        "lr", "tokens_per_s", "grad_norm", "ms_forward", "ms_backward",
                         "ms_optimizer"}) {  // null where a value was not finite
     const auto v = j.find(k);
     if (v != j.end() && !v->is_number() && !v->is_null()) return false;

@@ -149,9 +149,9 @@ std::string describe_nonfinite(Transformer& model, const torch::Tensor& x_BS, co
   std::string where = model->first_nonfinite(x_BS);
   if (where.empty()) where = nonfinite_gradients(*model);
   return fmt::format(
-      "step {}: {} (cross-entropy {}, load-balancing {}, gradient norm {}){}", step + 1,
-      std::isfinite(s.loss) ? "the gradients are not finite" : "the loss is not finite", s.ce, s.lb,
-      s.grad_norm, where.empty() ? "" : "; first non-finite: " + where);
+      "step {}: {} (cross-entropy {}, balancing {}, gradient norm {}){}", step + 1,
+      std::isfinite(s.loss) ? "the gradients are not finite" : "the loss is not finite", s.ce,
+      s.balance, s.grad_norm, where.empty() ? "" : "; first non-finite: " + where);
 }
 
 // The global gradient norm and clip factor from this rank's gradients, or, with several
