@@ -236,6 +236,8 @@ TEST_CASE(
 TEST_CASE("switch-train: killed with SIGKILL again and again, it resumes to the straight run") {
   // Checkpoints every 10 steps; each attempt is killed at a different moment (during a
   // step, an evaluation or a checkpoint write) and the next resumes from what is on disk.
+  // Each delay counts from when the attempt opens metrics.jsonl (training starts), not
+  // from its launch, so a slow start on a busy machine does not use the delay up.
   const std::string base = test::scratch_dir("cli_kill9");
   const std::string args =
       " --set train.steps=500 --set train.checkpoint_every=10 "
@@ -249,7 +251,10 @@ TEST_CASE("switch-train: killed with SIGKILL again and again, it resumes to the 
     const bool started = test::fs::exists(dir + "/config.json");  // else killed too early
     const std::string cmd =
         started ? kTrain + " --out " + dir + " --resume -q" : kTrain + tiny_args(dir) + args;
-    r = test::run("(" + cmd + " & p=$!; sleep " + std::to_string(delays[i]) +
+    const std::string size =
+        "$(stat -c %s " + test::quote(dir + "/metrics.jsonl") + " 2>/dev/null || echo none)";
+    r = test::run("(s0=" + size + "; " + cmd + " & p=$!; while kill -0 $p 2>/dev/null && [ \"" +
+                  size + "\" = \"$s0\" ]; do sleep 0.02; done; sleep " + std::to_string(delays[i]) +
                   "; kill -9 $p 2>/dev/null && echo KILLED; wait $p; echo rc=$?)");
     if (test::contains(r.output, "KILLED") && test::contains(r.output, "rc=137")) ++killed;
     // Whatever moment it died at, the newest checkpoint loads and the metrics parse.
@@ -449,10 +454,12 @@ TEST_CASE("every binary: an unexpected LibTorch error is one line and exit 3, de
   test::write_file(*ck + "/state.json", state.dump());
   const std::string sample = "ulimit -v 3000000; " + kSample + " --run " + run + " --chars 1";
   // A model the memory check lets through (~2 GiB of weights) under a 3 GB address-space
-  // limit the check does not read.
+  // limit the check does not read. One micro-batch: on a busy machine an OpenMP thread's
+  // first LibTorch operation, near the limit, can hang LibTorch's thread-pool start-up
+  // (pthreadpool waits for a thread that could not start), which is not what this tests.
   const std::string train = "ulimit -v 3000000; " + kTrain + tiny_args(base + "/big") +
                             " --set model.d_model=8192 --set model.n_heads=8 --set moe.every=0 "
-                            "--set train.steps=2 -q";
+                            "--set train.steps=2 --set train.micro_batches=1 -q";
   for (const std::string& cmd : {bench, sample, train}) {
     CAPTURE(cmd);
     test::CmdResult r = test::run("{ " + cmd + " 2>&1 >/dev/null; }");
