@@ -20,6 +20,8 @@ TEST_CASE("footprint: count_params equals the built model's n_params") {
       {{"moe.every=2", "model.n_layers=3", "moe.n_experts=8"}},
       {{"model.pos_emb=false", "moe.top_k=2", "model.d_ff=48"}},
       {{"model.activation=relu", "model.seq_len=16", "moe.n_experts=1"}},
+      {{"moe.n_experts=16", "moe.d_expert=8", "moe.top_k=4"}},
+      {{"moe.every=2", "model.n_layers=2", "moe.d_expert=100"}},
   };
   for (const auto& c : cases) {
     sw::Config cfg = test::tiny_config();

@@ -136,3 +136,39 @@ TEST_CASE("transformer: the cached forward and the probe see what forward comput
     CHECK(broken->first_nonfinite(idx) == k.stage);
   }
 }
+
+TEST_CASE("moe.d_expert: one expert of that width, top-1, is a dense FFN of that width") {
+  sw::Config moe_cfg = small_config();
+  moe_cfg.model.n_layers = 2;
+  moe_cfg.moe.n_experts = 1;
+  moe_cfg.moe.d_expert = 24;  // model.d_ff stays 64
+  moe_cfg.moe.drop_tokens = false;
+  sw::Config dense_cfg = moe_cfg;
+  dense_cfg.moe.every = 0;
+  dense_cfg.model.d_ff = 24;
+  sw::Transformer moe(moe_cfg, 11), dense(dense_cfg, 11);
+  CHECK(moe->named_parameters()["blocks.0.ffn.experts.w_in"].sizes() ==
+        torch::IntArrayRef({1, 32, 24}));
+  {
+    torch::NoGradGuard no_grad;
+    auto from = moe->named_parameters();
+    for (auto& item : dense->named_parameters()) {
+      const std::string& name = item.key();
+      const size_t ffn = name.find(".ffn.");
+      if (ffn == std::string::npos) {
+        item.value().copy_(from[name]);
+        continue;
+      }
+      const std::string block = name.substr(0, ffn + 5);  // "blocks.i.ffn."
+      const std::string part = name.substr(ffn + 5);
+      if (part == "fc_in.weight") item.value().copy_(from[block + "experts.w_in"][0].t());
+      if (part == "fc_in.bias") item.value().copy_(from[block + "experts.b_in"][0]);
+      if (part == "fc_out.weight") item.value().copy_(from[block + "experts.w_out"][0].t());
+      if (part == "fc_out.bias") item.value().copy_(from[block + "experts.b_out"][0]);
+    }
+  }
+  const torch::Tensor idx = torch::randint(0, 11, {2, 16}, torch::kInt64);
+  const double d = max_abs_diff(moe->forward(idx).logits_BSV, dense->forward(idx).logits_BSV);
+  MESSAGE("max |one expert of width 24 - dense FFN of width 24| logit difference: " << d);
+  CHECK(d < 1e-5);
+}

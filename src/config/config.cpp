@@ -149,6 +149,11 @@ const std::vector<Binding>& bindings() {
                     .doc("learned position embedding (labml's Switch has none)"));
     t.push_back(entry("model.activation", &C::model, &MC::activation, "FFN activation"));
     t.push_back(entry("moe.n_experts", &C::moe, &EC::n_experts, "experts per MoE layer"));
+    t.push_back(
+        entry("moe.d_expert", &C::moe, &EC::d_expert, "hidden width of each expert (0: model.d_ff)")
+            .doc("hidden width of each expert apart from the dense FFN's (0: "
+                 "`model.d_ff`): fine-grained experts at equal active parameters, e.g. "
+                 "E = 16 x 128 top-4 against E = 4 x 512 top-1"));
     t.push_back(entry("moe.every", &C::moe, &EC::every,
                       "0: dense model; k: every k-th layer is an MoE layer")
                     .doc("0: dense model; k: layers k-1, 2k-1, ... are MoE layers (2 = every "
@@ -363,6 +368,7 @@ void validate_model(const Config& c) {
 void validate_moe(const Config& c) {
   at_least("moe.n_experts", c.moe.n_experts, 1);
   at_least("moe.every", c.moe.every, 0);
+  at_least("moe.d_expert", c.moe.d_expert, 0);
   in_range("moe.capacity_factor", c.moe.capacity_factor, 0.0, kInf, true, true);
   in_range("moe.eval_capacity_factor", c.moe.eval_capacity_factor, 0.0, kInf, true, true);
   in_range("moe.alpha", c.moe.alpha, 0.0, kInf, false, true);

@@ -33,6 +33,7 @@ struct ModelConfig {
 
 struct MoeConfig {
   int64_t n_experts = 4;
+  int64_t d_expert = 0;          // hidden width of each expert; 0: model.d_ff
   int64_t every = 1;             // 0: no MoE layer (dense); k: layers k-1, 2k-1, ... are MoE layers
   int64_t top_k = 1;             // experts per token: 1 = Switch, 2 = GShard-style
   Score score = Score::Softmax;  // the router's score function
@@ -92,6 +93,8 @@ struct Config {
   // True when layer i (0-based) has a SwitchFeedForward instead of a dense one.
   bool is_moe_layer(int64_t i) const { return moe.every > 0 && i % moe.every == moe.every - 1; }
   int64_t n_moe_layers() const;
+  // The hidden width of each expert: moe.d_expert, or model.d_ff when that is 0.
+  int64_t expert_width() const { return moe.d_expert > 0 ? moe.d_expert : model.d_ff; }
 };
 
 enum class Kind { Int, Float, Bool, String, Choice };

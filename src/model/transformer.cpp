@@ -16,7 +16,7 @@ BlockImpl::BlockImpl(const Config& c, bool moe) {
   ln_ffn = register_module("ln_ffn", torch::nn::LayerNorm(torch::nn::LayerNormOptions({D})));
   const Activation act = c.model.activation;
   if (moe)
-    switch_ = register_module("ffn", SwitchFFN(D, c.model.d_ff, c.moe, act));
+    switch_ = register_module("ffn", SwitchFFN(D, c.expert_width(), c.moe, act));
   else
     dense = register_module("ffn", DenseFFN(D, c.model.d_ff, act));
   ffn_drop = register_module("ffn_drop", torch::nn::Dropout(c.model.dropout));
