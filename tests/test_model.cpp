@@ -69,13 +69,7 @@ TEST_CASE("fused causal attention equals the composed one: outputs and every gra
 }
 
 TEST_CASE("transformer: logits shape, one stats entry per MoE layer, parameter counts") {
-  sw::Config c;
-  c.model.d_model = 32;
-  c.model.n_heads = 4;
-  c.model.d_ff = 64;
-  c.model.n_layers = 4;
-  c.model.seq_len = 16;
-  c.moe.n_experts = 4;
+  sw::Config c = small_config();
   for (int64_t every : {0, 1, 2}) {
     CAPTURE(every);
     c.moe.every = every;
