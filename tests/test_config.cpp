@@ -152,7 +152,7 @@ TEST_CASE("config files: wrong types, unknown keys, malformed JSON") {
 TEST_CASE("an enumerated key takes the names of its table and nothing else") {
   Config c;
   CHECK(test::error_of([&] { sw::apply_override(c, "model.activation=tanh"); }) ==
-        "--set model.activation: 'tanh' is not one of gelu | relu");
+        "--set model.activation: 'tanh' is not one of gelu | relu | swiglu");
   CHECK(test::error_of([&] { sw::apply_override(c, "moe.dropped=skip"); }) ==
         "--set moe.dropped: 'skip' is not one of pass | zero");
   const std::string e = test::error_of([&] {
@@ -179,8 +179,8 @@ TEST_CASE("an enumerated key takes the names of its table and nothing else") {
       ++names;
     }
   }
-  // activation, score, drop_policy, balance, dropped, strategy, on_nonfinite
-  CHECK(names == 2 + 2 + 3 + 3 + 2 + 3 + 2);
+  // activation, score, balance, overflow, drop_policy, dropped, strategy, on_nonfinite
+  CHECK(names == 3 + 2 + 4 + 2 + 3 + 2 + 3 + 2);
 }
 
 TEST_CASE("validation: every out-of-range value names its key") {

@@ -114,10 +114,51 @@ TEST_CASE("a checkpoint of 2 ranks resumes in one process, and samples") {
   CHECK(r.output == test::run(kSample + " --run " + base + "/w2to1 --chars 40 --seed 3").output);
 }
 
+TEST_CASE("the lab's options under 2 ranks follow one process's curve, upcycling too") {
+  // Bias balancing (the loads summed over the ranks), shared experts, SwiGLU experts and
+  // sigmoid scores at once; then a dense run upcycled by 2 ranks and by one process.
+  const std::string base = test::scratch_dir("dist_lab");
+  const std::string lab =
+      " --set moe.balance=bias --set moe.bias_rate=0.01"
+      " --set moe.shared_experts=1 --set model.activation=swiglu"
+      " --set moe.score=sigmoid";
+  test::CmdResult r = test::run(kTrain + tiny_args(base + "/w1", true) + lab + " -q");
+  INFO(r.output);
+  REQUIRE(r.rc == 0);
+  r = test::run(kTrain + tiny_args(base + "/w2", true) + lab + " --nproc 2 -q");
+  INFO(r.output);
+  REQUIRE(r.rc == 0);
+  double diff = max_loss_diff(base + "/w1/metrics.jsonl", base + "/w2/metrics.jsonl");
+  MESSAGE("lab options, W = 2: max |loss difference| vs one process: " << diff);
+  CHECK(diff < 1e-5);
+  const auto a = sw::read_metrics(base + "/w1/metrics.jsonl");
+  const auto b = sw::read_metrics(base + "/w2/metrics.jsonl");
+  CHECK(a[a.size() - 2]["layers"][0]["bias"] == b[b.size() - 2]["layers"][0]["bias"]);
+
+  r = test::run(kTrain + tiny_args(base + "/dense", true) + " --set moe.every=0 -q");
+  REQUIRE(r.rc == 0);
+  const std::string up = " --init-from " + base + "/dense";
+  r = test::run(kTrain + tiny_args(base + "/up1", true) + up + " -q");
+  INFO(r.output);
+  REQUIRE(r.rc == 0);
+  r = test::run(kTrain + tiny_args(base + "/up2", true) + up + " --nproc 2 -q");
+  INFO(r.output);
+  REQUIRE(r.rc == 0);
+  diff = max_loss_diff(base + "/up1/metrics.jsonl", base + "/up2/metrics.jsonl");
+  MESSAGE("upcycled, W = 2: max |loss difference| vs one process: " << diff);
+  CHECK(diff < 1e-5);
+  // Upcycled, the run starts where the dense run ended, far below a fresh model.
+  const auto dense = sw::read_metrics(base + "/dense/metrics.jsonl");
+  const auto up1 = sw::read_metrics(base + "/up1/metrics.jsonl");
+  CHECK(up1.front()["ce"].get<double>() < dense.front()["ce"].get<double>() - 0.5);
+}
+
 TEST_CASE("2 ranks with token dropping resume bitwise from their checkpoint") {
   // Dropping draws random priorities on every rank: each rank's generator is checkpointed.
+  // Rerouting and the balancing biases ride along.
   const std::string base = test::scratch_dir("dist_exact_resume");
-  test::CmdResult r = test::run(kTrain + tiny_args(base + "/straight", false) + " --nproc 2 -q");
+  test::CmdResult r = test::run(kTrain + tiny_args(base + "/straight", false) +
+                                " --set moe.overflow=reroute --set moe.balance=bias --nproc 2 -q");
   INFO(r.output);
   REQUIRE(r.rc == 0);
   copy_run_at(base + "/straight", base + "/resumed", 30);

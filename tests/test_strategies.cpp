@@ -53,9 +53,10 @@ double diff(const torch::Tensor& a, const torch::Tensor& b) {
 
 // Compares every strategy against the loop; returns the largest difference seen.
 double check_all_strategies(const sw::MoeConfig& moe, int64_t T, int64_t D = 8, int64_t F = 12,
-                            const std::function<void(sw::SwitchFFN&)>& tweak = nullptr) {
+                            const std::function<void(sw::SwitchFFN&)>& tweak = nullptr,
+                            sw::Activation act = sw::Activation::Gelu) {
   torch::manual_seed(7);
-  sw::SwitchFFN layer(D, F, moe, sw::Activation::Gelu);
+  sw::SwitchFFN layer(D, F, moe, act);
   {
     torch::NoGradGuard no_grad;  // non-zero biases so that their gradients are exercised
     for (auto& p : layer->parameters())
@@ -126,9 +127,53 @@ TEST_CASE("loop, capacity and grouped agree: top-k x drop policy x dropping x sc
       worst = std::max(worst, check_all_strategies(m, 24));
       ++cases;
     }
+  // The lab's options: SwiGLU experts, shared experts, rerouting, the balancing bias.
+  for (int64_t k : {1, 2}) {
+    sw::MoeConfig m = base_moe(4, k);
+    CAPTURE(k);
+    worst = std::max(worst, check_all_strategies(m, 24, 8, 12, nullptr, sw::Activation::Swiglu));
+    m.shared_experts = 2;
+    worst = std::max(worst, check_all_strategies(m, 24));
+    m.shared_experts = 0;
+    m.overflow = sw::Overflow::Reroute;
+    m.balance = sw::Balance::Bias;
+    worst = std::max(worst, check_all_strategies(m, 24, 8, 12, [](sw::SwitchFFN& l) {
+                       torch::NoGradGuard no_grad;
+                       l->router->expert_bias.copy_(torch::tensor({0.3f, -0.2f, 0.0f, 0.1f}));
+                     }));
+    cases += 3;
+  }
   MESSAGE(cases << " configurations, max abs difference to the loop over outputs and all "
                    "gradients: "
                 << worst);
+}
+
+TEST_CASE("swiglu: the grouped operation equals SwiGLU composed from plain ops, per expert") {
+  // (silu(x W_gate) * (x W_up)) W_out with W_gate, W_up the two halves of w_in, written
+  // here without the project's activation code.
+  torch::manual_seed(9);
+  const int64_t E = 3, D = 6, F = 5;
+  const std::vector<int64_t> offsets = {0, 4, 4, 9};
+  torch::Tensor x = torch::randn({9, D}), w_in = torch::randn({E, D, 2 * F}),
+                b_in = torch::randn({E, 2 * F}), w_out = torch::randn({E, F, D}),
+                b_out = torch::randn({E, D});
+  torch::Tensor y = sw::grouped_ffn(x, w_in, b_in, w_out, b_out, offsets, sw::Activation::Swiglu);
+  double worst = 0;
+  for (int64_t e = 0; e < E; ++e) {
+    if (offsets[e + 1] == offsets[e]) continue;
+    torch::Tensor xe = x.slice(0, offsets[e], offsets[e + 1]);
+    torch::Tensor gate = xe.matmul(w_in[e].slice(1, 0, F)) + b_in[e].slice(0, 0, F);
+    torch::Tensor up = xe.matmul(w_in[e].slice(1, F, 2 * F)) + b_in[e].slice(0, F, 2 * F);
+    torch::Tensor h = gate / (1 + torch::exp(-gate)) * up;
+    worst = std::max(worst,
+                     diff(y.slice(0, offsets[e], offsets[e + 1]), h.matmul(w_out[e]) + b_out[e]));
+  }
+  MESSAGE("max |grouped swiglu - composed| = " << worst);
+  CHECK(worst < 1e-4);
+  // The dense FFN holds the same three matrices: fc_in of width 2F.
+  sw::DenseFFN dense(D, F, sw::Activation::Swiglu);
+  CHECK(dense->fc_in->weight.sizes() == torch::IntArrayRef({2 * F, D}));
+  CHECK(dense->fc_out->weight.sizes() == torch::IntArrayRef({D, F}));
 }
 
 TEST_CASE("strategies agree on the edge cases") {
@@ -208,12 +253,14 @@ TEST_CASE("grouped operation: backward against central finite differences (float
   const int64_t E = 3, D = 4, F = 5;
   const std::vector<int64_t> offsets = {0, 3, 3, 7};  // expert 1 has no rows
   auto opts = torch::TensorOptions().dtype(torch::kFloat64);
-  std::vector<torch::Tensor> inputs = {torch::randn({7, D}, opts), torch::randn({E, D, F}, opts),
-                                       torch::randn({E, F}, opts), torch::randn({E, F, D}, opts),
-                                       torch::randn({E, D}, opts)};
   const char* names[] = {"x", "w_in", "b_in", "w_out", "b_out"};
   torch::Tensor R = torch::randn({7, D}, opts);
-  for (sw::Activation act : {sw::Activation::Gelu, sw::Activation::Relu}) {
+  for (const auto& choice : sw::choices<sw::Activation>()) {
+    const sw::Activation act = choice.value;
+    const int64_t F_in = sw::input_width(F, act);  // 2F for swiglu
+    std::vector<torch::Tensor> inputs = {
+        torch::randn({7, D}, opts), torch::randn({E, D, F_in}, opts), torch::randn({E, F_in}, opts),
+        torch::randn({E, F, D}, opts), torch::randn({E, D}, opts)};
     auto loss = [&](const std::vector<torch::Tensor>& in) {
       return (sw::grouped_ffn(in[0], in[1], in[2], in[3], in[4], offsets, act) * R).sum();
     };
@@ -244,8 +291,7 @@ TEST_CASE("grouped operation: backward against central finite differences (float
     // Expert 1 had no rows: its gradients are exactly zero.
     CHECK(leaves[1].grad()[1].abs().sum().item<double>() == 0.0);
     CHECK(leaves[4].grad()[1].abs().sum().item<double>() == 0.0);
-    MESSAGE((act == sw::Activation::Gelu ? "gelu" : "relu")
-            << ": max |analytic - finite difference| = " << worst);
+    MESSAGE(std::string(choice.name) << ": max |analytic - finite difference| = " << worst);
   }
 }
 

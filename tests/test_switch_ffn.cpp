@@ -253,6 +253,7 @@ TEST_CASE("moe.balance: the Switch loss, the variance of the mean probabilities,
             got ==
             doctest::Approx(((P0 - 0.5) * (P0 - 0.5) + (P1 - 0.5) * (P1 - 0.5)) / 2).epsilon(1e-5));
         break;
+      case sw::Balance::Bias:  // balanced by the router's bias, not by a loss
       case sw::Balance::None:
         CHECK(got == 0.0);
         break;
@@ -277,7 +278,7 @@ TEST_CASE("one expert with unlimited capacity equals the dense FFN: outputs and 
     const sw::Score score = sc.first;
     const bool scale = sc.second;
     CAPTURE(scale);
-    CAPTURE(sw::name_of(score));
+    CAPTURE(std::string(sw::name_of(score)));
     sw::MoeConfig moe;
     moe.n_experts = 1;
     moe.drop_tokens = false;
@@ -312,4 +313,202 @@ TEST_CASE("one expert with unlimited capacity equals the dense FFN: outputs and 
     CHECK(dw_out < 1e-5);
     CHECK(db < 1e-5);
   }
+}
+
+TEST_CASE("moe.balance = bias: chooses by score + bias, gates stay unbiased, moves the right way") {
+  // hand_layer's router: token [1, 0] has probabilities p = s(10) for expert 0 and 1 - p
+  // for expert 1; token [0, 1] the reverse. A bias of 1.5 on expert 1 sends both there
+  // (1 - p + 1.5 > p), with their unbiased probabilities as gates.
+  torch::Tensor x = torch::tensor({1.f, 0.f, 0.f, 1.f}).view({2, 2});
+  sw::MoeConfig moe;
+  moe.balance = sw::Balance::Bias;
+  moe.drop_tokens = false;
+  sw::SwitchFFN layer = hand_layer(moe);
+  REQUIRE(layer->router->expert_bias.defined());
+  CHECK(layer->named_buffers().contains("router.expert_bias"));
+  const double p = sigmoid(10);
+  sw::Routing r = layer->route(x);
+  CHECK(to_vec(r.expert_TK.squeeze(1)) == std::vector<int64_t>{0, 1});
+  {
+    torch::NoGradGuard no_grad;
+    layer->router->expert_bias.copy_(torch::tensor({0.f, 1.5f}));
+  }
+  r = layer->route(x);
+  CHECK(to_vec(r.expert_TK.squeeze(1)) == std::vector<int64_t>{1, 1});
+  // The gate is the chosen expert's own probability, without the bias.
+  CHECK(r.gate_TK[0][0].item<double>() == doctest::Approx(1 - p).epsilon(1e-6));
+  CHECK(r.gate_TK[1][0].item<double>() == doctest::Approx(p).epsilon(1e-6));
+
+  // Loads 3, 1, 0, 4 (mean 2): the busy experts' biases fall by the rate, the idle ones'
+  // rise, an expert at the mean keeps its bias.
+  sw::MoeConfig four = moe;
+  four.n_experts = 4;
+  sw::SwitchFFN l4(2, 2, four, sw::Activation::Relu);
+  l4->update_bias(torch::tensor({3, 1, 0, 4}, torch::kInt64), 0.01);
+  l4->update_bias(torch::tensor({2, 2, 2, 2}, torch::kInt64), 0.01);
+  const torch::Tensor b = l4->router->expert_bias;
+  CHECK(b[0].item<float>() == -0.01f);
+  CHECK(b[1].item<float>() == 0.01f);
+  CHECK(b[2].item<float>() == 0.01f);
+  CHECK(b[3].item<float>() == -0.01f);
+}
+
+TEST_CASE("moe.balance = bias evens out a deliberately skewed router") {
+  // 8 experts, a router whose own bias sends most tokens to expert 0; the bias is updated
+  // from each batch's loads (no other training). The load's coefficient of variation over
+  // experts must fall from heavily skewed to near balance: over the last 100 batches (sign
+  // updates of a fixed step make single batches jitter around the balance).
+  torch::manual_seed(11);
+  const int64_t D = 16, E = 8, T = 512;
+  sw::MoeConfig moe;
+  moe.n_experts = E;
+  moe.balance = sw::Balance::Bias;
+  moe.drop_tokens = false;
+  sw::SwitchFFN layer(D, 8, moe, sw::Activation::Gelu);
+  {
+    torch::NoGradGuard no_grad;
+    layer->router->proj->bias.copy_(torch::tensor({3.f, 1.f, 0.f, 0.f, 0.f, 0.f, 0.f, -1.f}));
+  }
+  auto load_cv = [&](const torch::Tensor& counts) {
+    const torch::Tensor c = counts.to(torch::kFloat64);
+    return (c.std(/*unbiased=*/false) / c.mean()).item<double>();
+  };
+  torch::NoGradGuard no_grad;
+  double first = 0;
+  torch::Tensor late = torch::zeros({E}, torch::kInt64);
+  for (int step = 0; step < 400; ++step) {
+    const sw::MoeStats s = layer->forward(torch::randn({T, D})).stats;
+    if (step == 0) first = load_cv(s.counts_E);
+    if (step >= 300) late += s.counts_E;
+    layer->update_bias(s.counts_E, 0.01);
+  }
+  const double last = load_cv(late);
+  MESSAGE("load CV over 8 experts: " << first << " in the first batch, " << last
+                                     << " over batches 300-399");
+  CHECK(first > 1.0);
+  CHECK(last < 0.1);
+  // The skew is undone by the bias: expert 0's is the lowest.
+  CHECK(layer->router->expert_bias.argmin().item<int64_t>() == 0);
+}
+
+TEST_CASE("moe.shared_experts: the layer plus a dense FFN of shared x expert width") {
+  torch::manual_seed(5);
+  const int64_t D = 12, F = 10;
+  sw::MoeConfig moe;
+  moe.n_experts = 3;
+  moe.shared_experts = 2;
+  moe.capacity_factor = 1.0;  // with dropping: the shared part is added for dropped tokens too
+  sw::SwitchFFN with(D, F, moe, sw::Activation::Gelu);
+  CHECK(with->shared->fc_in->weight.sizes() == torch::IntArrayRef({2 * F, D}));
+  sw::MoeConfig none = moe;
+  none.shared_experts = 0;
+  sw::SwitchFFN without(D, F, none, sw::Activation::Gelu);
+  sw::DenseFFN dense(D, 2 * F, sw::Activation::Gelu);
+  {
+    torch::NoGradGuard no_grad;
+    auto from = with->named_parameters();
+    for (auto& item : without->named_parameters())
+      item.value().copy_(from[item.key()]);
+    dense->fc_in->weight.copy_(with->shared->fc_in->weight);
+    dense->fc_in->bias.copy_(with->shared->fc_in->bias);
+    dense->fc_out->weight.copy_(with->shared->fc_out->weight);
+    dense->fc_out->bias.copy_(with->shared->fc_out->bias);
+  }
+  with->random_rank = without->random_rank = identity_perm;
+  torch::Tensor x = torch::randn({2, 9, D});
+  const sw::SwitchFFNOutput a = with->forward(x), b = without->forward(x);
+  CHECK(a.stats.dropped > 0);
+  const double d = max_abs_diff(a.y, b.y + dense->forward(x));
+  MESSAGE("max |shared layer - (routed layer + dense FFN of width 2F)| = " << d);
+  CHECK(d < 1e-6);
+}
+
+TEST_CASE("moe.overflow = reroute: hand-worked seats, never drops while an expert has room") {
+  // 4 tokens all prefer expert 0 (then 1, then 2); capacity 1 per expert, 3 experts.
+  // Position policy: token 0 keeps expert 0; token 1 moves to expert 1, token 2 to expert 2,
+  // token 3 finds no room and is dropped.
+  torch::Tensor expert_T = torch::zeros({4, 1}, torch::kInt64);
+  torch::Tensor pref = torch::tensor({0, 1, 2}, torch::kInt64).repeat({4, 1});
+  sw::Dispatch d = sw::make_dispatch(expert_T, torch::ones({4, 1}), 3, 1, sw::DropPolicy::Position,
+                                     sw::random_ranks, pref);
+  CHECK(to_vec(d.order_N) == std::vector<int64_t>{0, 1, 2});
+  CHECK(to_vec(d.expert_N) == std::vector<int64_t>{0, 1, 2});
+  CHECK(to_vec(d.slot_N) == std::vector<int64_t>{0, 0, 0});
+  CHECK(d.offsets == std::vector<int64_t>{0, 1, 2, 3});
+  CHECK(to_vec(d.rerouted_R) == std::vector<int64_t>{1, 2});
+  CHECK(to_vec(d.dropped_M) == std::vector<int64_t>{3});
+  CHECK(to_vec(d.counts_E) == std::vector<int64_t>{4, 0, 0});  // the router's choices
+  CHECK(to_vec(d.expert_A) == std::vector<int64_t>{0, 1, 2, 0});
+
+  // Top-2: a token never gets the same expert twice. Tokens 0 and 1 choose experts {0, 1};
+  // capacity 2 for 3 experts. Position order: both first choices sit at 0, both second
+  // choices at 1; nothing overflows, nothing moves.
+  torch::Tensor e2 = torch::tensor({0, 1, 0, 1}, torch::kInt64).view({2, 2});
+  torch::Tensor pref2 = torch::tensor({0, 1, 2, 0, 1, 2}, torch::kInt64).view({2, 3});
+  d = sw::make_dispatch(e2, torch::full({2, 2}, 0.5), 3, 2, sw::DropPolicy::Position,
+                        sw::random_ranks, pref2);
+  CHECK(d.n_rerouted() == 0);
+  CHECK(d.n_dropped() == 0);
+  // Capacity 1: the second tokens' choices overflow and go to expert 2, the only one
+  // neither has; the first of them (token 1's first choice, by position) gets the seat.
+  d = sw::make_dispatch(e2, torch::full({2, 2}, 0.5), 3, 1, sw::DropPolicy::Position,
+                        sw::random_ranks, pref2);
+  CHECK(to_vec(d.rerouted_R) == std::vector<int64_t>{2});
+  CHECK(to_vec(d.dropped_M) == std::vector<int64_t>{3});
+  CHECK(to_vec(d.expert_A) == std::vector<int64_t>{0, 1, 2, 1});
+
+  // Random routings: an assignment is dropped only when every expert its token does not
+  // use is full, and with room to spare rerouting equals dropping (nothing overflows).
+  torch::manual_seed(3);
+  for (int trial = 0; trial < 50; ++trial) {
+    const int64_t T = 40, E = 5, K = 1 + trial % 2, C = 3 + trial % 7;
+    torch::Tensor scores = torch::rand({T, E});
+    torch::Tensor p = scores.argsort(-1, /*descending=*/true);
+    torch::Tensor chosen = p.slice(1, 0, K);
+    sw::Dispatch r = sw::make_dispatch(chosen, torch::ones({T, K}), E, C, sw::DropPolicy::Random,
+                                       sw::random_ranks, p);
+    std::vector<int64_t> load(E, 0);
+    for (int64_t e = 0; e < E; ++e)
+      load[e] = r.offsets[e + 1] - r.offsets[e];
+    for (int64_t e : load)
+      CHECK(e <= C);
+    const auto ex = to_vec(r.expert_A);
+    for (int64_t a : to_vec(r.dropped_M)) {
+      const int64_t t = a / K;
+      for (int64_t e = 0; e < E; ++e) {
+        bool used = false;
+        for (int64_t j = 0; j < K; ++j)
+          used |= ex[t * K + j] == e;
+        if (!used)
+          CHECK_MESSAGE(load[e] == C, "a token was dropped while expert " << e << " had room");
+      }
+    }
+    CHECK(r.n_kept() + r.n_dropped() == T * K);
+    sw::Dispatch roomy = sw::make_dispatch(chosen, torch::ones({T, K}), E, T * K,
+                                           sw::DropPolicy::Position, sw::random_ranks, p);
+    sw::Dispatch drop =
+        sw::make_dispatch(chosen, torch::ones({T, K}), E, T * K, sw::DropPolicy::Position);
+    CHECK(roomy.n_rerouted() == 0);
+    CHECK(to_vec(roomy.order_N) == to_vec(drop.order_N));
+    CHECK(to_vec(roomy.slot_N) == to_vec(drop.slot_N));
+  }
+}
+
+TEST_CASE("moe.overflow = reroute in the layer: the new expert's output, scaled by its score") {
+  // hand_layer: tokens [1, 0], [2, 0] both choose expert 0 (capacity int(1.0 * 2 / 2) = 1).
+  // Position policy: token 0 keeps it, token 1 moves to expert 1 with gate p1 = 1 - s(20).
+  torch::Tensor x = torch::tensor({1.f, 0.f, 2.f, 0.f}).view({2, 2});
+  sw::MoeConfig moe;
+  moe.capacity_factor = 1.0;
+  moe.drop_policy = sw::DropPolicy::Position;
+  moe.overflow = sw::Overflow::Reroute;
+  sw::SwitchFFN layer = hand_layer(moe);
+  const sw::SwitchFFNOutput out = layer->forward(x);
+  CHECK(out.stats.rerouted == 1);
+  CHECK(out.stats.dropped == 0);
+  CHECK(to_vec(out.stats.counts_E) == std::vector<int64_t>{2, 0});
+  const double p0 = sigmoid(10), q1 = 1 - sigmoid(20);
+  // Expert 0 doubles relu(x), expert 1 triples it.
+  torch::Tensor expected = torch::tensor({float(p0 * 2), 0.f, float(q1 * 6), 0.f}).view({2, 2});
+  CHECK(torch::allclose(out.y, expected, 1e-6, 1e-6));
 }

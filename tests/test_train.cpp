@@ -9,6 +9,7 @@
 #include "train/checkpoint.h"
 #include "train/metrics.h"
 #include "train/trainer.h"
+#include "train/upcycle.h"
 #include "util/error.h"
 
 namespace {
@@ -68,12 +69,23 @@ TEST_CASE("a tiny run's loss falls and it writes every file of a run directory")
 }
 
 TEST_CASE("resume from a checkpoint reproduces the straight run exactly") {
+  // Also with every option of the lab on: the balancing biases are model state.
   sw::Config c = test::tiny_config();
-  const std::string straight = test::scratch_dir("resume_straight");
+  std::string tag;
+  SUBCASE("the defaults") {}
+  SUBCASE("bias balancing, rerouting, shared experts, swiglu, sigmoid") {
+    c.moe.balance = sw::Balance::Bias;
+    c.moe.overflow = sw::Overflow::Reroute;
+    c.moe.shared_experts = 1;
+    c.moe.score = sw::Score::Sigmoid;
+    c.model.activation = sw::Activation::Swiglu;
+    tag = "_lab";
+  }
+  const std::string straight = test::scratch_dir("resume_straight" + tag);
   train_tiny(straight, c);
 
   // Same run, then forget everything after step 30 and resume from ckpt-000030.
-  const std::string resumed = test::scratch_dir("resume_resumed");
+  const std::string resumed = test::scratch_dir("resume_resumed" + tag);
   train_tiny(resumed, c);
   test::fs::remove_all(resumed + "/ckpt-000060");
   test::fs::remove(resumed + "/summary.json");
@@ -306,4 +318,93 @@ TEST_CASE("a non-finite loss stops the run naming the step and the layer, keepin
     CHECK_MESSAGE(test::contains(e2, "step 41: the loss is not finite"), e2);
     CHECK(test::contains(e2, "(11 steps in a row)"));
   }
+}
+
+TEST_CASE("moe.balance = bias: the biases are in the weights file and in every train record") {
+  sw::Config c = test::tiny_config();
+  c.moe.balance = sw::Balance::Bias;
+  c.moe.overflow = sw::Overflow::Reroute;
+  c.moe.capacity_factor = 1.0;
+  const std::string dir = test::scratch_dir("bias_records");
+  train_tiny(dir, c);
+  sw::Transformer model(c, 65);
+  sw::load_weights(dir + "/ckpt-000060", *model);
+  const torch::Tensor bias = model->named_buffers()["blocks.1.ffn.router.expert_bias"];
+  REQUIRE(bias.defined());
+  // 60 updates of +-0.001 each: every bias moved, none further than 60 steps.
+  CHECK(bias.abs().min().item<double>() > 0);
+  CHECK(bias.abs().max().item<double>() <= 60 * 0.001 + 1e-6);
+  int64_t records = 0, rerouted = 0;
+  for (const auto& r : sw::read_metrics(dir + "/metrics.jsonl")) {
+    if (r["kind"] != "train") continue;
+    ++records;
+    for (const auto& l : r["layers"]) {
+      CHECK(l["bias"].size() == 4);
+      rerouted += l["rerouted"].get<int64_t>();
+    }
+    if (r["step"] == 60) {
+      const auto last = r["layers"][1]["bias"];
+      for (int64_t e = 0; e < 4; ++e)
+        CHECK(last[e].get<double>() == doctest::Approx(bias[e].item<double>()).epsilon(1e-7));
+    }
+  }
+  CHECK(records == 6);
+  CHECK(rerouted > 0);
+  // The default model has no bias buffer: its weights file is unchanged.
+  sw::Config plain = test::tiny_config();
+  CHECK(sw::Transformer(plain, 65)->named_buffers().find("blocks.1.ffn.router.expert_bias") ==
+        nullptr);
+}
+
+TEST_CASE("--init-from: an upcycled model computes the dense model's logits at step 0") {
+  // Top-1 sigmoid gates are 1 and nothing is dropped: every expert is the dense FFN, so the
+  // router's choice does not matter.
+  sw::Config dense_cfg = test::tiny_config();
+  dense_cfg.moe.every = 0;
+  dense_cfg.train.steps = 30;
+  const std::string dense_dir = test::scratch_dir("upcycle_dense");
+  train_tiny(dense_dir, dense_cfg);
+
+  sw::Config moe_cfg = test::tiny_config();
+  moe_cfg.moe.score = sw::Score::Sigmoid;
+  moe_cfg.moe.drop_tokens = false;
+  const sw::CheckpointMeta src = sw::upcycle_source(dense_dir, moe_cfg);
+  CHECK(src.state.step == 30);
+  sw::Transformer moe(moe_cfg, src.vocab.size());
+  sw::upcycle(src, moe);
+  sw::Transformer dense(dense_cfg, src.vocab.size());
+  sw::load_weights(src.dir, *dense);
+  moe->eval();
+  dense->eval();
+  const torch::Tensor idx = torch::randint(0, src.vocab.size(), {2, 32}, torch::kInt64);
+  double d = 0;
+  {
+    torch::NoGradGuard no_grad;
+    d = (moe->forward(idx).logits_BSV - dense->forward(idx).logits_BSV).abs().max().item<double>();
+  }
+  MESSAGE("max |upcycled - dense| logit difference at step 0: " << d);
+  CHECK(d < 1e-5);
+  // Each expert is a copy; the router is not the dense run's (it has none) but a fresh one.
+  const auto p = moe->named_parameters();
+  CHECK(torch::equal(p["blocks.0.ffn.experts.w_in"][3],
+                     dense->named_parameters()["blocks.0.ffn.fc_in.weight"].t()));
+
+  // What cannot be upcycled is refused, naming the key.
+  sw::Config wide = moe_cfg;
+  wide.model.d_model = 64;
+  CHECK(test::contains(test::error_of([&] { sw::upcycle_source(dense_dir, wide); }),
+                       "model.d_model is 32 there but 64 here"));
+  sw::Config shared = moe_cfg;
+  shared.moe.shared_experts = 1;
+  CHECK(test::contains(test::error_of([&] { sw::upcycle_source(dense_dir, shared); }),
+                       "moe.shared_experts = 1"));
+  const std::string moe_dir = test::scratch_dir("upcycle_from_moe");
+  sw::Config small = moe_cfg;
+  small.train.steps = 2;
+  train_tiny(moe_dir, small);
+  CHECK(test::contains(test::error_of([&] { sw::upcycle_source(moe_dir, moe_cfg); }),
+                       "that run is not dense (moe.every = 1)"));
+  CHECK(test::contains(
+      test::error_of([&] { sw::upcycle_source(test::scratch_dir("upcycle_none"), moe_cfg); }),
+      "no complete checkpoint"));
 }

@@ -108,7 +108,7 @@ std::string memory_line(const sw::Config& cfg, int64_t world) {
 }
 
 struct Args {
-  std::string config_file, out_dir;
+  std::string config_file, out_dir, init_from;
   std::vector<std::string> overrides;
   bool resume = false, quiet = false, print_config = false, keys = false, markdown = false;
   int nproc = 1;
@@ -121,7 +121,13 @@ void add_options(CLI::App& app, Args& a) {
   app.add_option("--set", a.overrides, "override one key: --set moe.n_experts=8 (repeatable)")
       ->type_name("KEY=VALUE");
   app.add_option("--out", a.out_dir, "run directory (default runs/<timestamp>)");
-  app.add_flag("--resume", a.resume, "continue the run in --out from its newest checkpoint");
+  CLI::Option* resume =
+      app.add_flag("--resume", a.resume, "continue the run in --out from its newest checkpoint");
+  app.add_option("--init-from", a.init_from,
+                 "start a new MoE run from a trained dense run's newest checkpoint (sparse "
+                 "upcycling: every expert a copy of its layer's FFN, routers fresh)")
+      ->type_name("RUN_DIR")
+      ->excludes(resume);
   app.add_option("--keep", a.keep, "keep only the newest N checkpoints (train.keep_checkpoints)")
       ->check(CLI::Range(int64_t{1}, int64_t{1} << 40));
   app.add_flag("-q,--quiet", a.quiet, "print nothing but errors");
@@ -226,6 +232,7 @@ int run(int argc, char** argv) {
   opt.out_dir = a.out_dir.empty() ? sw::default_run_dir() : a.out_dir;
   if (a.nproc > 1) return launch(argc, argv, a.nproc, opt.out_dir, a.out_dir.empty());
   opt.resume = a.resume;
+  opt.init_from = a.init_from;
   opt.config_changed = a.resume && !a.overrides.empty();
   opt.stop = &g_stop;
   return train_here(cfg, opt);

@@ -187,6 +187,17 @@ const std::vector<Binding>& bindings() {
     t.push_back(entry("moe.balance", &C::moe, &EC::balance, "how the experts' load is balanced")
                     .doc("how the experts' load is balanced (every mode reports the Switch loss "
                          "as `lb_loss` and the load per expert)"));
+    t.push_back(
+        entry("moe.bias_rate", &C::moe, &EC::bias_rate, "moe.balance = bias: the bias update step")
+            .doc("under `moe.balance = bias`, the step of each expert's bias update "
+                 "after every optimizer step"));
+    t.push_back(entry("moe.shared_experts", &C::moe, &EC::shared_experts,
+                      "always-on experts per MoE layer, added for every token")
+                    .doc("always-on experts per MoE layer whose output is added for every "
+                         "token (DeepSeek-MoE), computed as one dense FFN of width "
+                         "`shared_experts x` the expert width"));
+    t.push_back(entry("moe.overflow", &C::moe, &EC::overflow,
+                      "what happens to an assignment over its expert's capacity"));
     t.push_back(entry("moe.alpha", &C::moe, &EC::alpha, "load-balancing loss weight")
                     .doc("weight of the load-balancing loss"));
     t.push_back(entry("moe.z_loss", &C::moe, &EC::z_loss, "router z-loss weight")
@@ -375,6 +386,8 @@ void validate_moe(const Config& c) {
   in_range("moe.z_loss", c.moe.z_loss, 0.0, kInf, false, true);
   in_range("moe.jitter", c.moe.jitter, 0.0, 1.0, false, true);
   in_range("moe.init_scale", c.moe.init_scale, 0.0, kInf, true, true);
+  in_range("moe.bias_rate", c.moe.bias_rate, 0.0, kInf, false, true);
+  at_least("moe.shared_experts", c.moe.shared_experts, 0);
   at_least("moe.top_k", c.moe.top_k, 1);
   if (c.moe.top_k > c.moe.n_experts)
     fail("moe.top_k", std::to_string(c.moe.top_k),

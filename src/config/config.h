@@ -38,6 +38,9 @@ struct MoeConfig {
   int64_t top_k = 1;             // experts per token: 1 = Switch, 2 = GShard-style
   Score score = Score::Softmax;  // the router's score function
   Balance balance = Balance::AuxLoss;  // the balancing term of the objective
+  double bias_rate = 0.001;            // moe.balance = bias: the bias update step
+  int64_t shared_experts = 0;          // always-on experts per MoE layer
+  Overflow overflow = Overflow::Drop;  // what happens to an assignment over capacity
   double capacity_factor = 1.25;       // training: capacity = int(cf * k * tokens / experts)
   double eval_capacity_factor = 2.0;   // the same in evaluation
   bool drop_tokens = true;

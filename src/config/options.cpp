@@ -7,6 +7,9 @@ const std::vector<Choice<Activation>>& choices<Activation>() {
   static const std::vector<Choice<Activation>> table = {
       {Activation::Gelu, "gelu", "GELU, exact (erf) form"},
       {Activation::Relu, "relu", "ReLU, as in labml's Switch experiment (configs/labml.json)"},
+      {Activation::Swiglu, "swiglu",
+       "the gated FFN `(silu(x W_gate) * (x W_up)) W_out`: three matrices, the first two "
+       "stored side by side as one input matrix of width 2 x d_ff (gate half first)"},
   };
   return table;
 }
@@ -77,9 +80,24 @@ const std::vector<Choice<Balance>>& choices<Balance>() {
       {Balance::AuxLoss, "aux_loss",
        "the Switch load-balancing loss `E * sum_i f_i * P_i` (f: fraction of assignments, P: "
        "mean router probability), times `moe.alpha`"},
+      {Balance::Bias, "bias",
+       "auxiliary-loss-free (DeepSeek-V3): a per-expert bias added to the scores when choosing "
+       "experts only, moved by `moe.bias_rate * sign(mean_load - load_i)` after every step "
+       "from that step's loads over all micro-batches and ranks; no loss term"},
       {Balance::Variance, "variance",
        "the variance over experts of the mean router probability `P_i`, times `moe.alpha`"},
       {Balance::None, "none", "no balancing term (the Switch loss is still reported)"},
+  };
+  return table;
+}
+
+template <>
+const std::vector<Choice<Overflow>>& choices<Overflow>() {
+  static const std::vector<Choice<Overflow>> table = {
+      {Overflow::Drop, "drop", "an assignment over its expert's capacity is dropped (Switch)"},
+      {Overflow::Reroute, "reroute",
+       "it goes to the token's next-best expert (by score) that still has room, in the drop "
+       "policy's order, and is dropped only when none has"},
   };
   return table;
 }

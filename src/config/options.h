@@ -1,6 +1,6 @@
-// The config's enumerated options (model.activation, moe.score, moe.balance,
-// moe.drop_policy, moe.dropped, moe.strategy, train.on_nonfinite): each an enum with one table of
-// names. Config files,
+// The config's enumerated options (model.activation, moe.score, moe.balance, moe.overflow,
+// moe.drop_policy, moe.dropped, moe.strategy, train.on_nonfinite): each an enum with one
+// table of names. Config files,
 // --set, validation, --list-keys, docs/config.md and switch-bench read these tables, so a
 // new value is one row here plus its implementation. Strings are parsed once, at config
 // load; the rest of the project sees only the enums.
@@ -12,13 +12,14 @@
 
 namespace sw {
 
-enum class Activation { Gelu, Relu };
+enum class Activation { Gelu, Relu, Swiglu };
 enum class DropPolicy { Random, Position, Probability };
 enum class DroppedOutput { Pass, Zero };
 enum class Strategy { Loop, Capacity, Grouped };
 enum class OnNonfinite { Stop, Skip };
 enum class Score { Softmax, Sigmoid };
-enum class Balance { AuxLoss, Variance, None };
+enum class Balance { AuxLoss, Bias, Variance, None };
+enum class Overflow { Drop, Reroute };
 
 // One value of an option: its name in configs and what it means.
 template <typename E>
@@ -45,6 +46,8 @@ template <>
 const std::vector<Choice<Score>>& choices<Score>();
 template <>
 const std::vector<Choice<Balance>>& choices<Balance>();
+template <>
+const std::vector<Choice<Overflow>>& choices<Overflow>();
 
 template <typename E>
 const char* name_of(E value) {

@@ -9,13 +9,30 @@ namespace {
 using torch::autograd::AutogradContext;
 using torch::autograd::variable_list;
 
-// grad_h <- grad_h * act'(h_pre), in place: the backward then holds one [N, F] gradient
-// buffer instead of two.
-void activation_backward_(torch::Tensor& grad_h, const torch::Tensor& h_pre, Activation act) {
-  if (act == Activation::Gelu)
-    at::gelu_backward_out(grad_h, grad_h, h_pre);
-  else
-    grad_h.masked_fill_(h_pre <= 0, 0);
+// The gradient at the activation's input from the gradient at its output. GELU and ReLU
+// work in place in grad_h, so the backward holds one [N, F] gradient buffer instead of two;
+// SwiGLU's input is twice as wide: with gate a, up b and s = sigmoid(a),
+// d/da = g b s (1 + a (1 - s)) and d/db = g a s.
+torch::Tensor activation_backward(torch::Tensor grad_h, const torch::Tensor& h_pre,
+                                  Activation act) {
+  switch (act) {
+    case Activation::Gelu:
+      return at::gelu_backward_out(grad_h, grad_h, h_pre);
+    case Activation::Relu:
+      return grad_h.masked_fill_(h_pre <= 0, 0);
+    case Activation::Swiglu: {
+      const auto halves = h_pre.chunk(2, /*dim=*/-1);
+      const torch::Tensor &a = halves[0], &b = halves[1];
+      const torch::Tensor s = torch::sigmoid(a), silu = a * s;
+      torch::Tensor g_ab = torch::empty_like(h_pre);
+      torch::Tensor ga = g_ab.narrow(1, 0, a.size(1)), gb = g_ab.narrow(1, a.size(1), a.size(1));
+      torch::mul_out(gb, grad_h, silu);
+      torch::mul_out(ga, grad_h, b);
+      ga.mul_(s * (1 + a * (1 - s)));
+      return g_ab;
+    }
+  }
+  return grad_h;
 }
 
 // Runs fn(e, lo, hi) for every expert e with rows [lo, hi). Many small segments run in
@@ -46,9 +63,9 @@ struct GroupedFFNFunction : torch::autograd::Function<GroupedFFNFunction> {
                                const torch::Tensor& w_out, const torch::Tensor& b_out,
                                const std::vector<int64_t>& offsets, int64_t act_id) {
     const Activation act = static_cast<Activation>(act_id);
-    const int64_t F = w_in.size(2), D = w_out.size(2), N = x_ND.size(0);
+    const int64_t F_in = w_in.size(2), D = w_out.size(2), N = x_ND.size(0);
     torch::Tensor x = x_ND.contiguous();
-    torch::Tensor h_pre = torch::empty({N, F}, x.options());
+    torch::Tensor h_pre = torch::empty({N, F_in}, x.options());
     for_each_expert(offsets, false, [&](int64_t e, int64_t lo, int64_t hi) {
       torch::Tensor out = h_pre.slice(0, lo, hi);
       torch::addmm_out(out, b_in[e], x.slice(0, lo, hi), w_in[e]);
@@ -79,8 +96,7 @@ struct GroupedFFNFunction : torch::autograd::Function<GroupedFFNFunction> {
       torch::Tensor out = gh.slice(0, lo, hi);
       torch::mm_out(out, gy.slice(0, lo, hi), w_out[e].t());
     });
-    activation_backward_(gh, h_pre, act);
-    const torch::Tensor& gh_pre = gh;
+    const torch::Tensor gh_pre = activation_backward(gh, h_pre, act);
 
     torch::Tensor gx = torch::empty({N, x.size(1)}, x.options());
     torch::Tensor gw_in = torch::empty_like(w_in), gw_out = torch::empty_like(w_out);
@@ -127,9 +143,10 @@ ExpertsImpl::ExpertsImpl(int64_t n_experts_, int64_t d_model_, int64_t d_ff_, Ac
   // Same fan-in uniform init as torch::nn::Linear; the transformer re-initialises anyway.
   const double bound_in = 1.0 / std::sqrt(static_cast<double>(d_model));
   const double bound_out = 1.0 / std::sqrt(static_cast<double>(d_ff));
+  const int64_t F_in = input_width(d_ff, act);
   w_in = register_parameter("w_in",
-                            torch::empty({n_experts, d_model, d_ff}).uniform_(-bound_in, bound_in));
-  b_in = register_parameter("b_in", torch::empty({n_experts, d_ff}).uniform_(-bound_in, bound_in));
+                            torch::empty({n_experts, d_model, F_in}).uniform_(-bound_in, bound_in));
+  b_in = register_parameter("b_in", torch::empty({n_experts, F_in}).uniform_(-bound_in, bound_in));
   w_out = register_parameter(
       "w_out", torch::empty({n_experts, d_ff, d_model}).uniform_(-bound_out, bound_out));
   b_out = register_parameter("b_out",

@@ -7,10 +7,28 @@
 namespace sw {
 
 RouterImpl::RouterImpl(int64_t d_model, int64_t n_experts, int64_t top_k_, double jitter_,
-                       Score score_)
+                       Score score_, bool with_bias)
     : top_k(top_k_), jitter(jitter_), score(score_) {
   proj = register_module("proj", torch::nn::Linear(d_model, n_experts));
+  if (with_bias)
+    expert_bias = register_buffer("expert_bias", torch::zeros({n_experts}, torch::kFloat32));
 }
+
+namespace {
+
+// Each token's k best experts by score_TE (plus the bias when there is one) and their
+// unbiased scores, best first.
+std::pair<torch::Tensor, torch::Tensor> choose(const torch::Tensor& score_TE,
+                                               const torch::Tensor& bias_E, int64_t k) {
+  if (!bias_E.defined()) {
+    auto [s_TK, e_TK] = k == 1 ? score_TE.max(-1, /*keepdim=*/true) : score_TE.topk(k, -1);
+    return {s_TK, e_TK};
+  }
+  torch::Tensor e_TK = std::get<1>((score_TE.detach() + bias_E).topk(k, -1));
+  return {score_TE.gather(-1, e_TK), e_TK};
+}
+
+}  // namespace
 
 Routing RouterImpl::forward(const torch::Tensor& x_TD) {
   torch::Tensor x = x_TD.to(torch::kFloat32);
@@ -24,21 +42,19 @@ Routing RouterImpl::forward(const torch::Tensor& x_TD) {
     const double tiny = std::numeric_limits<float>::min();
     const torch::Tensor s_TE = torch::sigmoid(r.logits_TE);
     r.probs_TE = s_TE / s_TE.sum(-1, /*keepdim=*/true).clamp_min(tiny);
-    auto [s_TK, e_TK] = s_TE.topk(top_k, /*dim=*/-1);
-    r.gate_TK = s_TK / s_TK.sum(-1, /*keepdim=*/true).clamp_min(tiny);
+    auto [s_TK, e_TK] = choose(s_TE, expert_bias, top_k);
+    r.scores_TE = s_TE;
+    r.gate_sum_T1 = s_TK.sum(-1, /*keepdim=*/true).clamp_min(tiny);
+    r.gate_TK = s_TK / r.gate_sum_T1;
     r.expert_TK = e_TK;
     return r;
   }
   r.probs_TE = torch::softmax(r.logits_TE, /*dim=*/-1);
-  if (top_k == 1) {
-    auto [p_T, e_T] = r.probs_TE.max(/*dim=*/-1);
-    r.gate_TK = p_T.unsqueeze(1);
-    r.expert_TK = e_T.unsqueeze(1);
-  } else {
-    auto [p_TK, e_TK] = r.probs_TE.topk(top_k, /*dim=*/-1);
-    r.gate_TK = p_TK / p_TK.sum(-1, /*keepdim=*/true);
-    r.expert_TK = e_TK;
-  }
+  auto [p_TK, e_TK] = choose(r.probs_TE, expert_bias, top_k);
+  r.scores_TE = r.probs_TE;
+  if (top_k > 1) r.gate_sum_T1 = p_TK.sum(-1, /*keepdim=*/true);
+  r.gate_TK = top_k == 1 ? p_TK : p_TK / r.gate_sum_T1;
+  r.expert_TK = e_TK;
   return r;
 }
 

@@ -9,9 +9,18 @@ namespace sw {
 
 SwitchFFNImpl::SwitchFFNImpl(int64_t d_model, int64_t d_ff, const MoeConfig& moe, Activation act)
     : cfg(moe) {
-  router =
-      register_module("router", Router(d_model, moe.n_experts, moe.top_k, moe.jitter, moe.score));
+  router = register_module("router", Router(d_model, moe.n_experts, moe.top_k, moe.jitter,
+                                            moe.score, moe.balance == Balance::Bias));
   experts = register_module("experts", Experts(moe.n_experts, d_model, d_ff, act));
+  if (moe.shared_experts > 0)
+    shared = register_module("shared", DenseFFN(d_model, moe.shared_experts * d_ff, act));
+}
+
+void SwitchFFNImpl::update_bias(const torch::Tensor& load_E, double rate) {
+  torch::NoGradGuard no_grad;
+  const torch::Tensor load = load_E.to(torch::kFloat64);
+  const torch::Tensor step = (load.mean() - load).sign() * rate;
+  router->expert_bias.add_(step.to(torch::kFloat32));
 }
 
 void SwitchFFNImpl::enable_expert_parallel(std::shared_ptr<Comm> c) {
@@ -35,8 +44,14 @@ Dispatch SwitchFFNImpl::dispatch(const Routing& r, int64_t tokens) {
   const double cf = is_training() ? cfg.capacity_factor : cfg.eval_capacity_factor;
   const int64_t capacity =
       cfg.drop_tokens ? expert_capacity(cf, tokens, cfg.n_experts, cfg.top_k) : -1;
+  torch::Tensor preference_TE;  // by the scores that chose the experts
+  if (cfg.overflow == Overflow::Reroute && capacity >= 0) {
+    torch::Tensor chosen_by = r.scores_TE.detach();
+    if (router->expert_bias.defined()) chosen_by = chosen_by + router->expert_bias;
+    preference_TE = chosen_by.argsort(/*dim=*/-1, /*descending=*/true);
+  }
   return make_dispatch(r.expert_TK, r.gate_TK, cfg.n_experts, capacity, cfg.drop_policy,
-                       random_rank);
+                       random_rank, preference_TE);
 }
 
 torch::Tensor SwitchFFNImpl::combine(const torch::Tensor& x_TD, const Routing& r,
@@ -74,14 +89,25 @@ SwitchFFNOutput SwitchFFNImpl::forward(const torch::Tensor& x,
   Routing r = route(x_TD);
   if (on_logits) on_logits(r.logits_TE);
   Dispatch d = dispatch(r, T);
+  Routing seated = r;
+  if (d.n_rerouted() > 0) {
+    // A rerouted assignment's gate is its new expert's score over the token's gate sum.
+    torch::Tensor e_TK = d.expert_A.view({T, cfg.top_k});
+    seated.expert_TK = e_TK;
+    seated.gate_TK = r.scores_TE.gather(1, e_TK);
+    if (r.gate_sum_T1.defined()) seated.gate_TK = seated.gate_TK / r.gate_sum_T1;
+  }
 
   SwitchFFNOutput out;
-  out.y = combine(x_TD, r, d).view(x.sizes());
+  torch::Tensor y_TD = combine(x_TD, seated, d);
+  if (shared) y_TD = y_TD + shared(x_TD);
+  out.y = y_TD.view(x.sizes());
   MoeStats& s = out.stats;
   s.tokens = T;
   s.assignments = T * cfg.top_k;
   s.counts_E = d.counts_E;
   s.dropped = d.n_dropped();
+  s.rerouted = d.n_rerouted();
   s.prob_max_T = std::get<0>(r.probs_TE.detach().max(-1));
   torch::Tensor prob_sum_E = r.probs_TE.sum(0);
   s.prob_sum_E = prob_sum_E.detach();
@@ -96,6 +122,7 @@ SwitchFFNOutput SwitchFFNImpl::forward(const torch::Tensor& x,
     case Balance::Variance:  // over experts, of P_i = prob_sum_i / T
       s.balance_loss = (prob_sum_E / static_cast<double>(T)).var(/*unbiased=*/false);
       break;
+    case Balance::Bias:  // balanced by the router's bias, no loss term
     case Balance::None:
       s.balance_loss = torch::zeros({}, torch::kFloat32);
       break;

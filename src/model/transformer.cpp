@@ -82,7 +82,7 @@ TransformerImpl::TransformerImpl(const Config& c, int64_t vocab_size) : cfg(c) {
     } else if (ends_with("experts.w_in") || ends_with("router.proj.weight")) {
       p.normal_(0.0, std::sqrt(init_scale / static_cast<double>(D)));
     } else if (ends_with("experts.w_out")) {
-      p.normal_(0.0, std::sqrt(init_scale / static_cast<double>(c.model.d_ff)));
+      p.normal_(0.0, std::sqrt(init_scale / static_cast<double>(c.expert_width())));
     } else if (ends_with("attn.proj.weight") || ends_with("fc_out.weight")) {
       p.normal_(0.0, resid_std);
     } else {

@@ -114,11 +114,15 @@ ParamCount count_params(const Config& c, int64_t vocab) {
   const double ln = 2 * D;
   const double attn = (D * 3 * D + 3 * D) + (D * D + D);
   const double Fe = static_cast<double>(c.expert_width());
-  const double ffn = (D * F + F) + (F * D + D), expert = (D * Fe + Fe) + (Fe * D + D);
+  const double Fs = static_cast<double>(c.moe.shared_experts) * Fe;
+  // An FFN of hidden width f: its input projection is twice as wide for swiglu.
+  const double gated = c.model.activation == Activation::Swiglu ? 2 : 1;
+  auto ffn_params = [&](double f) { return (D * gated * f + gated * f) + (f * D + D); };
   ParamCount p;
-  p.experts = moe_layers * E * expert;
-  p.total = V * D + (c.model.pos_emb ? T * D : 0) + L * (2 * ln + attn) + (L - moe_layers) * ffn +
-            moe_layers * (D * E + E) + p.experts + ln + (D * V + V);
+  p.experts = moe_layers * E * ffn_params(Fe);
+  p.total = V * D + (c.model.pos_emb ? T * D : 0) + L * (2 * ln + attn) +
+            (L - moe_layers) * ffn_params(F) + moe_layers * (D * E + E) + p.experts +
+            (Fs > 0 ? moe_layers * ffn_params(Fs) : 0) + ln + (D * V + V);
   return p;
 }
 
@@ -169,9 +173,12 @@ MemoryEstimate estimate_memory(const Config& c, int64_t vocab, int64_t world,
   };
   const double routed = rows(c.moe.capacity_factor);
   const double eval_routed = rows(c.moe.eval_capacity_factor);
-  const double dense_block = 8 * D + H * T + 2 * F;
+  const double gated = c.model.activation == Activation::Swiglu ? 1.5 : 1;  // 3F instead of 2F
+  const double dense_block = 8 * D + H * T + 2 * gated * F;
   const double Fe = static_cast<double>(c.expert_width());
-  const double moe_block = 8 * D + H * T + 4 * E + routed * (2 * D + 2 * Fe);
+  const double Fs = static_cast<double>(c.moe.shared_experts) * Fe;
+  const double moe_block =
+      8 * D + H * T + 4 * E + routed * (2 * D + 2 * gated * Fe) + 2 * gated * Fs;
   const double moe_layers = static_cast<double>(c.n_moe_layers());
   const double L = static_cast<double>(c.model.n_layers);
   const double widest = std::max(moe_layers > 0 ? moe_block : 0.0, dense_block);
@@ -184,7 +191,9 @@ MemoryEstimate estimate_memory(const Config& c, int64_t vocab, int64_t world,
   // capacity factor).
   const double batch_tokens = static_cast<double>(c.train.batch_size) * T;
   const double eval_block = std::max(
-      dense_block, moe_layers > 0 ? 8 * D + H * T + 4 * E + eval_routed * (2 * D + 2 * Fe) : 0.0);
+      dense_block, moe_layers > 0
+                       ? 8 * D + H * T + 4 * E + eval_routed * (2 * D + 2 * gated * Fe) + 2 * Fs
+                       : 0.0);
   m.eval = (3 * eval_block + 4 * V) * batch_tokens * kFloat;
   // The text as read (UTF-32), its ids (int64), the two splits' ids, and the fixed
   // evaluation batches (inputs and targets, for both splits).

@@ -111,6 +111,7 @@ void RoutingAccumulator::add(const std::vector<MoeStats>& stats) {
     l.layer = stats[i].layer;
     l.tokens += stats[i].assignments;
     l.dropped += stats[i].dropped;
+    l.rerouted += stats[i].rerouted;
     if (l.counts_E.defined()) {
       l.counts_E += stats[i].counts_E;
       l.prob_sum_E += stats[i].prob_sum_E;
@@ -121,7 +122,7 @@ void RoutingAccumulator::add(const std::vector<MoeStats>& stats) {
   }
 }
 
-nlohmann::ordered_json RoutingAccumulator::to_json() const {
+nlohmann::ordered_json RoutingAccumulator::to_json(bool rerouting) const {
   nlohmann::ordered_json arr = nlohmann::ordered_json::array();
   for (size_t i = 0; i < layers_.size(); ++i) {
     const Layer& l = layers_[i];
@@ -131,16 +132,18 @@ nlohmann::ordered_json RoutingAccumulator::to_json() const {
         {{"layer", l.layer},
          {"tokens", l.tokens},
          {"counts", std::vector<int64_t>(c.data_ptr<int64_t>(), c.data_ptr<int64_t>() + c.numel())},
-         {"dropped", l.dropped},
-         {"prob_sum",
-          std::vector<double>(p.data_ptr<double>(), p.data_ptr<double>() + p.numel())}});
+         {"dropped", l.dropped}});
+    if (rerouting) arr.back()["rerouted"] = l.rerouted;
+    arr.back()["prob_sum"] =
+        std::vector<double>(p.data_ptr<double>(), p.data_ptr<double>() + p.numel());
   }
   return arr;
 }
 
-void RoutingAccumulator::sum_over_ranks(Comm& comm) {
-  // One float64 all-reduce of [tokens, dropped, counts..., prob sums...] per layer; counts
-  // stay exact in a double far beyond any run's token count.
+void RoutingAccumulator::sum_over_ranks(Comm& comm, bool rerouting) {
+  // One float64 all-reduce of [tokens, dropped, counts..., prob sums...] per layer, then
+  // the rerouted counts when rerouting; counts stay exact in a double far beyond any run's
+  // token count.
   std::vector<torch::Tensor> parts;
   for (const Layer& l : layers_) {
     auto opts = torch::TensorOptions().dtype(torch::kFloat64);
@@ -150,6 +153,9 @@ void RoutingAccumulator::sum_over_ranks(Comm& comm) {
     parts.push_back(l.prob_sum_E.to(torch::kFloat64));
   }
   if (parts.empty()) return;
+  if (rerouting)
+    for (const Layer& l : layers_)
+      parts.push_back(torch::full({1}, static_cast<double>(l.rerouted), torch::kFloat64));
   torch::Tensor buf = torch::cat(parts);
   comm.all_reduce_sum(buf);
   int64_t off = 0;
@@ -161,6 +167,9 @@ void RoutingAccumulator::sum_over_ranks(Comm& comm) {
     l.prob_sum_E = buf.narrow(0, off + 2 + E, E).to(l.prob_sum_E.scalar_type());
     off += 2 + 2 * E;
   }
+  if (rerouting)
+    for (Layer& l : layers_)
+      l.rerouted = std::llround(buf[off++].item<double>());
 }
 
 double RoutingAccumulator::drop_fraction() const {

@@ -39,17 +39,21 @@ std::vector<nlohmann::json> read_metrics(const std::string& path);
 class RoutingAccumulator {
  public:
   void add(const std::vector<MoeStats>& stats);
-  nlohmann::ordered_json to_json() const;  // [{layer, tokens, counts, dropped, prob_sum}, ...]
-  double drop_fraction() const;            // dropped / routed over all MoE layers
+  // [{layer, tokens, counts, dropped, prob_sum}, ...], with `rerouted` after dropped when
+  // `rerouting` (moe.overflow = reroute).
+  nlohmann::ordered_json to_json(bool rerouting = false) const;
+  double drop_fraction() const;  // dropped / routed over all MoE layers
   void reset() { layers_.clear(); }
-  // Replaces this rank's sums by the sums over all ranks (collective).
-  void sum_over_ranks(Comm& comm);
+  // Replaces this rank's sums by the sums over all ranks (collective; `rerouting` the same
+  // on every rank).
+  void sum_over_ranks(Comm& comm, bool rerouting = false);
 
  private:
   struct Layer {
     int64_t layer = -1;
     int64_t tokens = 0;
     int64_t dropped = 0;
+    int64_t rerouted = 0;
     torch::Tensor counts_E, prob_sum_E;
   };
   std::vector<Layer> layers_;

@@ -61,7 +61,7 @@ nlohmann::ordered_json train_record(const Interval& in, const MoeConfig& moe, in
       {"ms_backward", 1000.0 * in.backward_s / n},
       {"ms_optimizer", 1000.0 * in.optimizer_s / n},
       {"steps_in_record", in.steps},
-      {"layers", in.routing.to_json()}};
+      {"layers", in.routing.to_json(moe.overflow == Overflow::Reroute)}};
   if (moe.balance != Balance::AuxLoss) rec["balance_loss"] = balance;  // else it is lb_loss
   rec["grad_norm"] = in.grad_norm;  // of the record's last step, before clipping
   if (skipped_steps > 0) rec["skipped_steps"] = skipped_steps;

@@ -167,6 +167,27 @@ GradNorm combine_over_ranks(StepContext& c, std::vector<double>& values) {
   return g;
 }
 
+// moe.balance = bias: every MoE layer's bias moves by the step's loads, summed over the
+// routing groups and, by one all-reduce, over the ranks, so that every rank keeps the same
+// biases.
+void update_expert_biases(StepContext& c, const std::vector<std::vector<MoeStats>>& groups) {
+  if (groups.empty() || groups.front().empty()) return;
+  std::vector<torch::Tensor> loads;  // one per MoE layer
+  for (const auto& g : groups)
+    for (size_t l = 0; l < g.size(); ++l) {
+      const torch::Tensor counts = g[l].counts_E.to(torch::kFloat64);
+      if (loads.size() <= l)
+        loads.push_back(counts);
+      else
+        loads[l] = loads[l] + counts;
+    }
+  torch::Tensor load_LE = torch::stack(loads);
+  if (c.ranks.comm) c.ranks.comm->all_reduce_sum(load_LE);
+  int64_t l = 0;
+  for (Block& b : c.model->block_list)
+    if (b->switch_) b->switch_->update_bias(load_LE[l++], c.cfg.moe.bias_rate);
+}
+
 CommStats operator-(const CommStats& a, const CommStats& b) {
   CommStats d;
   d.all_to_all_calls = a.all_to_all_calls - b.all_to_all_calls;
@@ -239,6 +260,7 @@ StepResult train_step(StepContext& c, int64_t step) {
     if (c.cfg.train.grad_clip > 0)
       c.optimizer.set_grad_scale(g.clip_scale);  // clipping, applied inside the update
     c.optimizer.step();
+    if (c.cfg.moe.balance == Balance::Bias) update_expert_biases(c, s.moe);
   }
   s.optimizer_s = seconds_since(t_optimizer);
   s.step_s = seconds_since(t_step);

@@ -23,6 +23,7 @@
 #include "train/ranks.h"
 #include "train/run_dir.h"
 #include "train/step.h"
+#include "train/upcycle.h"
 #include "util/dir_lock.h"
 #include "util/error.h"
 #include "util/fs.h"
@@ -58,6 +59,7 @@ struct Run {
   int64_t threads = 0;
   DirLock lock;                           // rank 0's, from set-up to the end
   std::optional<CheckpointMeta> resumed;  // the checkpoint the run continues from
+  std::optional<CheckpointMeta> dense;    // the dense checkpoint a new run upcycles
   std::optional<Dataset> data;
   int64_t corpus_chars = 0;
   Transformer model{nullptr};
@@ -97,8 +99,13 @@ void place_rank(Run& r) {
                     r.ranks.world > 1 ? fmt::format(" per rank, {} ranks", r.ranks.world) : ""));
 }
 
-// The checkpoint a resumed run continues from, read after its directory is locked.
+// The checkpoint a resumed run continues from, read after its directory is locked, or the
+// dense one a new run upcycles.
 void find_checkpoint(Run& r) {
+  if (!r.opt.init_from.empty() && !r.opt.resume) {
+    r.dense = upcycle_source(r.opt.init_from, r.cfg);
+    r.say(fmt::format("upcycling {} (step {})", r.dense->dir, r.dense->state.step));
+  }
   if (!r.opt.resume) return;
   if (r.ranks.root()) r.lock = lock_run_dir(r.opt.out_dir);
   if (auto dir = newest_checkpoint(r.opt.out_dir)) {
@@ -109,13 +116,15 @@ void find_checkpoint(Run& r) {
   }
 }
 
-// The data, before anything is written: a resumed run keeps its checkpoint's vocabulary.
+// The data, before anything is written: a resumed or upcycled run keeps its checkpoint's
+// vocabulary.
 void load_data(Run& r) {
   const DataConfig& d = r.cfg.data;
   const std::u32string text = Dataset::read_text(d.path);
   const std::string source = "data file '" + d.path + "'";
-  if (r.resumed)
-    r.data.emplace(text, r.resumed->vocab, d.val_fraction, r.cfg.model.seq_len, source);
+  const CheckpointMeta* from = r.resumed ? &*r.resumed : r.dense ? &*r.dense : nullptr;
+  if (from)
+    r.data.emplace(text, from->vocab, d.val_fraction, r.cfg.model.seq_len, source);
   else
     r.data.emplace(text, d.val_fraction, r.cfg.model.seq_len, source);
   r.corpus_chars = static_cast<int64_t>(text.size());
@@ -167,6 +176,7 @@ void build_model(Run& r) {
   // not depend on the number of ranks; then each keeps its slice.
   torch::manual_seed(static_cast<uint64_t>(cfg.train.seed));
   r.model = Transformer(cfg, r.data->vocab().size());
+  if (r.dense) upcycle(*r.dense, r.model);
   r.model->train();
   r.n_params = r.model->n_params();
   r.n_active = r.model->n_active_params();
@@ -200,12 +210,27 @@ void open_records(Run& r) {
   r.train_eval_batches = fixed_batches(*r.data, Split::Train, r.cfg.train, 0x747261ULL);
 }
 
+// moe.balance = bias: each MoE layer's bias as the record's step left it, in its entry.
+void add_expert_biases(nlohmann::ordered_json& rec, const Transformer& model) {
+  for (auto& entry : rec["layers"]) {
+    const Block& b = model->block_list.at(entry["layer"].get<size_t>());
+    const torch::Tensor bias = b->switch_->router->expert_bias.to(torch::kFloat64).contiguous();
+    entry["bias"] =
+        std::vector<double>(bias.data_ptr<double>(), bias.data_ptr<double>() + bias.numel());
+  }
+}
+
 // Writes the interval's train record and prints its progress line.
 void log_interval(Run& r, Interval& in) {
-  if (r.ranks.comm) in.routing.sum_over_ranks(*r.ranks.comm);
-  if (r.metrics)
-    r.metrics->write(train_record(in, r.cfg.moe, r.state.step, r.now_s(), r.tokens_per_step(),
-                                  r.state.skipped_steps, r.ranks.comm != nullptr));
+  if (r.ranks.comm)
+    in.routing.sum_over_ranks(*r.ranks.comm, r.cfg.moe.overflow == Overflow::Reroute);
+  if (r.metrics) {
+    nlohmann::ordered_json rec =
+        train_record(in, r.cfg.moe, r.state.step, r.now_s(), r.tokens_per_step(),
+                     r.state.skipped_steps, r.ranks.comm != nullptr);
+    if (r.cfg.moe.balance == Balance::Bias) add_expert_biases(rec, r.model);
+    r.metrics->write(rec);
+  }
   const double eta = r.session_step_s / static_cast<double>(r.session_steps) *
                      static_cast<double>(r.cfg.train.steps - r.state.step);
   r.say(progress_line(in, r.state.step, r.cfg.train.steps, r.tokens_per_step(), eta));

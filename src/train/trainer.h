@@ -20,6 +20,7 @@ struct TrainOptions {
   bool config_changed = false;  // resume with overrides: rewrite the run's config.json
   bool quiet = false;           // no progress output
   bool checkpoints = true;      // false: write no checkpoint (benchmarks)
+  std::string init_from;        // a dense run to upcycle from (train/upcycle.h); new runs only
   // When it becomes non-zero (a signal number), training stops after the current step,
   // writes a checkpoint and throws Interrupted.
   const std::atomic<int>* stop = nullptr;
