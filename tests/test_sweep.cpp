@@ -273,6 +273,37 @@ TEST_CASE("switch-sweep: an expert-count sweep with a dense point gets its curve
   CHECK(test::fs::file_size(out + "/plots/experts.png") > 5000);
 }
 
+TEST_CASE("sweep: an upcycled variant starts from its dense variant's point of the same seed") {
+  const sw::Sweep s = parse(R"({"variants": [{"name": "dense", "set": {"moe.every": 0}},
+      {"name": "switch"}, {"name": "up", "init_from": "dense"}], "seeds": [1, 2]})");
+  REQUIRE(s.points.size() == 6);
+  CHECK(s.points[4].name == "up_seed-1");
+  CHECK(s.points[4].init_from == 0);
+  CHECK(s.points[5].init_from == 1);
+  CHECK(s.points[0].init_from == -1);
+  CHECK(test::contains(test::error_of([] {
+                         parse(R"({"variants": [{"name": "up", "init_from": "dense"},
+                                    {"name": "dense"}]})");
+                       }),
+                       "sweep.json: variants[0]: \"init_from\" must name an earlier variant"));
+
+  // End to end: the upcycled point runs after its source, from its last checkpoint, and
+  // starts at the dense run's loss, not a fresh model's.
+  const std::string dir = test::scratch_dir("sweep_upcycle");
+  std::string file = tiny_sweep(dir, R"({"moe.n_experts": [4]})");
+  std::string text = test::read_file(file);
+  text.insert(text.rfind('}'), R"(, "variants": [{"name": "dense", "set": {"moe.every": 0}},
+                                 {"name": "up", "init_from": "dense"}])");
+  test::write_file(file, text);
+  test::CmdResult r = test::run(kSweep + " " + file + " --out " + dir + "/out --jobs 2 --no-plot");
+  INFO(r.output);
+  REQUIRE(r.rc == 0);
+  const auto dense = sw::read_metrics(dir + "/out/dense_n_experts-4/metrics.jsonl");
+  const auto up = sw::read_metrics(dir + "/out/up_n_experts-4/metrics.jsonl");
+  REQUIRE(!up.empty());
+  CHECK(up.front()["ce"].get<double>() < dense.front()["ce"].get<double>() - 0.3);
+}
+
 TEST_CASE("switch-sweep: SIGINT stops the running point with a checkpoint, a rerun resumes it") {
   const std::string dir = test::scratch_dir("sweep_sigint");
   const std::string out = dir + "/out";

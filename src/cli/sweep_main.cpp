@@ -61,9 +61,12 @@ void list_points(const sw::Sweep& sweep, const std::string& out_dir) {
   std::cout << fmt::format("{} points -> {}/<point>/\n", sweep.points.size(), out_dir);
   for (size_t i = 0; i < sweep.points.size(); ++i) {
     const auto& p = sweep.points[i];
-    std::cout << fmt::format("{:>3}  {:<48} {:<8} {}\n", i + 1, p.name,
+    const std::string from =
+        p.init_from >= 0 ? " --init-from " + sweep.points[static_cast<size_t>(p.init_from)].name
+                         : "";
+    std::cout << fmt::format("{:>3}  {:<48} {:<8} {}{}\n", i + 1, p.name,
                              sw::to_string(sw::point_state(p, out_dir + "/" + p.name)),
-                             p.overrides.dump());
+                             p.overrides.dump(), from);
   }
 }
 

@@ -216,7 +216,8 @@ class SweepRunner {
         forwarded = sig;
         *stopped = sig;
       }
-      while (*stopped == 0 && next < s_.points.size() && static_cast<int>(running_.size()) < jobs_)
+      while (*stopped == 0 && next < s_.points.size() &&
+             static_cast<int>(running_.size()) < jobs_ && !source_running(next))
         launch(next++);
       if (running_.empty()) break;
       wait_one(*stopped != 0);
@@ -238,6 +239,14 @@ class SweepRunner {
   }
   std::string dir_of(size_t i) const {
     return (fs::path(opt_.out_dir) / s_.points[i].name).string();
+  }
+  // Whether point i upcycles a point that is still training (it then waits).
+  bool source_running(size_t i) const {
+    const int64_t src = s_.points[i].init_from;
+    if (src < 0) return false;
+    for (const auto& [pid, r] : running_)
+      if (r.index == static_cast<size_t>(src)) return true;
+    return false;
   }
 
   // A point another process writes (a switch-train started in it by hand) is left alone:
@@ -271,6 +280,7 @@ class SweepRunner {
     const std::string cfg = (fs::path(opt_.out_dir) / ".points" / (p.name + ".json")).string();
     write_file_atomic(cfg, to_json(p.config).dump(2) + "\n");
     argv.insert(argv.end(), {"--config=" + cfg, fmt::format("--set=train.threads={}", threads)});
+    if (p.init_from >= 0) argv.push_back("--init-from=" + dir_of(static_cast<size_t>(p.init_from)));
   }
 
   void launch(size_t i) {
@@ -278,6 +288,12 @@ class SweepRunner {
     const std::string dir = dir_of(i);
     const PointState st = point_state(p, dir);
     if (st == PointState::Done) return say(label(i) + ": already done, skipped");
+    if (p.init_from >= 0 && st != PointState::Resume &&
+        !fs::exists(fs::path(dir_of(static_cast<size_t>(p.init_from))) / "summary.json")) {
+      ++failed_;
+      return say(fmt::format("{}: FAILED: it starts from point '{}', which did not finish",
+                             label(i), s_.points[static_cast<size_t>(p.init_from)].name));
+    }
     std::optional<DirLock> lock = probe(i);
     if (!lock) return;
     // One job: the point's own thread count (0: every core); several: the cores shared out.

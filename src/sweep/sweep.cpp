@@ -2,6 +2,7 @@
 
 #include <cstdint>
 #include <filesystem>
+#include <map>
 #include <set>
 
 #include <fmt/format.h>
@@ -95,6 +96,7 @@ Config read_base(const ojson& j, const std::string& source, const std::string& d
 struct Variant {
   std::string name;
   ojson set;
+  std::string init_from;  // an earlier variant's name, or ""
 };
 
 // 'variants': a name and overrides each; without them, one unnamed variant.
@@ -111,9 +113,17 @@ std::vector<Variant> read_variants(const ojson& j, const std::string& source) {
     if (!v[i].is_object() || !v[i].contains("name") || !v[i]["name"].is_string())
       throw Error(where + ": needs a \"name\" (a string)");
     for (const auto& [key, _] : v[i].items())
-      if (key != "name" && key != "set")
-        throw Error(fmt::format("{}: unknown key '{}' (known: name, set)", where, key));
-    Variant var{v[i]["name"].get<std::string>(), v[i].value("set", ojson::object())};
+      if (key != "name" && key != "set" && key != "init_from")
+        throw Error(fmt::format("{}: unknown key '{}' (known: name, set, init_from)", where, key));
+    Variant var{v[i]["name"].get<std::string>(), v[i].value("set", ojson::object()), ""};
+    if (v[i].contains("init_from")) {
+      if (!v[i]["init_from"].is_string() || !names.count(v[i]["init_from"].get<std::string>()))
+        throw Error(fmt::format(
+            "{}: \"init_from\" must name an earlier variant (the dense run this one upcycles), "
+            "got {}",
+            where, printable(v[i]["init_from"].dump())));
+      var.init_from = v[i]["init_from"].get<std::string>();
+    }
     if (!valid_name(var.name))
       throw Error(fmt::format("{}: name '{}' must be letters, digits, '.', '-', '_' or '+'", where,
                               printable(var.name)));
@@ -245,21 +255,29 @@ Sweep parse_sweep(const std::string& text, const std::string& source, const std:
     s.grid_keys.push_back(g.first);
   const std::vector<std::string> shorts = short_keys(s.grid_keys);
 
-  // The product: variants x grid (last key fastest) x seeds.
+  // The product: variants x grid (last key fastest) x seeds. A point's index is
+  // (variant * grid_points + gi) * seeds + seed: an upcycled point finds its source there.
   const size_t grid_points = grid_size(grid, variants.size() * seeds.size(), source);
   std::set<std::string> names;
-  for (const Variant& var : variants)
+  std::map<std::string, size_t> variant_index;
+  for (size_t vi = 0; vi < variants.size(); ++vi) {
+    const Variant& var = variants[vi];
+    variant_index[var.name] = vi;
     for (size_t gi = 0; gi < grid_points; ++gi)
-      for (const ojson& seed : seeds) {
+      for (size_t si = 0; si < seeds.size(); ++si) {
         std::vector<std::string> parts;
         if (!var.name.empty()) parts.push_back(var.name);
         const ojson grid_set = grid_point(grid, gi, shorts, parts);
-        SweepPoint p = make_point(base, var, grid_set, parts, seed, sets,
+        SweepPoint p = make_point(base, var, grid_set, parts, seeds[si], sets,
                                   fmt::format("{}: point {}", source, s.points.size() + 1));
         if (!names.insert(p.name).second)
           throw Error(fmt::format("{}: two points are both named '{}'", source, p.name));
+        if (!var.init_from.empty())
+          p.init_from = static_cast<int64_t>(
+              (variant_index.at(var.init_from) * grid_points + gi) * seeds.size() + si);
         s.points.push_back(std::move(p));
       }
+  }
   return s;
 }
 

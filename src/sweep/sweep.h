@@ -8,7 +8,10 @@
 //                                            // an inline config object; default: built-in
 //     "set": {"train.steps": 1000},          // overrides for every point
 //     "grid": {"moe.capacity_factor": [1.0, 1.25, 2.0], "moe.drop_tokens": [true, false]},
-//     "variants": [{"name": "dense", "set": {"moe.every": 0}}, {"name": "switch"}],
+//     "variants": [{"name": "dense", "set": {"moe.every": 0}}, {"name": "switch"},
+//                  {"name": "upcycled", "init_from": "dense"}],   // --init-from that
+//                                            // variant's point of the same grid values and
+//                                            // seed (an earlier variant; runs after it)
 //     "seeds": [1337, 1338]
 //   }
 #pragma once
@@ -27,6 +30,7 @@ struct SweepPoint {
   std::string name;                  // directory name: variant, grid values, seed
   nlohmann::ordered_json overrides;  // dotted key -> value: what distinguishes this point
   Config config;                     // base + set + variant + grid values + seed, validated
+  int64_t init_from = -1;            // index of the point whose run this one upcycles, or -1
 };
 
 struct Sweep {
