@@ -286,6 +286,10 @@ TEST_CASE("sweep: an upcycled variant starts from its dense variant's point of t
                                     {"name": "dense"}]})");
                        }),
                        "sweep.json: variants[0]: \"init_from\" must name an earlier variant"));
+  CHECK(test::contains(test::error_of([] {
+                         parse(R"({"variants": [{"name": "a"}, {"name": "b", "init_from": "a"}]})");
+                       }),
+                       "point 2 (b) cannot upcycle 'a': that run is not dense (moe.every = 1)"));
 
   // End to end: the upcycled point runs after its source, from its last checkpoint, and
   // starts at the dense run's loss, not a fresh model's.

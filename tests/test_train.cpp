@@ -368,15 +368,15 @@ TEST_CASE("--init-from: an upcycled model computes the dense model's logits at s
   sw::Config moe_cfg = test::tiny_config();
   moe_cfg.moe.score = sw::Score::Sigmoid;
   moe_cfg.moe.drop_tokens = false;
-  const sw::CheckpointMeta src = sw::upcycle_source(dense_dir, moe_cfg);
-  CHECK(src.state.step == 30);
-  sw::Transformer moe(moe_cfg, src.vocab.size());
+  const sw::UpcycleSource src = sw::upcycle_source(dense_dir, moe_cfg);
+  CHECK(src.meta.state.step == 30);
+  sw::Transformer moe(moe_cfg, src.meta.vocab.size());
   sw::upcycle(src, moe);
-  sw::Transformer dense(dense_cfg, src.vocab.size());
-  sw::load_weights(src.dir, *dense);
+  sw::Transformer dense(dense_cfg, src.meta.vocab.size());
+  sw::load_weights(src.meta.dir, *dense);
   moe->eval();
   dense->eval();
-  const torch::Tensor idx = torch::randint(0, src.vocab.size(), {2, 32}, torch::kInt64);
+  const torch::Tensor idx = torch::randint(0, src.meta.vocab.size(), {2, 32}, torch::kInt64);
   double d = 0;
   {
     torch::NoGradGuard no_grad;
@@ -394,6 +394,12 @@ TEST_CASE("--init-from: an upcycled model computes the dense model's logits at s
   wide.model.d_model = 64;
   CHECK(test::contains(test::error_of([&] { sw::upcycle_source(dense_dir, wide); }),
                        "model.d_model is 32 there but 64 here"));
+  sw::Config narrow = moe_cfg;
+  narrow.moe.d_expert = 32;
+  CHECK(test::contains(test::error_of([&] { sw::upcycle_source(dense_dir, narrow); }),
+                       "moe.d_expert is 32 here"));
+  narrow.moe.d_expert = 64;  // = model.d_ff: the same shapes
+  CHECK(sw::upcycle_source(dense_dir, narrow).meta.state.step == 30);
   sw::Config shared = moe_cfg;
   shared.moe.shared_experts = 1;
   CHECK(test::contains(test::error_of([&] { sw::upcycle_source(dense_dir, shared); }),
@@ -407,4 +413,35 @@ TEST_CASE("--init-from: an upcycled model computes the dense model's logits at s
   CHECK(test::contains(
       test::error_of([&] { sw::upcycle_source(test::scratch_dir("upcycle_none"), moe_cfg); }),
       "no complete checkpoint"));
+}
+
+TEST_CASE("--init-from: a run stopped before its first checkpoint upcycles again on resume") {
+  sw::Config dense_cfg = test::tiny_config();
+  dense_cfg.moe.every = 0;
+  dense_cfg.train.steps = 30;
+  const std::string dense_dir = test::scratch_dir("reupcycle_dense");
+  train_tiny(dense_dir, dense_cfg);
+  sw::Config c = test::tiny_config();
+  c.train.steps = 20;
+  c.train.checkpoint_every = 1000;  // only the last step writes one
+  sw::TrainOptions opt;
+  opt.quiet = true;
+  opt.init_from = dense_dir;
+  const std::string straight = test::scratch_dir("reupcycle_straight");
+  opt.out_dir = straight;
+  sw::train(c, opt);
+  CHECK(test::contains(test::read_file(straight + "/init_from.json"), "ckpt-000030"));
+  // The same run, then as if killed before its checkpoint: config and record are left.
+  const std::string again = test::scratch_dir("reupcycle_again");
+  opt.out_dir = again;
+  sw::train(c, opt);
+  test::fs::remove_all(again + "/ckpt-000020");
+  test::fs::remove(again + "/summary.json");
+  opt.resume = true;
+  opt.init_from.clear();
+  sw::train(sw::resume_config(again), opt);
+  const std::string a = test::read_file(straight + "/ckpt-000020/model.pt");
+  REQUIRE(!a.empty());
+  CHECK_MESSAGE(a == test::read_file(again + "/ckpt-000020/model.pt"),
+                "resumed before its first checkpoint, the upcycled run is not the straight one");
 }

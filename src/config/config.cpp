@@ -3,6 +3,7 @@
 #include <algorithm>
 #include <cmath>
 #include <functional>
+#include <tuple>
 #include <type_traits>
 
 #include <fmt/format.h>
@@ -535,6 +536,40 @@ void validate(const Config& c) {
 
 int64_t expert_parallel_ranks(const Config& c, int64_t world_size) {
   return c.dist.expert_parallel == 1 ? 1 : world_size;
+}
+
+std::string upcycle_mismatch(const Config& dense, const Config& cfg) {
+  if (dense.n_moe_layers() > 0)
+    return fmt::format(
+        "that run is not dense (moe.every = {}); upcycling starts from a dense model, "
+        "moe.every = 0",
+        dense.moe.every);
+  const ModelConfig &a = dense.model, &b = cfg.model;
+  const std::vector<std::tuple<const char*, std::string, std::string>> keys = {
+      {"model.d_model", std::to_string(a.d_model), std::to_string(b.d_model)},
+      {"model.n_layers", std::to_string(a.n_layers), std::to_string(b.n_layers)},
+      {"model.n_heads", std::to_string(a.n_heads), std::to_string(b.n_heads)},
+      {"model.seq_len", std::to_string(a.seq_len), std::to_string(b.seq_len)},
+      {"model.pos_emb", a.pos_emb ? "true" : "false", b.pos_emb ? "true" : "false"},
+      {"model.activation", name_of(a.activation), name_of(b.activation)},
+      {"model.d_ff", std::to_string(a.d_ff), std::to_string(b.d_ff)}};
+  for (const auto& [key, there, here] : keys)
+    if (there != here)
+      return fmt::format(
+          "{} is {} there but {} here; the upcycled model copies the dense one's tensors, so "
+          "it must agree (set {}={})",
+          key, there, here, key, there);
+  if (cfg.expert_width() != a.d_ff)
+    return fmt::format(
+        "moe.d_expert is {} here: the experts start as copies of the dense FFN, of width "
+        "model.d_ff = {} (set moe.d_expert=0)",
+        cfg.moe.d_expert, a.d_ff);
+  if (cfg.moe.shared_experts != 0)
+    return fmt::format(
+        "moe.shared_experts = {}: upcycling copies the dense FFN into the routed experts and "
+        "has nothing to start shared experts from; set moe.shared_experts=0",
+        cfg.moe.shared_experts);
+  return "";
 }
 
 void validate_world(const Config& c, int64_t world_size) {

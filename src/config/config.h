@@ -139,6 +139,12 @@ void validate(const Config& c);
 // moe.n_experts are divisible by it. Throws sw::Error naming the key.
 void validate_world(const Config& c, int64_t world_size);
 
+// Why a model of config `cfg` cannot start from a trained run of config `dense` by sparse
+// upcycling (switch-train --init-from), naming the key, or "" when it can: `dense` must be
+// a dense model (moe.every = 0) agreeing in model.d_model, n_layers, n_heads, seq_len,
+// pos_emb, activation and d_ff, cfg's experts as wide as its FFN, and no shared experts.
+std::string upcycle_mismatch(const Config& dense, const Config& cfg);
+
 // Expert-parallel ranks for a run of `world_size` ranks: 1 (every rank holds every expert)
 // or world_size.
 int64_t expert_parallel_ranks(const Config& c, int64_t world_size);

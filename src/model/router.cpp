@@ -17,11 +17,13 @@ RouterImpl::RouterImpl(int64_t d_model, int64_t n_experts, int64_t top_k_, doubl
 namespace {
 
 // Each token's k best experts by score_TE (plus the bias when there is one) and their
-// unbiased scores, best first.
+// unbiased scores, best first. `by_max`: top-1 by max (Switch's reference), else topk.
 std::pair<torch::Tensor, torch::Tensor> choose(const torch::Tensor& score_TE,
-                                               const torch::Tensor& bias_E, int64_t k) {
+                                               const torch::Tensor& bias_E, int64_t k,
+                                               bool by_max) {
   if (!bias_E.defined()) {
-    auto [s_TK, e_TK] = k == 1 ? score_TE.max(-1, /*keepdim=*/true) : score_TE.topk(k, -1);
+    auto [s_TK, e_TK] =
+        k == 1 && by_max ? score_TE.max(-1, /*keepdim=*/true) : score_TE.topk(k, -1);
     return {s_TK, e_TK};
   }
   torch::Tensor e_TK = std::get<1>((score_TE.detach() + bias_E).topk(k, -1));
@@ -42,7 +44,7 @@ Routing RouterImpl::forward(const torch::Tensor& x_TD) {
     const double tiny = std::numeric_limits<float>::min();
     const torch::Tensor s_TE = torch::sigmoid(r.logits_TE);
     r.probs_TE = s_TE / s_TE.sum(-1, /*keepdim=*/true).clamp_min(tiny);
-    auto [s_TK, e_TK] = choose(s_TE, expert_bias, top_k);
+    auto [s_TK, e_TK] = choose(s_TE, expert_bias, top_k, /*by_max=*/false);
     r.scores_TE = s_TE;
     r.gate_sum_T1 = s_TK.sum(-1, /*keepdim=*/true).clamp_min(tiny);
     r.gate_TK = s_TK / r.gate_sum_T1;
@@ -50,7 +52,7 @@ Routing RouterImpl::forward(const torch::Tensor& x_TD) {
     return r;
   }
   r.probs_TE = torch::softmax(r.logits_TE, /*dim=*/-1);
-  auto [p_TK, e_TK] = choose(r.probs_TE, expert_bias, top_k);
+  auto [p_TK, e_TK] = choose(r.probs_TE, expert_bias, top_k, /*by_max=*/true);
   r.scores_TE = r.probs_TE;
   if (top_k > 1) r.gate_sum_T1 = p_TK.sum(-1, /*keepdim=*/true);
   r.gate_TK = top_k == 1 ? p_TK : p_TK / r.gate_sum_T1;

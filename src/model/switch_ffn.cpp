@@ -1,5 +1,7 @@
 #include "model/switch_ffn.h"
 
+#include <limits>
+
 #include <fmt/format.h>
 
 #include "model/expert_parallel.h"
@@ -60,7 +62,10 @@ torch::Tensor SwitchFFNImpl::combine(const torch::Tensor& x_TD, const Routing& r
   // under `pass`, nothing under `zero`). With is_scale_prob the scale is the gate; else
   // gate / gate.detach(), which is 1 but lets gradients reach the router.
   torch::Tensor gate_A = r.gate_TK.reshape({-1});
-  torch::Tensor scale_A = cfg.is_scale_prob ? gate_A : gate_A / gate_A.detach();
+  // (A rerouted gate may underflow to 0: it then scales by 0, not 0 / 0.)
+  torch::Tensor scale_A =
+      cfg.is_scale_prob ? gate_A
+                        : gate_A / gate_A.detach().clamp_min(std::numeric_limits<float>::min());
   scale_A = scale_A.to(x_TD.scalar_type());
 
   torch::Tensor token_N = d.token_N();

@@ -272,9 +272,15 @@ Sweep parse_sweep(const std::string& text, const std::string& source, const std:
                                   fmt::format("{}: point {}", source, s.points.size() + 1));
         if (!names.insert(p.name).second)
           throw Error(fmt::format("{}: two points are both named '{}'", source, p.name));
-        if (!var.init_from.empty())
+        if (!var.init_from.empty()) {
           p.init_from = static_cast<int64_t>(
               (variant_index.at(var.init_from) * grid_points + gi) * seeds.size() + si);
+          const SweepPoint& src = s.points[static_cast<size_t>(p.init_from)];
+          const std::string why = upcycle_mismatch(src.config, p.config);
+          if (!why.empty())
+            throw Error(fmt::format("{}: point {} ({}) cannot upcycle '{}': {}", source,
+                                    s.points.size() + 1, p.name, src.name, why));
+        }
         s.points.push_back(std::move(p));
       }
   }

@@ -191,9 +191,9 @@ MemoryEstimate estimate_memory(const Config& c, int64_t vocab, int64_t world,
   // capacity factor).
   const double batch_tokens = static_cast<double>(c.train.batch_size) * T;
   const double eval_block = std::max(
-      dense_block, moe_layers > 0
-                       ? 8 * D + H * T + 4 * E + eval_routed * (2 * D + 2 * gated * Fe) + 2 * Fs
-                       : 0.0);
+      dense_block, moe_layers > 0 ? 8 * D + H * T + 4 * E + eval_routed * (2 * D + 2 * gated * Fe) +
+                                        2 * gated * Fs
+                                  : 0.0);
   m.eval = (3 * eval_block + 4 * V) * batch_tokens * kFloat;
   // The text as read (UTF-32), its ids (int64), the two splits' ids, and the fixed
   // evaluation batches (inputs and targets, for both splits).

@@ -59,7 +59,7 @@ struct Run {
   int64_t threads = 0;
   DirLock lock;                           // rank 0's, from set-up to the end
   std::optional<CheckpointMeta> resumed;  // the checkpoint the run continues from
-  std::optional<CheckpointMeta> dense;    // the dense checkpoint a new run upcycles
+  std::optional<UpcycleSource> dense;     // the dense checkpoint a new run upcycles
   std::optional<Dataset> data;
   int64_t corpus_chars = 0;
   Transformer model{nullptr};
@@ -104,13 +104,21 @@ void place_rank(Run& r) {
 void find_checkpoint(Run& r) {
   if (!r.opt.init_from.empty() && !r.opt.resume) {
     r.dense = upcycle_source(r.opt.init_from, r.cfg);
-    r.say(fmt::format("upcycling {} (step {})", r.dense->dir, r.dense->state.step));
+    r.say(fmt::format("upcycling {} (step {})", r.dense->meta.dir, r.dense->meta.state.step));
   }
   if (!r.opt.resume) return;
   if (r.ranks.root()) r.lock = lock_run_dir(r.opt.out_dir);
   if (auto dir = newest_checkpoint(r.opt.out_dir)) {
     r.resumed = read_checkpoint_meta(*dir);
     r.say(fmt::format("resuming {} from step {}", *dir, r.resumed->state.step));
+    return;
+  }
+  // An upcycled run stopped before its first checkpoint upcycles again.
+  const std::string source = recorded_upcycle_source(r.opt.out_dir);
+  if (!source.empty()) {
+    r.dense = upcycle_source(source, r.cfg);
+    r.say(fmt::format("{} has no complete checkpoint yet: upcycling {} again from step 0",
+                      r.opt.out_dir, source));
   } else {
     r.say(fmt::format("{} has no complete checkpoint yet: starting it from step 0", r.opt.out_dir));
   }
@@ -122,7 +130,7 @@ void load_data(Run& r) {
   const DataConfig& d = r.cfg.data;
   const std::u32string text = Dataset::read_text(d.path);
   const std::string source = "data file '" + d.path + "'";
-  const CheckpointMeta* from = r.resumed ? &*r.resumed : r.dense ? &*r.dense : nullptr;
+  const CheckpointMeta* from = r.resumed ? &*r.resumed : r.dense ? &r.dense->meta : nullptr;
   if (from)
     r.data.emplace(text, from->vocab, d.val_fraction, r.cfg.model.seq_len, source);
   else
@@ -338,6 +346,7 @@ nlohmann::ordered_json train(const Config& cfg, const TrainOptions& opt) {
   open_new_run_dir(r);
   join_ranks(r);
   if ((!opt.resume || opt.config_changed) && r.ranks.root()) write_config_file(opt.out_dir, cfg);
+  if (r.dense && !opt.resume && r.ranks.root()) record_upcycle_source(opt.out_dir, *r.dense);
   build_model(r);
   open_records(r);
 

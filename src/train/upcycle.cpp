@@ -6,6 +6,8 @@
 
 #include "train/checkpoint.h"
 #include "util/error.h"
+#include "util/fs.h"
+#include "util/json_depth.h"
 
 namespace sw {
 namespace {
@@ -26,61 +28,37 @@ bool is_router(const std::string& name) {
 
 }  // namespace
 
-CheckpointMeta upcycle_source(const std::string& run_dir, const Config& cfg) {
+UpcycleSource upcycle_source(const std::string& run_dir, const Config& cfg) {
   std::error_code ec;
   if (!fs::is_directory(run_dir, ec))
     throw Error(fmt::format("--init-from '{}': no such run directory", run_dir));
-  const auto dir = newest_checkpoint(run_dir);
+  const bool is_checkpoint = fs::exists(fs::path(run_dir) / "state.json", ec);
+  const auto dir = is_checkpoint ? std::optional<std::string>(run_dir) : newest_checkpoint(run_dir);
   if (!dir)
     throw Error(fmt::format(
         "--init-from '{}': no complete checkpoint there (a run directory of switch-train "
         "holds ckpt-<step>/ folders)",
         run_dir));
-  CheckpointMeta src = read_checkpoint_meta(*dir);
-  const Config& d = src.config;
-  if (d.n_moe_layers() > 0)
-    throw Error(fmt::format(
-        "--init-from '{}': that run is not dense (moe.every = {}); upcycling starts from a "
-        "dense model, moe.every = 0",
-        run_dir, d.moe.every));
-  auto differ = [&](const std::string& key, const std::string& there, const std::string& here) {
-    if (there != here)
-      throw Error(fmt::format(
-          "--init-from '{}': {} is {} there but {} here; the upcycled model copies the dense "
-          "one's tensors, so it must agree (set {}={})",
-          run_dir, key, there, here, key, there));
-  };
-  const ModelConfig &a = d.model, &b = cfg.model;
-  differ("model.d_model", std::to_string(a.d_model), std::to_string(b.d_model));
-  differ("model.n_layers", std::to_string(a.n_layers), std::to_string(b.n_layers));
-  differ("model.n_heads", std::to_string(a.n_heads), std::to_string(b.n_heads));
-  differ("model.seq_len", std::to_string(a.seq_len), std::to_string(b.seq_len));
-  differ("model.pos_emb", a.pos_emb ? "true" : "false", b.pos_emb ? "true" : "false");
-  differ("model.activation", name_of(a.activation), name_of(b.activation));
-  differ("model.d_ff", std::to_string(a.d_ff), std::to_string(b.d_ff));
-  if (cfg.moe.d_expert != 0) differ("moe.d_expert", "0", std::to_string(cfg.moe.d_expert));
-  if (cfg.moe.shared_experts != 0)
-    throw Error(fmt::format(
-        "--init-from '{}': moe.shared_experts = {}: upcycling copies the dense FFN into the "
-        "routed experts and has nothing to start shared experts from; set "
-        "moe.shared_experts=0",
-        run_dir, cfg.moe.shared_experts));
+  UpcycleSource src;
+  src.meta = read_checkpoint_meta(*dir);
+  const std::string why = upcycle_mismatch(src.meta.config, cfg);
+  if (!why.empty()) throw Error(fmt::format("--init-from '{}': {}", run_dir, why));
+  src.dense = Transformer(src.meta.config, src.meta.vocab.size());
+  load_weights(src.meta.dir, *src.dense);
   return src;
 }
 
-void upcycle(const CheckpointMeta& source, Transformer& model) {
-  Transformer dense(source.config, source.vocab.size());
-  load_weights(source.dir, *dense);
-  auto from = dense->named_parameters();
-  for (const auto& b : dense->named_buffers())
+void upcycle(const UpcycleSource& source, Transformer& model) {
+  auto from = source.dense->named_parameters();
+  for (const auto& b : source.dense->named_buffers())
     from.insert(b.key(), b.value());
+  const std::string& where = source.meta.dir;
   auto get = [&](const std::string& name, at::IntArrayRef shape) {
     const torch::Tensor* t = from.find(name);
-    if (!t)
-      throw Error(fmt::format("{}: has no tensor '{}' for the upcycled model", source.dir, name));
+    if (!t) throw Error(fmt::format("{}: has no tensor '{}' for the upcycled model", where, name));
     if (t->sizes() != shape)
-      throw Error(fmt::format("{}: tensor '{}' has shape {}, the upcycled model needs {}",
-                              source.dir, name, fmt::join(t->sizes(), "x"), fmt::join(shape, "x")));
+      throw Error(fmt::format("{}: tensor '{}' has shape {}, the upcycled model needs {}", where,
+                              name, fmt::join(t->sizes(), "x"), fmt::join(shape, "x")));
     return *t;
   };
   torch::NoGradGuard no_grad;
@@ -103,6 +81,25 @@ void upcycle(const CheckpointMeta& source, Transformer& model) {
     fill(p.value(), p.key());
   for (auto& b : model->named_buffers())
     fill(b.value(), b.key());
+}
+
+void record_upcycle_source(const std::string& run_dir, const UpcycleSource& source) {
+  std::error_code ec;
+  const fs::path abs = fs::absolute(source.meta.dir, ec);
+  const nlohmann::json j = {{"checkpoint", ec ? source.meta.dir : abs.string()}};
+  write_file_atomic((fs::path(run_dir) / "init_from.json").string(), j.dump() + "\n");
+}
+
+std::string recorded_upcycle_source(const std::string& run_dir) {
+  const fs::path path = fs::path(run_dir) / "init_from.json";
+  std::error_code ec;
+  if (!fs::exists(path, ec)) return "";
+  const nlohmann::json j = parse_json_text(
+      read_file(path.string(), "upcycling record", kMaxJsonFileBytes), path.string());
+  if (!j.is_object() || !j.contains("checkpoint") || !j["checkpoint"].is_string())
+    throw Error(fmt::format("{}: expected {{\"checkpoint\": \"<dense checkpoint folder>\"}}",
+                            path.string()));
+  return j["checkpoint"].get<std::string>();
 }
 
 }  // namespace sw

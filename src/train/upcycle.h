@@ -13,13 +13,25 @@
 
 namespace sw {
 
-// The newest complete checkpoint of the dense run `run_dir`, refused (sw::Error naming the
-// run and the key) unless that run is dense and its model agrees with cfg's in every key
-// the copy needs: model.d_model, n_layers, n_heads, seq_len, pos_emb, activation, d_ff
-// (which the experts' width must equal), and moe.shared_experts = 0.
-CheckpointMeta upcycle_source(const std::string& run_dir, const Config& cfg);
+// A dense checkpoint, read and checked, ready to be copied.
+struct UpcycleSource {
+  CheckpointMeta meta;
+  Transformer dense{nullptr};
+};
 
-// Copies the dense checkpoint `source` into `model` (whole, before any expert sharding).
-void upcycle(const CheckpointMeta& source, Transformer& model);
+// The newest complete checkpoint of the dense run `run_dir` (or, with a ckpt-<step>
+// folder, that checkpoint), its weights loaded, refused (sw::Error naming the run and the
+// key) unless that run is dense and its model agrees with cfg's in every key the copy
+// needs (config.h's upcycle_mismatch). Called before anything is written.
+UpcycleSource upcycle_source(const std::string& run_dir, const Config& cfg);
+
+// Copies the dense model into `model` (whole, before any expert sharding).
+void upcycle(const UpcycleSource& source, Transformer& model);
+
+// A new upcycled run records its source checkpoint in its folder (init_from.json), so
+// that resuming it before its first checkpoint upcycles again instead of starting afresh.
+void record_upcycle_source(const std::string& run_dir, const UpcycleSource& source);
+// The recorded source checkpoint of an upcycled run, or "" for another run.
+std::string recorded_upcycle_source(const std::string& run_dir);
 
 }  // namespace sw
