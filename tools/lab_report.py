@@ -1,7 +1,11 @@
-#!/usr/bin/env python3
+#!/usr/bin/python3
 """The MoE lab's table and pictures from a switch-sweep folder of configs/sweeps/lab.json.
 
-    tools/lab_report.py runs/lab [--figures docs/figures] > lab.md
+    tools/lab_report.py runs/lab [--figures docs/figures] [--runs docs/lab-runs.json] > lab.md
+
+--runs keeps each finished run's figures (its eval curve, wall time, load CV, dropped and
+rerouted fractions) in a small JSON file and reads them back: runs measured in an earlier
+session count with the sweep folder's (a run in both is taken from the folder).
 
 Points are named <variant>_seed-<seed>. For each variant over its seeds: final val loss
 (mean, and min..max over seeds), val loss at equal wall time, the load CV (std / mean of
@@ -95,7 +99,7 @@ def val_at_time(curve, t):
 def collect(sweep_dir):
     by_variant = {}
     pattern = re.compile(r"^(.*)_seed-(\d+)$")
-    names = sorted(os.listdir(sweep_dir))
+    names = sorted(os.listdir(sweep_dir)) if os.path.isdir(sweep_dir) else []
     for name in names:
         m = pattern.match(name)
         path = os.path.join(sweep_dir, name)
@@ -217,8 +221,20 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("sweep_dir")
     ap.add_argument("--figures", help="write one picture per group into this folder")
+    ap.add_argument("--runs", help="JSON file of runs' figures: read, merged, written back")
     args = ap.parse_args()
     by_variant = collect(args.sweep_dir)
+    if args.runs:
+        kept = {}
+        if os.path.exists(args.runs):
+            with open(args.runs) as f:
+                kept = json.load(f)
+        for variant, runs in kept.items():
+            for seed, stats in runs.items():
+                by_variant.setdefault(variant, {}).setdefault(int(seed), stats)
+        with open(args.runs, "w") as f:
+            json.dump(by_variant, f, indent=0, sort_keys=True)
+            f.write("\n")
     if not by_variant:
         sys.exit(f"lab_report: no finished <variant>_seed-<n> runs in {args.sweep_dir}")
     # Equal wall time: the shortest finished run's, so every run has reached it.
