@@ -21,6 +21,14 @@ nlohmann::ordered_json train_tiny(const std::string& dir, const sw::Config& c) {
   return sw::train(c, opt);
 }
 
+// The tiny model made dense, 30 steps: the source of the upcycling tests.
+sw::Config dense_tiny_config() {
+  sw::Config c = test::tiny_config();
+  c.moe.every = 0;
+  c.train.steps = 30;
+  return c;
+}
+
 }  // namespace
 
 TEST_CASE("a tiny run's loss falls and it writes every file of a run directory") {
@@ -359,9 +367,7 @@ TEST_CASE("moe.balance = bias: the biases are in the weights file and in every t
 TEST_CASE("--init-from: an upcycled model computes the dense model's logits at step 0") {
   // Top-1 sigmoid gates are 1 and nothing is dropped: every expert is the dense FFN, so the
   // router's choice does not matter.
-  sw::Config dense_cfg = test::tiny_config();
-  dense_cfg.moe.every = 0;
-  dense_cfg.train.steps = 30;
+  const sw::Config dense_cfg = dense_tiny_config();
   const std::string dense_dir = test::scratch_dir("upcycle_dense");
   train_tiny(dense_dir, dense_cfg);
 
@@ -416,11 +422,8 @@ TEST_CASE("--init-from: an upcycled model computes the dense model's logits at s
 }
 
 TEST_CASE("--init-from: a run stopped before its first checkpoint upcycles again on resume") {
-  sw::Config dense_cfg = test::tiny_config();
-  dense_cfg.moe.every = 0;
-  dense_cfg.train.steps = 30;
   const std::string dense_dir = test::scratch_dir("reupcycle_dense");
-  train_tiny(dense_dir, dense_cfg);
+  train_tiny(dense_dir, dense_tiny_config());
   sw::Config c = test::tiny_config();
   c.train.steps = 20;
   c.train.checkpoint_every = 1000;  // only the last step writes one
