@@ -7,6 +7,7 @@
 #include <doctest/doctest.h>
 
 #include "helpers.h"
+#include "model/small_gemm.h"
 #include "model/switch_ffn.h"
 #include "model/transformer.h"
 #include "train/checkpoint.h"
@@ -143,6 +144,19 @@ TEST_CASE("loop, capacity and grouped agree: top-k x drop policy x dropping x sc
                      }));
     cases += 3;
   }
+  // The grouped operation's other path (a LibTorch matmul per expert, which large experts
+  // with many rows take), forced, and the small-matrix products on the BLAS.
+  for (auto backend : {sw::SmallGemmBackend::Off, sw::SmallGemmBackend::Blas})
+    for (int64_t k : {1, 2}) {
+      sw::set_small_gemm_backend(backend);
+      sw::MoeConfig m = base_moe(4, k);
+      CAPTURE(k);
+      CAPTURE(sw::small_gemm_name());
+      worst = std::max(worst, check_all_strategies(m, 24));
+      worst = std::max(worst, check_all_strategies(m, 24, 8, 12, nullptr, sw::Activation::Swiglu));
+      cases += 2;
+    }
+  sw::set_small_gemm_backend(sw::SmallGemmBackend::Kernel);
   MESSAGE(cases << " configurations, max abs difference to the loop over outputs and all "
                    "gradients: "
                 << worst);
@@ -251,48 +265,57 @@ TEST_CASE("top-2 gates are renormalized and the layer sums both experts") {
 TEST_CASE("grouped operation: backward against central finite differences (float64)") {
   torch::manual_seed(5);
   const int64_t E = 3, D = 4, F = 5;
-  const std::vector<int64_t> offsets = {0, 3, 3, 7};  // expert 1 has no rows
+  // Expert 1 has no rows. The small-matrix path, then LibTorch's matmul per expert (the
+  // path of large experts with many rows), forced.
+  const std::vector<int64_t> offsets = {0, 3, 3, 7};
+  const int64_t N = offsets.back();
   auto opts = torch::TensorOptions().dtype(torch::kFloat64);
   const char* names[] = {"x", "w_in", "b_in", "w_out", "b_out"};
-  torch::Tensor R = torch::randn({7, D}, opts);
-  for (const auto& choice : sw::choices<sw::Activation>()) {
-    const sw::Activation act = choice.value;
-    const int64_t F_in = sw::input_width(F, act);  // 2F for swiglu
-    std::vector<torch::Tensor> inputs = {
-        torch::randn({7, D}, opts), torch::randn({E, D, F_in}, opts), torch::randn({E, F_in}, opts),
-        torch::randn({E, F, D}, opts), torch::randn({E, D}, opts)};
-    auto loss = [&](const std::vector<torch::Tensor>& in) {
-      return (sw::grouped_ffn(in[0], in[1], in[2], in[3], in[4], offsets, act) * R).sum();
-    };
-    std::vector<torch::Tensor> leaves;
-    for (auto& t : inputs)
-      leaves.push_back(t.clone().requires_grad_(true));
-    loss(leaves).backward();
-    torch::NoGradGuard no_grad;
-    const double eps = 1e-6;
-    double worst = 0;
-    for (size_t i = 0; i < inputs.size(); ++i) {
-      torch::Tensor numeric = torch::zeros_like(inputs[i]);
-      auto flat = inputs[i].view({-1});
-      for (int64_t j = 0; j < flat.numel(); ++j) {
-        const double v = flat[j].item<double>();
-        flat[j] = v + eps;
-        const double up = loss(inputs).item<double>();
-        flat[j] = v - eps;
-        const double down = loss(inputs).item<double>();
-        flat[j] = v;
-        numeric.view({-1})[j] = (up - down) / (2 * eps);
+  for (const auto& choice : sw::choices<sw::Activation>())
+    for (auto backend : {sw::SmallGemmBackend::Kernel, sw::SmallGemmBackend::Off}) {
+      sw::set_small_gemm_backend(backend);
+      const std::string path = sw::small_gemm_name() == "off" ? "matmul per expert" : "small";
+      CAPTURE(path);
+      torch::Tensor R = torch::randn({N, D}, opts);
+      const sw::Activation act = choice.value;
+      const int64_t F_in = sw::input_width(F, act);  // 2F for swiglu
+      std::vector<torch::Tensor> inputs = {
+          torch::randn({N, D}, opts), torch::randn({E, D, F_in}, opts),
+          torch::randn({E, F_in}, opts), torch::randn({E, F, D}, opts), torch::randn({E, D}, opts)};
+      auto loss = [&](const std::vector<torch::Tensor>& in) {
+        return (sw::grouped_ffn(in[0], in[1], in[2], in[3], in[4], offsets, act) * R).sum();
+      };
+      std::vector<torch::Tensor> leaves;
+      for (auto& t : inputs)
+        leaves.push_back(t.clone().requires_grad_(true));
+      loss(leaves).backward();
+      torch::NoGradGuard no_grad;
+      const double eps = 1e-6;
+      double worst = 0;
+      for (size_t i = 0; i < inputs.size(); ++i) {
+        torch::Tensor numeric = torch::zeros_like(inputs[i]);
+        auto flat = inputs[i].view({-1});
+        for (int64_t j = 0; j < flat.numel(); ++j) {
+          const double v = flat[j].item<double>();
+          flat[j] = v + eps;
+          const double up = loss(inputs).item<double>();
+          flat[j] = v - eps;
+          const double down = loss(inputs).item<double>();
+          flat[j] = v;
+          numeric.view({-1})[j] = (up - down) / (2 * eps);
+        }
+        const double d = diff(leaves[i].grad(), numeric);
+        CAPTURE(std::string(names[i]));
+        CHECK(d < 1e-6);
+        worst = std::max(worst, d);
       }
-      const double d = diff(leaves[i].grad(), numeric);
-      CAPTURE(names[i]);
-      CHECK(d < 1e-6);
-      worst = std::max(worst, d);
+      // Expert 1 had no rows: its gradients are exactly zero.
+      CHECK(leaves[1].grad()[1].abs().sum().item<double>() == 0.0);
+      CHECK(leaves[4].grad()[1].abs().sum().item<double>() == 0.0);
+      MESSAGE(std::string(choice.name)
+              << ", " << path << ": max |analytic - finite difference| = " << worst);
     }
-    // Expert 1 had no rows: its gradients are exactly zero.
-    CHECK(leaves[1].grad()[1].abs().sum().item<double>() == 0.0);
-    CHECK(leaves[4].grad()[1].abs().sum().item<double>() == 0.0);
-    MESSAGE(std::string(choice.name) << ": max |analytic - finite difference| = " << worst);
-  }
+  sw::set_small_gemm_backend(sw::SmallGemmBackend::Kernel);
 }
 
 TEST_CASE("weights trained with one strategy run with every other") {
@@ -321,4 +344,160 @@ TEST_CASE("weights trained with one strategy run with every other") {
     CAPTURE(s);
     CHECK(diff(logits, reference) < 1e-5);
   }
+}
+
+namespace {
+
+// a (m x k) times b: (k x n), or b^T when b is (n x k), in float64.
+torch::Tensor reference_mm(const torch::Tensor& a, const torch::Tensor& b, bool b_t) {
+  return torch::matmul(a.to(torch::kFloat64), (b_t ? b.t() : b).to(torch::kFloat64));
+}
+
+// Checks the three small-matrix products of float at one shape against float64; returns the
+// largest error relative to the largest reference value (at least 1). A tile that computes
+// a wrong or no value is off by O(1); rounding is off by ~1e-7 per term.
+double check_small_gemm_shape(int64_t m, int64_t n, int64_t k) {
+  const torch::Tensor A = torch::randn({m, k}), B = torch::randn({k, n}), Bt = torch::randn({n, k});
+  const torch::Tensor bias = torch::randn({n});
+  double worst = 0;
+  auto err = [&](const torch::Tensor& got, const torch::Tensor& want) {
+    if (got.numel() == 0) return;
+    const double scale = std::max(1.0, want.abs().max().item<double>());
+    const double e = (got.to(torch::kFloat64) - want).abs().max().item<double>() / scale;
+    worst = std::max(worst, std::isnan(e) ? 1e9 : e);
+  };
+  torch::Tensor C = torch::full({m, n}, std::nanf(""));  // every element must be written
+  sw::rows_mm<float>(m, n, k, A.data_ptr<float>(), k, B.data_ptr<float>(), n,
+                     bias.data_ptr<float>(), C.data_ptr<float>(), n);
+  err(C, reference_mm(A, B, false) + bias.to(torch::kFloat64));
+  C.fill_(std::nanf(""));
+  sw::rows_mm_bt<float>(m, n, k, A.data_ptr<float>(), k, Bt.data_ptr<float>(), k,
+                        C.data_ptr<float>(), n);
+  err(C, reference_mm(A, Bt, true));
+  // Weight gradient over two row blocks (m and 3 rows), overwriting, then added to W.
+  const torch::Tensor A2 = torch::randn({3, k}), G = torch::randn({m, n}),
+                      G2 = torch::randn({3, n});
+  const std::vector<sw::RowPair<float>> pairs = {
+      {A.data_ptr<float>(), G.data_ptr<float>(), m, k, n},
+      {A2.data_ptr<float>(), G2.data_ptr<float>(), 3, k, n}};
+  torch::Tensor W = torch::full({k, n}, std::nanf("")), b = torch::full({n}, std::nanf(""));
+  sw::weight_grad<float>(pairs, k, n, W.data_ptr<float>(), n, b.data_ptr<float>(), false);
+  const torch::Tensor want_W = reference_mm(A.t(), G, false) + reference_mm(A2.t(), G2, false);
+  const torch::Tensor want_b = (G.sum(0) + G2.sum(0)).to(torch::kFloat64);
+  err(W, want_W);
+  err(b, want_b);
+  const torch::Tensor W0 = torch::randn({k, n}), b0 = torch::randn({n});
+  W.copy_(W0);
+  b.copy_(b0);
+  sw::weight_grad<float>(pairs, k, n, W.data_ptr<float>(), n, b.data_ptr<float>(), true);
+  err(W, want_W + W0.to(torch::kFloat64));
+  err(b, want_b + b0.to(torch::kFloat64));
+  return worst;
+}
+
+}  // namespace
+
+TEST_CASE("small-matrix kernels: every tile shape and tail against float64, on each backend") {
+  torch::manual_seed(3);
+  const sw::SmallGemmBackend before = sw::small_gemm_backend();
+  for (sw::SmallGemmBackend backend : {sw::SmallGemmBackend::Kernel, sw::SmallGemmBackend::Blas}) {
+    sw::set_small_gemm_backend(backend);
+    const std::string name = sw::small_gemm_name();
+    double worst = 0;
+    for (int64_t m : {1, 2, 5, 6, 7, 13, 40})
+      for (int64_t n : {1, 15, 16, 17, 64, 65, 130})
+        for (int64_t k : {1, 15, 16, 33, 128}) {
+          CAPTURE(name);
+          CAPTURE(m);
+          CAPTURE(n);
+          CAPTURE(k);
+          const double e = check_small_gemm_shape(m, n, k);
+          CHECK(e < 2e-6);
+          worst = std::max(worst, e);
+        }
+    MESSAGE(name << ": max error against float64, relative to the largest value = " << worst);
+  }
+  sw::set_small_gemm_backend(before);
+  if (__builtin_cpu_supports("avx512f")) CHECK(sw::small_gemm_name() == "kernel (AVX-512)");
+}
+
+TEST_CASE("deferred weight gradients: one product over the micro-batches, in their order") {
+  // Two micro-batches through one grouped operation: the weight gradients held back and
+  // added by one product per expert equal autograd's sum of the two, whichever backward
+  // runs first (bit for bit), and the input gradients are untouched.
+  torch::manual_seed(9);
+  const int64_t E = 4, D = 20, F = 36;
+  sw::Experts ex(E, D, F, sw::Activation::Gelu);
+  const std::vector<int64_t> off0 = {0, 5, 5, 12, 30}, off1 = {0, 9, 17, 17, 22};
+  const torch::Tensor x0 = torch::randn({30, D}), x1 = torch::randn({22, D});
+  const torch::Tensor r0 = torch::randn({30, D}), r1 = torch::randn({22, D});
+  auto grads = [&]() {
+    return std::vector<torch::Tensor>{ex->w_in.grad().clone(), ex->b_in.grad().clone(),
+                                      ex->w_out.grad().clone(), ex->b_out.grad().clone()};
+  };
+  // Autograd's own accumulation.
+  ex->zero_grad(/*set_to_none=*/true);
+  torch::Tensor gx[2];
+  for (int i = 0; i < 2; ++i) {
+    torch::Tensor x = (i == 0 ? x0 : x1).clone().requires_grad_(true);
+    (sw::grouped_ffn(x, ex->w_in, ex->b_in, ex->w_out, ex->b_out, i == 0 ? off0 : off1, ex->act) *
+     (i == 0 ? r0 : r1))
+        .sum()
+        .backward();
+    gx[i] = x.grad();
+  }
+  const std::vector<torch::Tensor> want = grads();
+  // Deferred, the backward passes in either order.
+  std::vector<torch::Tensor> got[2];
+  ex->defer_weight_grads(true);
+  for (int order = 0; order < 2; ++order) {
+    ex->zero_grad(/*set_to_none=*/true);
+    torch::Tensor loss[2], xs[2];
+    for (int i = 0; i < 2; ++i) {
+      const sw::MicroBatchScope tag(i);
+      xs[i] = (i == 0 ? x0 : x1).clone().requires_grad_(true);
+      loss[i] = (sw::grouped_ffn(xs[i], ex->w_in, ex->b_in, ex->w_out, ex->b_out,
+                                 i == 0 ? off0 : off1, ex->act, ex->deferred) *
+                 (i == 0 ? r0 : r1))
+                    .sum();
+    }
+    for (int i : {order, 1 - order}) {
+      loss[i].backward();
+      CHECK(torch::equal(xs[i].grad(), gx[i]));
+    }
+    CHECK(!ex->w_in.grad().defined());  // held back until the flush
+    ex->flush_weight_grads();
+    got[order] = grads();
+  }
+  ex->defer_weight_grads(false);
+  CHECK(!ex->deferred);
+  for (size_t j = 0; j < want.size(); ++j) {
+    CAPTURE(j);
+    CHECK(torch::equal(got[0][j], got[1][j]));
+    CHECK(diff(got[0][j], want[j]) < 1e-5);
+  }
+  // A flush onto gradients already set adds to them: grad + (the part's own sum).
+  auto one_pass = [&](bool deferred) {
+    const sw::MicroBatchScope tag(0);
+    torch::Tensor x = x0.clone().requires_grad_(true);
+    (sw::grouped_ffn(x, ex->w_in, ex->b_in, ex->w_out, ex->b_out, off0, ex->act,
+                     deferred ? ex->deferred : c10::intrusive_ptr<sw::DeferredGrads>()) *
+     r0)
+        .sum()
+        .backward();
+  };
+  ex->zero_grad(/*set_to_none=*/true);
+  one_pass(false);
+  const std::vector<torch::Tensor> single = grads();
+  ex->defer_weight_grads(true);
+  for (auto* p : {&ex->w_in, &ex->b_in, &ex->w_out, &ex->b_out})
+    p->mutable_grad() = torch::ones_like(*p);
+  one_pass(true);
+  ex->flush_weight_grads();
+  const std::vector<torch::Tensor> added = grads();
+  for (size_t j = 0; j < single.size(); ++j) {
+    CAPTURE(j);
+    CHECK(torch::equal(added[j], single[j] + 1));
+  }
+  ex->defer_weight_grads(false);
 }

@@ -69,7 +69,8 @@ torch::Tensor all_to_all_rows(Comm& comm, const torch::Tensor& x,
 torch::Tensor expert_parallel_ffn(Comm& comm, const torch::Tensor& x_ND,
                                   const std::vector<int64_t>& offsets, const torch::Tensor& w_in,
                                   const torch::Tensor& b_in, const torch::Tensor& w_out,
-                                  const torch::Tensor& b_out, Activation act) {
+                                  const torch::Tensor& b_out, Activation act,
+                                  const c10::intrusive_ptr<DeferredGrads>& deferred) {
   const int64_t W = comm.size(), El = w_in.size(0), E = El * W;
   TORCH_CHECK(static_cast<int64_t>(offsets.size()) == E + 1,
               "expert_parallel_ffn: offsets must have E + 1 = ", E + 1, " entries");
@@ -105,8 +106,8 @@ torch::Tensor expert_parallel_ffn(Comm& comm, const torch::Tensor& x_ND,
     local_offsets[j + 1] = static_cast<int64_t>(perm.size());
   }
   torch::Tensor perm_t = torch::tensor(perm, torch::kInt64);
-  torch::Tensor y_local =
-      grouped_ffn(recv_rows.index_select(0, perm_t), w_in, b_in, w_out, b_out, local_offsets, act);
+  torch::Tensor y_local = grouped_ffn(recv_rows.index_select(0, perm_t), w_in, b_in, w_out, b_out,
+                                      local_offsets, act, deferred);
   torch::Tensor y_recv = torch::zeros({recv_rows.size(0), w_out.size(2)}, y_local.options())
                              .index_copy(0, perm_t, y_local);
   return all_to_all_rows(comm, y_recv, recv, send);

@@ -9,6 +9,7 @@
 #include <torch/torch.h>
 
 #include "distributed/comm.h"
+#include "model/experts.h"
 #include "model/ffn.h"
 
 namespace sw {
@@ -30,10 +31,12 @@ torch::Tensor all_to_all_rows(Comm& comm, const torch::Tensor& x,
 
 // The experts' FFN over this rank's kept rows x_ND, sorted by global expert with
 // offsets (E + 1 bounds over all experts), computed on the experts' owners. w_in etc. hold
-// this rank's E/W experts. Returns the rows' outputs in x_ND's order.
+// this rank's E/W experts; `deferred` as for grouped_ffn. Returns the rows' outputs in
+// x_ND's order.
 torch::Tensor expert_parallel_ffn(Comm& comm, const torch::Tensor& x_ND,
                                   const std::vector<int64_t>& offsets, const torch::Tensor& w_in,
                                   const torch::Tensor& b_in, const torch::Tensor& w_out,
-                                  const torch::Tensor& b_out, Activation act);
+                                  const torch::Tensor& b_out, Activation act,
+                                  const c10::intrusive_ptr<DeferredGrads>& deferred = {});
 
 }  // namespace sw

@@ -1,5 +1,8 @@
 #include "model/experts.h"
 
+#include <algorithm>
+
+#include "model/small_gemm.h"
 #include "util/parallel.h"
 
 namespace sw {
@@ -55,30 +58,130 @@ void for_each_expert(const std::vector<int64_t>& offsets, bool include_empty, co
     body(0, E);
 }
 
+// Whether the grouped operation takes the few-rows path: at most kFewRows rows per expert
+// on average, or experts of at most kSmallExpert input weights (and the path not turned
+// off for a comparison). Decided by the shapes alone, so the same on any thread count.
+bool few_rows(const std::vector<int64_t>& offsets, const torch::Tensor& w_in) {
+  const int64_t E = static_cast<int64_t>(offsets.size()) - 1;
+  const bool small = w_in.size(1) * w_in.size(2) <= kSmallExpert;
+  return (offsets.back() <= kFewRows * E || small) && small_gemm_backend() != SmallGemmBackend::Off;
+}
+
+thread_local int64_t t_micro_batch = 0;
+
+// The few-rows path's products, on raw memory; each expert's rows on one thread.
+// h_pre = x W_in + b_in for every expert's rows.
+template <typename T>
+void few_rows_in(const torch::Tensor& x, const torch::Tensor& w_in, const torch::Tensor& b_in,
+                 const std::vector<int64_t>& offsets, torch::Tensor& h_pre) {
+  const int64_t D = x.size(1), F_in = w_in.size(2);
+  const T *xp = x.data_ptr<T>(), *wp = w_in.data_ptr<T>(), *bp = b_in.data_ptr<T>();
+  T* hp = h_pre.data_ptr<T>();
+  for_each_expert(offsets, false, [&](int64_t e, int64_t lo, int64_t hi) {
+    rows_mm<T>(hi - lo, F_in, D, xp + lo * D, D, wp + e * D * F_in, F_in, bp + e * F_in,
+               hp + lo * F_in, F_in);
+  });
+}
+
+// y = h W_out + b_out for every expert's rows.
+template <typename T>
+void few_rows_out(const torch::Tensor& h, const torch::Tensor& w_out, const torch::Tensor& b_out,
+                  const std::vector<int64_t>& offsets, torch::Tensor& y) {
+  const int64_t F = h.size(1), D = w_out.size(2);
+  const T *hp = h.data_ptr<T>(), *wp = w_out.data_ptr<T>(), *bp = b_out.data_ptr<T>();
+  T* yp = y.data_ptr<T>();
+  for_each_expert(offsets, false, [&](int64_t e, int64_t lo, int64_t hi) {
+    rows_mm<T>(hi - lo, D, F, hp + lo * F, F, wp + e * F * D, D, bp + e * D, yp + lo * D, D);
+  });
+}
+
+// gh = gy W_out^T for every expert's rows.
+template <typename T>
+void few_rows_grad_h(const torch::Tensor& gy, const torch::Tensor& w_out,
+                     const std::vector<int64_t>& offsets, torch::Tensor& gh) {
+  const int64_t F = w_out.size(1), D = w_out.size(2);
+  const T *gp = gy.data_ptr<T>(), *wp = w_out.data_ptr<T>();
+  T* hp = gh.data_ptr<T>();
+  for_each_expert(offsets, false, [&](int64_t e, int64_t lo, int64_t hi) {
+    rows_mm_bt<T>(hi - lo, F, D, gp + lo * D, D, wp + e * F * D, D, hp + lo * F, F);
+  });
+}
+
+// The weight gradients' factors of one expert's rows [lo, hi): (x, gh_pre) for W_in and
+// (h, gy) for W_out.
+template <typename T>
+std::pair<RowPair<T>, RowPair<T>> grad_pairs(const torch::Tensor& x, const torch::Tensor& gh_pre,
+                                             const torch::Tensor& h, const torch::Tensor& gy,
+                                             int64_t lo, int64_t hi) {
+  const int64_t D = x.size(1), F_in = gh_pre.size(1), F = h.size(1);
+  return {RowPair<T>{x.data_ptr<T>() + lo * D, gh_pre.data_ptr<T>() + lo * F_in, hi - lo, D, F_in},
+          RowPair<T>{h.data_ptr<T>() + lo * F, gy.data_ptr<T>() + lo * D, hi - lo, F, D}};
+}
+
+// gx = gh_pre W_in^T for every expert's rows and, when `grads` holds the four gradient
+// tensors (w_in, b_in, w_out, b_out), each expert's weight gradients from its rows.
+template <typename T>
+void few_rows_grad_x(const torch::Tensor& x, const torch::Tensor& gh_pre, const torch::Tensor& h,
+                     const torch::Tensor& gy, const torch::Tensor& w_in,
+                     const std::vector<int64_t>& offsets, torch::Tensor& gx,
+                     std::vector<torch::Tensor>* grads) {
+  const int64_t D = w_in.size(1), F_in = w_in.size(2), F = h.size(1);
+  const T *gp = gh_pre.data_ptr<T>(), *wp = w_in.data_ptr<T>();
+  T* xp = gx.data_ptr<T>();
+  for_each_expert(offsets, grads != nullptr, [&](int64_t e, int64_t lo, int64_t hi) {
+    rows_mm_bt<T>(hi - lo, D, F_in, gp + lo * F_in, F_in, wp + e * D * F_in, F_in, xp + lo * D, D);
+    if (!grads) return;
+    const auto [in, out] = grad_pairs<T>(x, gh_pre, h, gy, lo, hi);
+    std::vector<torch::Tensor>& g = *grads;
+    weight_grad<T>({in}, D, F_in, g[0].data_ptr<T>() + e * D * F_in, F_in,
+                   g[1].data_ptr<T>() + e * F_in, false);
+    weight_grad<T>({out}, F, D, g[2].data_ptr<T>() + e * F * D, D, g[3].data_ptr<T>() + e * D,
+                   false);
+  });
+}
+
 // h = act(x W_in + b_in), y = h W_out + b_out, expert by expert over row segments. The
 // elementwise parts run once over all rows; only the matmuls go segment by segment.
 struct GroupedFFNFunction : torch::autograd::Function<GroupedFFNFunction> {
   static torch::Tensor forward(AutogradContext* ctx, const torch::Tensor& x_ND,
-                               const torch::Tensor& w_in, const torch::Tensor& b_in,
-                               const torch::Tensor& w_out, const torch::Tensor& b_out,
-                               const std::vector<int64_t>& offsets, int64_t act_id) {
+                               const torch::Tensor& w_in_, const torch::Tensor& b_in,
+                               const torch::Tensor& w_out_, const torch::Tensor& b_out,
+                               const std::vector<int64_t>& offsets, int64_t act_id,
+                               const at::IValue& deferred) {
     const Activation act = static_cast<Activation>(act_id);
+    const torch::Tensor w_in = w_in_.contiguous(), w_out = w_out_.contiguous();
     const int64_t F_in = w_in.size(2), D = w_out.size(2), N = x_ND.size(0);
+    const bool few = few_rows(offsets, w_in);
     torch::Tensor x = x_ND.contiguous();
     torch::Tensor h_pre = torch::empty({N, F_in}, x.options());
-    for_each_expert(offsets, false, [&](int64_t e, int64_t lo, int64_t hi) {
-      torch::Tensor out = h_pre.slice(0, lo, hi);
-      torch::addmm_out(out, b_in[e], x.slice(0, lo, hi), w_in[e]);
-    });
+    if (few) {
+      AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "grouped_ffn", [&] {
+        few_rows_in<scalar_t>(x, w_in, b_in.contiguous(), offsets, h_pre);
+      });
+    } else {
+      for_each_expert(offsets, false, [&](int64_t e, int64_t lo, int64_t hi) {
+        torch::Tensor out = h_pre.slice(0, lo, hi);
+        torch::addmm_out(out, b_in[e], x.slice(0, lo, hi), w_in[e]);
+      });
+    }
     torch::Tensor h = activate(h_pre, act);
     torch::Tensor y = torch::empty({N, D}, x.options());
-    for_each_expert(offsets, false, [&](int64_t e, int64_t lo, int64_t hi) {
-      torch::Tensor out = y.slice(0, lo, hi);
-      torch::addmm_out(out, b_out[e], h.slice(0, lo, hi), w_out[e]);
-    });
+    if (few) {
+      AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "grouped_ffn", [&] {
+        few_rows_out<scalar_t>(h, w_out, b_out.contiguous(), offsets, y);
+      });
+    } else {
+      for_each_expert(offsets, false, [&](int64_t e, int64_t lo, int64_t hi) {
+        torch::Tensor out = y.slice(0, lo, hi);
+        torch::addmm_out(out, b_out[e], h.slice(0, lo, hi), w_out[e]);
+      });
+    }
     ctx->save_for_backward({x, w_in, w_out, h_pre, h});
     ctx->saved_data["offsets"] = offsets;
     ctx->saved_data["act"] = act_id;
+    ctx->saved_data["few"] = few;
+    ctx->saved_data["micro_batch"] = t_micro_batch;
+    if (few) ctx->saved_data["deferred"] = deferred;
     return y;
   }
 
@@ -88,9 +191,43 @@ struct GroupedFFNFunction : torch::autograd::Function<GroupedFFNFunction> {
                         &h = saved[4];
     const std::vector<int64_t> offsets = ctx->saved_data["offsets"].toIntVector();
     const Activation act = static_cast<Activation>(ctx->saved_data["act"].toInt());
-    const int64_t E = w_in.size(0), N = x.size(0);
-    torch::Tensor gy = grads[0].contiguous();
+    const torch::Tensor gy = grads[0].contiguous();
+    const torch::Tensor none;
+    if (!ctx->saved_data["few"].toBool()) {
+      const auto g = many_rows_backward(x, w_in, w_out, h_pre, h, gy, offsets, act);
+      return {g[0], g[1], g[2], g[3], g[4], none, none, none};
+    }
+    torch::Tensor gh = torch::empty_like(h);
+    AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "grouped_ffn_backward",
+                               [&] { few_rows_grad_h<scalar_t>(gy, w_out, offsets, gh); });
+    const torch::Tensor gh_pre = activation_backward(gh, h_pre, act).contiguous();
+    torch::Tensor gx = torch::empty_like(x);
+    const at::IValue deferred = ctx->saved_data["deferred"];
+    if (deferred.isCapsule()) {  // the weight gradients wait for the step's other rows
+      AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "grouped_ffn_backward", [&] {
+        few_rows_grad_x<scalar_t>(x, gh_pre, h, gy, w_in, offsets, gx, nullptr);
+      });
+      auto stash = c10::static_intrusive_pointer_cast<DeferredGrads>(deferred.toCapsule());
+      const std::lock_guard<std::mutex> lock(stash->mutex);
+      stash->parts.push_back({ctx->saved_data["micro_batch"].toInt(), x, gh_pre, h, gy, offsets});
+      return {gx, none, none, none, none, none, none, none};
+    }
+    const int64_t E = w_in.size(0);
+    std::vector<torch::Tensor> g = {
+        torch::empty_like(w_in), torch::empty({E, w_in.size(2)}, x.options()),
+        torch::empty_like(w_out), torch::empty({E, w_out.size(2)}, x.options())};
+    AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "grouped_ffn_backward", [&] {
+      few_rows_grad_x<scalar_t>(x, gh_pre, h, gy, w_in, offsets, gx, &g);
+    });
+    return {gx, g[0], g[1], g[2], g[3], none, none, none};
+  }
 
+  // The backward of segments of many rows: LibTorch's matmuls, each on every thread.
+  static std::vector<torch::Tensor> many_rows_backward(
+      const torch::Tensor& x, const torch::Tensor& w_in, const torch::Tensor& w_out,
+      const torch::Tensor& h_pre, const torch::Tensor& h, const torch::Tensor& gy,
+      const std::vector<int64_t>& offsets, Activation act) {
+    const int64_t E = w_in.size(0), N = x.size(0);
     torch::Tensor gh = torch::empty_like(h);
     for_each_expert(offsets, false, [&](int64_t e, int64_t lo, int64_t hi) {
       torch::Tensor out = gh.slice(0, lo, hi);
@@ -121,7 +258,7 @@ struct GroupedFFNFunction : torch::autograd::Function<GroupedFFNFunction> {
       torch::Tensor gx_e = gx.slice(0, lo, hi);
       torch::mm_out(gx_e, gh_pre_e, w_in[e].t());
     });
-    return {gx, gw_in, gb_in, gw_out, gb_out, torch::Tensor(), torch::Tensor()};
+    return {gx, gw_in, gb_in, gw_out, gb_out};
   }
 };
 
@@ -130,12 +267,21 @@ struct GroupedFFNFunction : torch::autograd::Function<GroupedFFNFunction> {
 torch::Tensor grouped_ffn(const torch::Tensor& x_ND, const torch::Tensor& w_in,
                           const torch::Tensor& b_in, const torch::Tensor& w_out,
                           const torch::Tensor& b_out, const std::vector<int64_t>& offsets,
-                          Activation act) {
+                          Activation act, const c10::intrusive_ptr<DeferredGrads>& deferred) {
   TORCH_CHECK(static_cast<int64_t>(offsets.size()) == w_in.size(0) + 1,
               "grouped_ffn: offsets must have E + 1 entries");
   TORCH_CHECK(offsets.back() == x_ND.size(0), "grouped_ffn: offsets must cover every row");
   return GroupedFFNFunction::apply(x_ND, w_in, b_in, w_out, b_out, offsets,
-                                   static_cast<int64_t>(act));
+                                   static_cast<int64_t>(act),
+                                   deferred ? at::IValue::make_capsule(deferred) : at::IValue());
+}
+
+MicroBatchScope::MicroBatchScope(int64_t index) : previous_(t_micro_batch) {
+  t_micro_batch = index;
+}
+
+MicroBatchScope::~MicroBatchScope() {
+  t_micro_batch = previous_;
 }
 
 ExpertsImpl::ExpertsImpl(int64_t n_experts_, int64_t d_model_, int64_t d_ff_, Activation act_)
@@ -194,7 +340,64 @@ torch::Tensor ExpertsImpl::forward_capacity(const torch::Tensor& x_ND, const Dis
 }
 
 torch::Tensor ExpertsImpl::forward_grouped(const torch::Tensor& x_ND, const Dispatch& d) {
-  return grouped_ffn(x_ND, w_in, b_in, w_out, b_out, d.offsets, act);
+  return grouped_ffn(x_ND, w_in, b_in, w_out, b_out, d.offsets, act, deferred);
+}
+
+void ExpertsImpl::defer_weight_grads(bool on) {
+  if (!on) flush_weight_grads();
+  deferred = on ? c10::make_intrusive<DeferredGrads>() : c10::intrusive_ptr<DeferredGrads>();
+}
+
+namespace {
+
+// The parameter's gradient to write into: its .grad (true: add to it), or a new one.
+std::pair<torch::Tensor, bool> grad_target(torch::Tensor& p) {
+  if (p.grad().defined()) {
+    if (!p.grad().is_contiguous()) p.mutable_grad() = p.grad().contiguous();
+    return {p.grad(), true};
+  }
+  p.mutable_grad() = torch::empty_like(p, at::MemoryFormat::Contiguous);
+  return {p.grad(), false};
+}
+
+}  // namespace
+
+void ExpertsImpl::flush_weight_grads() {
+  if (!deferred) return;
+  std::vector<DeferredGrads::Part> parts;
+  {
+    const std::lock_guard<std::mutex> lock(deferred->mutex);
+    parts.swap(deferred->parts);
+  }
+  if (parts.empty()) return;
+  std::stable_sort(parts.begin(), parts.end(),
+                   [](const auto& a, const auto& b) { return a.micro_batch < b.micro_batch; });
+  const std::pair<torch::Tensor, bool> t[] = {grad_target(w_in), grad_target(b_in),
+                                              grad_target(w_out), grad_target(b_out)};
+  const torch::Tensor &gw_in = t[0].first, &gb_in = t[1].first, &gw_out = t[2].first,
+                      &gb_out = t[3].first;
+  const bool add_in = t[0].second, add_out = t[2].second;
+  TORCH_CHECK(t[1].second == add_in && t[3].second == add_out,
+              "flush_weight_grads: an expert bias's gradient is set and its weight's is not");
+  const int64_t E = w_in.size(0), D = w_in.size(1), F_in = w_in.size(2), F = w_out.size(1);
+  AT_DISPATCH_FLOATING_TYPES(w_in.scalar_type(), "flush_weight_grads", [&] {
+    using T = scalar_t;
+    sw::parallel_for(0, E, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t e = begin; e < end; ++e) {
+        std::vector<RowPair<T>> in, out;
+        for (const auto& p : parts) {
+          const auto [i, o] =
+              grad_pairs<T>(p.x, p.gh_pre, p.h, p.gy, p.offsets[e], p.offsets[e + 1]);
+          in.push_back(i);
+          out.push_back(o);
+        }
+        weight_grad<T>(in, D, F_in, gw_in.data_ptr<T>() + e * D * F_in, F_in,
+                       gb_in.data_ptr<T>() + e * F_in, add_in);
+        weight_grad<T>(out, F, D, gw_out.data_ptr<T>() + e * F * D, D, gb_out.data_ptr<T>() + e * D,
+                       add_out);
+      }
+    });
+  });
 }
 
 }  // namespace sw

@@ -101,7 +101,7 @@ struct Variant {
 
 // 'variants': a name and overrides each; without them, one unnamed variant.
 std::vector<Variant> read_variants(const ojson& j, const std::string& source) {
-  if (!j.contains("variants")) return {{"", ojson::object()}};
+  if (!j.contains("variants")) return {{"", ojson::object(), ""}};
   const ojson& v = j["variants"];
   if (!v.is_array() || v.empty())
     throw Error(

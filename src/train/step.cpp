@@ -83,6 +83,7 @@ Passes micro_batches(Transformer& model, const torch::Tensor& x_BS, const torch:
       const auto t0 = Clock::now();
       GeneratorScope scope(at::make_generator<at::CPUGeneratorImpl>(
           static_cast<uint64_t>(seeds[i].item<int64_t>())));
+      const MicroBatchScope tag(i);
       ModelOutput out = model->forward(xs[u]);
       const StepLoss l = step_loss(out, ys[u], cfg);
       const auto t1 = Clock::now();
@@ -200,6 +201,12 @@ CommStats operator-(const CommStats& a, const CommStats& b) {
 
 }  // namespace
 
+void defer_expert_weight_grads(Transformer& model) {
+  for (Block& b : model->block_list)
+    if (b->switch_ && b->switch_->cfg.strategy == Strategy::Grouped)
+      b->switch_->experts->defer_weight_grads(true);
+}
+
 NonfiniteGuard::NonfiniteGuard(OnNonfinite policy, std::string run_dir,
                                std::function<void(const std::string&)> say)
     : policy_(policy), run_dir_(std::move(run_dir)), say_(std::move(say)) {}
@@ -230,6 +237,8 @@ StepResult train_step(StepContext& c, int64_t step) {
   Passes p = c.cfg.train.micro_batches == 1
                  ? whole_batch(c.model, x_BS, y_BS, c.cfg)
                  : micro_batches(c.model, x_BS, y_BS, c.cfg, c.ranks.expert_parallel);
+  for (Block& b : c.model->block_list)  // the weight gradients held back by the backward passes
+    if (b->switch_) b->switch_->experts->flush_weight_grads();
   // The step's wall time so far, split between the passes as their own times were (with
   // micro-batches they overlap on the threads).
   const double wall = seconds_since(t_step);

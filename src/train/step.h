@@ -73,6 +73,11 @@ struct StepContext {
   const std::atomic<int>* stop;  // this process's stop request (a signal number), or null
 };
 
+// Makes the grouped experts of a model about to be trained hold back their weight gradients
+// of few-row segments for one product per expert per step (ExpertsImpl::defer_weight_grads);
+// train_step adds them to .grad after the backward passes.
+void defer_expert_weight_grads(Transformer& model);
+
 // Trains 0-based step `step` on the next batch of the stream.
 StepResult train_step(StepContext& c, int64_t step);
 

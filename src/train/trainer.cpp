@@ -207,6 +207,7 @@ void build_model(Run& r) {
     torch::manual_seed(rank_seed(cfg.train.seed, r.ranks.rank, r.state.step));
   if (r.ranks.expert_parallel) shard_experts(r.model, *r.optimizer, r.ranks.comm);
   r.params = split_parameters(r.model, r.ranks.expert_parallel);
+  defer_expert_weight_grads(r.model);
 }
 
 // metrics.jsonl (cut back to the checkpoint's step on resume) and the fixed eval batches.
