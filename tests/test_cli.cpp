@@ -155,9 +155,14 @@ TEST_CASE("switch-bench: --json elements carry the documented keys") {
   REQUIRE(r.rc == 0);
   nlohmann::json all = nlohmann::json::parse(r.output);
   REQUIRE(all.is_array());
-  // Per (tokens, E): dense, loop, capacity, grouped and grouped dropless; one attention row
-  // per token count; then 2 train rows.
-  REQUIRE(all.size() == 2 * 5 + 1 + 2);
+  // The machine (threads, bandwidth); per (tokens, E): dense, loop, capacity, grouped and
+  // grouped dropless; one attention row per token count; then 2 train rows.
+  REQUIRE(all.size() == 1 + 2 * 5 + 1 + 2);
+  REQUIRE(all[0]["kind"] == "machine");
+  CHECK(all[0]["threads"] == 2);
+  CHECK(all[0]["triad_bytes_per_s"].get<double>() > 1e8);
+  CHECK(all[0].contains("small_gemm"));
+  all.erase(all.begin());
   std::set<std::string> strategies;
   for (const auto& e : all) {
     if (e["kind"] == "attention") {
@@ -178,9 +183,16 @@ TEST_CASE("switch-bench: --json elements carry the documented keys") {
       strategies.insert(e["strategy"].get<std::string>());
       CHECK(e["tokens"] == 64);
       CHECK(e["peak_bytes"].get<int64_t>() > 0);
+      CHECK(e["floor_ms"].get<double>() > 0);
     } else {
       CHECK(e["kind"] == "train_step");
       CHECK(e["tokens_per_s"].get<double>() > 0);
+      for (const char* key : {"floor_forward_ms", "floor_backward_ms", "floor_optimizer_ms"})
+        CHECK_MESSAGE(e[key].get<double>() > 0, key);
+      // The optimizer's floor is 7 floats per parameter, the forward's one per micro-batch.
+      CHECK(e["floor_optimizer_ms"].get<double>() ==
+            doctest::Approx(7.0 / e["micro_batches"].get<double>() *
+                            e["floor_forward_ms"].get<double>()));
     }
   }
   CHECK(strategies == std::set<std::string>{"dense", "loop", "capacity", "grouped"});

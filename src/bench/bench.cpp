@@ -190,6 +190,35 @@ struct TempDir {
 
 }  // namespace
 
+double triad_bandwidth(int reps, int64_t n) {
+  const torch::Tensor a = torch::empty({n}), b = torch::rand({n}), c = torch::rand({n});
+  float* pa = a.data_ptr<float>();
+  const float *pb = b.data_ptr<float>(), *pc = c.data_ptr<float>();
+  a.zero_();  // first touch before the timing
+  double best = 0;
+  for (int r = 0; r < reps; ++r) {
+    const auto t0 = std::chrono::steady_clock::now();
+    at::parallel_for(0, n, 1 << 16, [&](int64_t lo, int64_t hi) {
+      for (int64_t i = lo; i < hi; ++i)
+        pa[i] = pb[i] + 3.0f * pc[i];
+    });
+    const double s = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+    best = std::max(best, 3.0 * 4.0 * static_cast<double>(n) / s);
+  }
+  return best;
+}
+
+StepBytes step_floor_bytes(int64_t params, int64_t micro_batches) {
+  const double p = 4.0 * static_cast<double>(params), m = static_cast<double>(micro_batches);
+  return {m * p, m * p + p, 7 * p};
+}
+
+double layer_floor_bytes(const LayerCase& c) {
+  const int64_t F = c.strategy ? c.d_ff : c.d_ff * c.top_k;  // dense: width d_ff * top_k
+  const int64_t n = c.strategy ? c.experts : 1;
+  return 3.0 * 4.0 * static_cast<double>(n * (2 * c.d_model * F + F + c.d_model));
+}
+
 TrainResult bench_train(const Config& cfg) {
   const TempDir tmp;
   const std::string scratch_dir = tmp.path + "/run";
@@ -221,6 +250,7 @@ TrainResult bench_train(const Config& cfg) {
       1000.0 * static_cast<double>(cfg.train.batch_size * cfg.model.seq_len) / r.tokens_per_s;
   r.params_total = s["params_total"].get<int64_t>();
   r.params_active = s["params_active"].get<int64_t>();
+  r.micro_batches = cfg.train.micro_batches;
   return r;
 }
 
@@ -228,7 +258,7 @@ std::string layer_name(const LayerCase& c) {
   return c.strategy ? name_of(*c.strategy) : "dense";
 }
 
-nlohmann::ordered_json to_json(const LayerResult& r) {
+nlohmann::ordered_json to_json(const LayerResult& r, double bandwidth) {
   return {{"kind", "layer"},
           {"strategy", layer_name(r.c)},
           {"experts", r.c.experts},
@@ -242,7 +272,8 @@ nlohmann::ordered_json to_json(const LayerResult& r) {
           {"min_ms", r.min_ms},
           {"peak_bytes", r.peak_bytes},
           {"param_grad_bytes", r.param_grad_bytes},
-          {"dropped_frac", r.dropped_frac}};
+          {"dropped_frac", r.dropped_frac},
+          {"floor_ms", 1000.0 * layer_floor_bytes(r.c) / bandwidth}};
 }
 
 nlohmann::ordered_json to_json(const AttentionResult& r) {
@@ -255,7 +286,8 @@ nlohmann::ordered_json to_json(const AttentionResult& r) {
           {"composed_median_ms", r.composed_ms}};
 }
 
-nlohmann::ordered_json to_json(const TrainResult& r, const Config& cfg) {
+nlohmann::ordered_json to_json(const TrainResult& r, const Config& cfg, double bandwidth) {
+  const StepBytes floor = step_floor_bytes(r.params_total, r.micro_batches);
   return {{"kind", "train_step"},
           {"strategy", name_of(cfg.moe.strategy)},
           {"experts", r.experts},
@@ -271,7 +303,11 @@ nlohmann::ordered_json to_json(const TrainResult& r, const Config& cfg) {
           {"tokens_per_s", r.tokens_per_s},
           {"steps", r.steps},
           {"params_total", r.params_total},
-          {"params_active", r.params_active}};
+          {"params_active", r.params_active},
+          {"micro_batches", r.micro_batches},
+          {"floor_forward_ms", 1000.0 * floor.forward / bandwidth},
+          {"floor_backward_ms", 1000.0 * floor.backward / bandwidth},
+          {"floor_optimizer_ms", 1000.0 * floor.optimizer / bandwidth}};
 }
 
 }  // namespace sw

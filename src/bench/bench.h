@@ -47,6 +47,24 @@ struct AttentionResult {
 AttentionResult bench_attention(int64_t tokens, int64_t seq_len, int64_t d_model, int64_t n_heads,
                                 int reps, int warmup, uint64_t seed = 0);
 
+// The machine's memory bandwidth as the STREAM triad measures it (a = b + s c on float
+// arrays far larger than the caches, every thread taking a share): bytes of the three arrays
+// per second, the best of `reps` passes.
+double triad_bandwidth(int reps = 10, int64_t floats_per_array = int64_t{1} << 24);
+
+// The least a training step's phases must move through memory, in bytes, for `params`
+// float32 parameters and `micro_batches` forward and backward passes: every weight read
+// once per pass, every gradient written once, and AdamW reading and writing every
+// parameter, gradient and both moments once (7 floats each). Activations and caches aside.
+struct StepBytes {
+  double forward = 0, backward = 0, optimizer = 0;
+};
+StepBytes step_floor_bytes(int64_t params, int64_t micro_batches);
+
+// One MoE layer's forward + backward: its expert weights read twice, their gradients
+// written once (what a layer of E experts must move at least).
+double layer_floor_bytes(const LayerCase& c);
+
 struct TrainResult {
   int64_t experts = 0;
   int64_t steps = 0;
@@ -54,6 +72,7 @@ struct TrainResult {
   double median_forward_ms = 0, median_backward_ms = 0, median_optimizer_ms = 0;
   double ms_per_step = 0, tokens_per_s = 0;  // means over all steps
   int64_t params_total = 0, params_active = 0;
+  int64_t micro_batches = 1;
 };
 
 // Trains `cfg` for its train.steps in a fresh temporary directory of its own (under $TMPDIR,
@@ -61,8 +80,9 @@ struct TrainResult {
 // per-step metrics) and the mean throughput (from its summary).
 TrainResult bench_train(const Config& cfg);
 
-nlohmann::ordered_json to_json(const LayerResult& r);
+// `bandwidth` (bytes/s, triad_bandwidth) turns the floors' bytes into times.
+nlohmann::ordered_json to_json(const LayerResult& r, double bandwidth);
 nlohmann::ordered_json to_json(const AttentionResult& r);
-nlohmann::ordered_json to_json(const TrainResult& r, const Config& cfg);
+nlohmann::ordered_json to_json(const TrainResult& r, const Config& cfg, double bandwidth);
 
 }  // namespace sw

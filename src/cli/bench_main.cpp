@@ -1,5 +1,6 @@
 // switch-bench: times the expert computation per strategy against a dense FFN of the same
 // active width, and full training steps. CLI wiring and table printing only.
+#include <algorithm>
 #include <functional>
 #include <iostream>
 #include <map>
@@ -9,6 +10,7 @@
 
 #include "bench/bench.h"
 #include "bench/memory.h"
+#include "model/small_gemm.h"
 #include "train/trainer.h"
 #include "util/error.h"
 #include "util/main_guard.h"
@@ -21,14 +23,17 @@ using Print = std::function<void(const std::string&)>;
 
 struct Args {
   std::vector<int64_t> experts = {1, 4, 8, 32, 128}, tokens = {1024, 4096};
-  std::vector<int64_t> train_experts = {1, 8, 64};
+  std::vector<std::string> train_experts = {"1", "8", "64"};
   std::vector<std::string> strategies;  // "dense" and the moe.strategy names
   int64_t d_model = 128, d_ff = 512, top_k = 1, threads = 0, train_steps = 40;
-  int reps = 10, warmup = 3;
+  int reps = 10, warmup = 3, rounds = 1;
   double cf = 1.25;
   int64_t seq_len = 64, n_heads = 4;
+  int64_t d_expert = 0, micro_batches = 2;  // training: moe.d_expert, train.micro_batches
   bool json = false, no_layer = false, no_train = false, no_attention = false;
   std::string data = "data/tinyshakespeare.txt";
+  std::vector<std::string> expert_gemm = {"kernel"};
+  double bandwidth = 0;  // bytes/s, measured at the start (triad)
 };
 
 // The layer benchmark's columns: the dense FFN, then every strategy in its table's order.
@@ -70,12 +75,30 @@ void add_options(CLI::App& app, Args& a) {
   app.add_option("--warmup", a.warmup, "untimed repetitions first")
       ->capture_default_str()
       ->check(CLI::Range(0, 1000000));
-  app.add_option("--train-experts", a.train_experts, "expert counts for training steps")
-      ->delimiter(',')
-      ->check(CLI::Range(int64_t{1}, int64_t{1} << 20));
+  app.add_option("--train-experts", a.train_experts,
+                 "training rows: expert counts E, or E:F:k for E experts of width F, top-k "
+                 "(fine-grained experts; F 0 = d_ff)")
+      ->delimiter(',');
   app.add_option("--train-steps", a.train_steps, "training steps per expert count")
       ->capture_default_str()
       ->check(CLI::Range(int64_t{1}, int64_t{1} << 40));
+  app.add_option("--rounds", a.rounds,
+                 "training: every row once per round, rows taking turns (medians reported)")
+      ->capture_default_str()
+      ->check(CLI::Range(1, 1000));
+  app.add_option("--train-d-expert", a.d_expert, "training: moe.d_expert (0: d_ff)")
+      ->capture_default_str()
+      ->check(CLI::Range(int64_t{0}, int64_t{1} << 20));
+  app.add_option("--micro-batches", a.micro_batches, "training: train.micro_batches")
+      ->capture_default_str()
+      ->check(CLI::Range(int64_t{1}, int64_t{1} << 20));
+  app.add_option("--expert-gemm", a.expert_gemm,
+                 "training: the grouped experts' products for few rows per expert, one row "
+                 "each of: kernel (AVX-512 where the CPU has it), blas, off (a LibTorch "
+                 "matmul per expert, as before these products)")
+      ->delimiter(',')
+      ->capture_default_str()
+      ->check(CLI::IsMember({"kernel", "blas", "off"}));
   app.add_option("--data", a.data, "text for the training benchmark")->capture_default_str();
   app.add_option("--threads", a.threads, "intra-op threads (0: all cores)")
       ->capture_default_str()
@@ -128,7 +151,7 @@ void layer_row(const Args& a, const std::vector<std::optional<sw::Strategy>>& la
   const std::vector<sw::LayerResult> results = sw::bench_layers(cases, a.reps, a.warmup);
   for (size_t i = 0; i < results.size(); ++i) {
     row[labels[i]] = results[i];
-    all.push_back(sw::to_json(results[i]));
+    all.push_back(sw::to_json(results[i], a.bandwidth));
   }
   auto ms = [&](const std::string& s) {
     return row.count(s) ? fmt::format("{:8.2f}", row[s].median_ms) : std::string(8, '-');
@@ -146,9 +169,11 @@ void layer_row(const Args& a, const std::vector<std::optional<sw::Strategy>>& la
   std::string times;
   for (const auto& name : all_layer_names())
     times += ms(name) + " ";
-  out(fmt::format("{:>6} {:>4} | {}{} | {} {} | {} {}", T, E, times, ms("dropless"),
-                  ratio("grouped", "dense"), ratio("loop", "grouped"), mib("dense"),
-                  mib("dropless")));
+  const double floor_ms = 1000.0 * sw::layer_floor_bytes(row["dropless"].c) / a.bandwidth;
+  out(fmt::format("{:>6} {:>4} | {}{} | {} {} {:9.2f} | {:8.2f} {:8.2f} | {} {}", T, E, times,
+                  ms("dropless"), ratio("grouped", "dense"), ratio("loop", "grouped"),
+                  row["dropless"].median_ms / row["dense"].median_ms, floor_ms,
+                  row["dropless"].median_ms / floor_ms, mib("dense"), mib("dropless")));
 }
 
 void layer_table(const Args& a, Json& all, const Print& out) {
@@ -156,14 +181,17 @@ void layer_table(const Args& a, Json& all, const Print& out) {
   out(
       fmt::format("\nOne layer, forward + backward, median of {} (ms). d_model {}, d_ff {}, "
                   "top_k {}, capacity factor {}; dense has width d_ff * top_k; 'dropless' is "
-                  "grouped with drop_tokens=false. Peak = most MiB allocated during one "
-                  "step, parameter gradients excluded.",
+                  "grouped with drop_tokens=false. Floor = the dropless layer's expert "
+                  "weights read twice and their gradients written once at the triad "
+                  "bandwidth. Peak = most MiB allocated during one step, parameter gradients "
+                  "excluded.",
                   a.reps, a.d_model, a.d_ff, a.top_k, a.cf));
   std::string head;
   for (const auto& name : all_layer_names())
     head += fmt::format("{:>8} ", name);
-  out(fmt::format("{:>6} {:>4} | {}{:>8} | {:>9} {:>9} | {:>7} {:>7}", "tokens", "E", head,
-                  "dropless", "grp/dense", "loop/grp", "peak d", "peak dl"));
+  out(fmt::format("{:>6} {:>4} | {}{:>8} | {:>9} {:>9} {:>9} | {:>8} {:>8} | {:>7} {:>7}", "tokens",
+                  "E", head, "dropless", "grp/dense", "loop/grp", "dl/dense", "floor", "dl/floor",
+                  "peak d", "peak dl"));
   for (int64_t T : a.tokens)
     for (int64_t E : a.experts)
       if (a.top_k <= E) layer_row(a, layers, T, E, all, out);
@@ -185,32 +213,144 @@ void attention_table(const Args& a, Json& all, const Print& out) {
   }
 }
 
+sw::SmallGemmBackend backend_named(const std::string& name) {
+  if (name == "blas") return sw::SmallGemmBackend::Blas;
+  if (name == "off") return sw::SmallGemmBackend::Off;
+  return sw::SmallGemmBackend::Kernel;
+}
+
+double median_of(std::vector<double> v) {
+  std::sort(v.begin(), v.end());
+  const size_t n = v.size();
+  return n % 2 ? v[n / 2] : 0.5 * (v[n / 2 - 1] + v[n / 2]);
+}
+
+// One training configuration of the table, measured once per round.
+struct TrainRow {
+  int64_t experts = 0;
+  std::string gemm;
+  sw::Config cfg;
+  std::vector<sw::TrainResult> runs;
+  std::vector<double> bandwidths;
+};
+
+struct Shape {
+  int64_t experts = 1, d_expert = 0, top_k = 1;
+};
+
+// "E" (width --train-d-expert, --top-k) or "E:F:k"; throws sw::Error naming the entry.
+Shape parse_shape(const std::string& spec, const Args& a) {
+  Shape s{0, a.d_expert, a.top_k};
+  std::vector<int64_t> parts;
+  size_t start = 0;
+  try {
+    while (true) {
+      const size_t colon = spec.find(':', start);
+      const std::string part = spec.substr(start, colon - start);
+      size_t used = 0;
+      parts.push_back(std::stoll(part, &used));
+      if (used != part.size() || parts.back() < 0) throw std::invalid_argument(part);
+      if (colon == std::string::npos) break;
+      start = colon + 1;
+    }
+  } catch (const std::exception&) {
+    parts.clear();
+  }
+  if ((parts.size() != 1 && parts.size() != 3) || parts[0] < 1 ||
+      (parts.size() == 3 && parts[2] < 1))
+    throw sw::Error(fmt::format(
+        "--train-experts: '{}' is not an expert count E or E:F:k (e.g. 64 or 64:32:16)", spec));
+  s.experts = parts[0];
+  if (parts.size() == 3) {
+    s.d_expert = parts[1];
+    s.top_k = parts[2];
+  }
+  return s;
+}
+
+std::vector<TrainRow> train_rows(const Args& a) {
+  std::vector<TrainRow> rows;
+  for (const std::string& spec : a.train_experts)
+    for (const std::string& gemm : a.expert_gemm) {
+      const Shape shape = parse_shape(spec, a);
+      TrainRow row;
+      row.experts = shape.experts;
+      row.gemm = gemm;
+      sw::Config& cfg = row.cfg;
+      cfg.data.path = a.data;
+      cfg.moe.n_experts = shape.experts;
+      cfg.moe.top_k = std::min(shape.top_k, shape.experts);
+      cfg.moe.d_expert = shape.d_expert;
+      cfg.train.micro_batches = a.micro_batches;
+      cfg.train.steps = a.train_steps;
+      cfg.train.warmup = std::min<int64_t>(cfg.train.warmup, a.train_steps);
+      cfg.train.eval_every = a.train_steps;
+      cfg.train.eval_batches = 1;
+      cfg.train.threads = a.threads;
+      rows.push_back(row);
+    }
+  return rows;
+}
+
+// The row's medians over its rounds, as one record (floors at the median bandwidth).
+Json train_row_json(const TrainRow& row) {
+  auto med = [&](double sw::TrainResult::*field) {
+    std::vector<double> v;
+    for (const auto& r : row.runs)
+      v.push_back(r.*field);
+    return median_of(v);
+  };
+  sw::TrainResult m = row.runs.front();
+  m.median_ms = med(&sw::TrainResult::median_ms);
+  m.median_forward_ms = med(&sw::TrainResult::median_forward_ms);
+  m.median_backward_ms = med(&sw::TrainResult::median_backward_ms);
+  m.median_optimizer_ms = med(&sw::TrainResult::median_optimizer_ms);
+  m.ms_per_step = med(&sw::TrainResult::ms_per_step);
+  m.tokens_per_s = med(&sw::TrainResult::tokens_per_s);
+  const double bandwidth = median_of(row.bandwidths);
+  Json j = sw::to_json(m, row.cfg, bandwidth);
+  j["expert_gemm"] = row.gemm;
+  j["triad_bytes_per_s"] = bandwidth;
+  j["rounds"] = row.runs.size();
+  return j;
+}
+
 void train_table(const Args& a, Json& all, const Print& out) {
-  out(fmt::format("\nTraining steps of the default model ({} steps each, no checkpoints):",
-                  a.train_steps));
-  out(fmt::format("{:>4} | {:>9} {:>9} {:>10} | {:>8} {:>8} {:>8} | {:>10} {:>10}", "E",
-                  "median ms", "mean ms", "tokens/s", "forward", "backward", "optim", "params",
-                  "active"));
-  double base_tok_s = 0;
-  for (int64_t E : a.train_experts) {
-    sw::Config cfg;
-    cfg.data.path = a.data;
-    cfg.moe.n_experts = E;
-    cfg.moe.top_k = std::min(a.top_k, E);
-    cfg.train.steps = a.train_steps;
-    cfg.train.warmup = std::min<int64_t>(cfg.train.warmup, a.train_steps);
-    cfg.train.eval_every = a.train_steps;
-    cfg.train.eval_batches = 1;
-    cfg.train.threads = a.threads;
-    const sw::TrainResult r = sw::bench_train(cfg);
-    all.push_back(sw::to_json(r, cfg));
-    if (base_tok_s == 0) base_tok_s = r.tokens_per_s;
-    out(
-        fmt::format("{:>4} | {:9.1f} {:9.1f} {:10.0f} | {:8.1f} {:8.1f} {:8.1f} | {:>10} "
-                    "{:>10}   ({:.2f}x of E={})",
-                    E, r.median_ms, r.ms_per_step, r.tokens_per_s, r.median_forward_ms,
-                    r.median_backward_ms, r.median_optimizer_ms, r.params_total, r.params_active,
-                    r.tokens_per_s / base_tok_s, a.train_experts.front()));
+  out(
+      fmt::format("\nTraining steps of the default model ({} steps each, {} micro-batches, no "
+                  "checkpoints; every row once per round, {} rounds, medians); x floor = the "
+                  "phase's time over the time its least memory traffic takes at the triad "
+                  "bandwidth (measured before each run):",
+                  a.train_steps, a.micro_batches, a.rounds));
+  std::vector<TrainRow> rows = train_rows(a);
+  for (int round = 0; round < a.rounds; ++round)
+    for (TrainRow& row : rows) {  // taking turns, so that the machine's drift hits every row
+      sw::set_small_gemm_backend(backend_named(row.gemm));
+      row.bandwidths.push_back(sw::triad_bandwidth());
+      row.runs.push_back(sw::bench_train(row.cfg));
+    }
+  sw::set_small_gemm_backend(sw::SmallGemmBackend::Kernel);
+  out(
+      fmt::format("{:>4} {:>4} {:>3} {:>6} | {:>9} {:>9} {:>10} | {:>8} {:>8} {:>8} | {:>7} "
+                  "{:>7} {:>7} | {:>10} {:>10}",
+                  "E", "F", "k", "gemm", "median ms", "mean ms", "tokens/s", "forward", "backward",
+                  "optim", "x floor", "x floor", "x floor", "params", "active"));
+  double base_ms = 0;
+  for (const TrainRow& row : rows) {
+    const Json j = train_row_json(row);
+    all.push_back(j);
+    const double ms = j["median_ms"].get<double>(), f = j["median_forward_ms"].get<double>(),
+                 b = j["median_backward_ms"].get<double>(),
+                 o = j["median_optimizer_ms"].get<double>();
+    if (base_ms == 0) base_ms = ms;
+    out(fmt::format(
+        "{:>4} {:>4} {:>3} {:>6} | {:9.1f} {:9.1f} {:10.0f} | {:8.1f} {:8.1f} {:8.1f} | "
+        "{:7.2f} {:7.2f} {:7.2f} | {:>10} {:>10}   ({:.2f}x the first row's step)",
+        row.experts, row.cfg.expert_width(), row.cfg.moe.top_k, row.gemm, ms,
+        j["mean_ms"].get<double>(), j["tokens_per_s"].get<double>(), f, b, o,
+        f / j["floor_forward_ms"].get<double>(), b / j["floor_backward_ms"].get<double>(),
+        o / j["floor_optimizer_ms"].get<double>(), j["params_total"].get<int64_t>(),
+        j["params_active"].get<int64_t>(), ms / base_ms));
   }
 }
 
@@ -227,6 +367,8 @@ int run(int argc, char** argv) {
   }
   try {  // arguments the parser cannot check
     chosen_layers(a.strategies);
+    for (const std::string& spec : a.train_experts)
+      parse_shape(spec, a);
     if (!a.no_attention && a.d_model % a.n_heads != 0)
       throw sw::Error(
           fmt::format("--n-heads {} does not divide --d-model {}", a.n_heads, a.d_model));
@@ -241,7 +383,16 @@ int run(int argc, char** argv) {
     const Print out = [&](const std::string& line) {
       if (!a.json) std::cout << line << std::endl;
     };
-    out(fmt::format("threads: {}", n_threads));
+    sw::set_small_gemm_backend(backend_named(a.expert_gemm.front()));  // the layer table's
+    a.bandwidth = sw::triad_bandwidth();
+    out(
+        fmt::format("threads: {}; memory bandwidth (triad): {:.1f} GB/s; small-matrix "
+                    "products: {}",
+                    n_threads, a.bandwidth / 1e9, sw::small_gemm_name()));
+    all.push_back({{"kind", "machine"},
+                   {"threads", n_threads},
+                   {"triad_bytes_per_s", a.bandwidth},
+                   {"small_gemm", sw::small_gemm_name()}});
     if (!a.no_layer) layer_table(a, all, out);
     if (!a.no_attention) attention_table(a, all, out);
     if (!a.no_train) train_table(a, all, out);
