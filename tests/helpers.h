@@ -11,6 +11,7 @@
 #include <doctest/doctest.h>
 
 #include "config/config.h"
+#include "model/small_gemm.h"
 #include "util/error.h"
 
 namespace test {
@@ -83,6 +84,18 @@ inline std::string source_path(const std::string& rel) {
 }
 
 // configs/tiny.json pointed at the test data.
+// Sets the small-matrix backend while it lives and restores the one before, also when a
+// check throws.
+struct BackendScope {
+  explicit BackendScope(sw::SmallGemmBackend b) : before(sw::small_gemm_backend()) {
+    sw::set_small_gemm_backend(b);
+  }
+  ~BackendScope() { sw::set_small_gemm_backend(before); }
+  BackendScope(const BackendScope&) = delete;
+  BackendScope& operator=(const BackendScope&) = delete;
+  sw::SmallGemmBackend before;
+};
+
 inline sw::Config tiny_config() {
   sw::Config c;
   sw::apply_file(c, source_path("configs/tiny.json"));

@@ -189,10 +189,16 @@ TEST_CASE("switch-bench: --json elements carry the documented keys") {
       CHECK(e["tokens_per_s"].get<double>() > 0);
       for (const char* key : {"floor_forward_ms", "floor_backward_ms", "floor_optimizer_ms"})
         CHECK_MESSAGE(e[key].get<double>() > 0, key);
-      // The optimizer's floor is 7 floats per parameter, the forward's one per micro-batch.
-      CHECK(e["floor_optimizer_ms"].get<double>() ==
-            doctest::Approx(7.0 / e["micro_batches"].get<double>() *
-                            e["floor_forward_ms"].get<double>()));
+      // The floors from the parameter count and the bandwidth measured before the row:
+      // the optimizer 7 floats per parameter, the forward one per micro-batch.
+      const double params = e["params_total"].get<double>();
+      const double per_ms = e["triad_bytes_per_s"].get<double>() / 1000.0;
+      CHECK(e["floor_optimizer_ms"].get<double>() == doctest::Approx(7 * 4 * params / per_ms));
+      CHECK(e["floor_forward_ms"].get<double>() ==
+            doctest::Approx(2 * 4 * params / per_ms));  // 2 micro-batches (the default)
+      CHECK(e["floor_backward_ms"].get<double>() == doctest::Approx(3 * 4 * params / per_ms));
+      CHECK(e["micro_batches"] == 2);
+      CHECK(e["expert_gemm"] == "kernel");
     }
   }
   CHECK(strategies == std::set<std::string>{"dense", "loop", "capacity", "grouped"});
@@ -207,6 +213,16 @@ TEST_CASE("switch-bench: --json elements carry the documented keys") {
   r = test::run(kBench + " --strategies magic --no-train");
   CHECK(r.rc == 2);
   CHECK(test::contains(r.output, "unknown strategy 'magic'"));
+  for (const char* spec : {"0", "4x", "4:512", "4:512:5", "+8", "4:-1:1", "2097153"}) {
+    r = test::run(kBench + " --no-layer --no-attention --train-experts " + spec);
+    CAPTURE(spec);
+    CHECK(r.rc == 2);
+    CHECK(test::contains(r.output, std::string("--train-experts: '") + spec +
+                                       "' is not an expert count E or E:F:k"));
+  }
+  r = test::run(kBench + " --no-layer --no-attention --expert-gemm fast");
+  CHECK(r.rc == 2);
+  CHECK(test::contains(r.output, "--expert-gemm"));
   r = test::run(kBench + " --no-layer --no-train --d-model 30 --n-heads 4");
   CHECK(r.rc == 2);
   CHECK(test::contains(r.output, "--n-heads 4 does not divide --d-model 30"));

@@ -148,7 +148,7 @@ TEST_CASE("loop, capacity and grouped agree: top-k x drop policy x dropping x sc
   // with many rows take), forced, and the small-matrix products on the BLAS.
   for (auto backend : {sw::SmallGemmBackend::Off, sw::SmallGemmBackend::Blas})
     for (int64_t k : {1, 2}) {
-      sw::set_small_gemm_backend(backend);
+      const test::BackendScope scope(backend);
       sw::MoeConfig m = base_moe(4, k);
       CAPTURE(k);
       CAPTURE(sw::small_gemm_name());
@@ -156,7 +156,6 @@ TEST_CASE("loop, capacity and grouped agree: top-k x drop policy x dropping x sc
       worst = std::max(worst, check_all_strategies(m, 24, 8, 12, nullptr, sw::Activation::Swiglu));
       cases += 2;
     }
-  sw::set_small_gemm_backend(sw::SmallGemmBackend::Kernel);
   MESSAGE(cases << " configurations, max abs difference to the loop over outputs and all "
                    "gradients: "
                 << worst);
@@ -273,7 +272,7 @@ TEST_CASE("grouped operation: backward against central finite differences (float
   const char* names[] = {"x", "w_in", "b_in", "w_out", "b_out"};
   for (const auto& choice : sw::choices<sw::Activation>())
     for (auto backend : {sw::SmallGemmBackend::Kernel, sw::SmallGemmBackend::Off}) {
-      sw::set_small_gemm_backend(backend);
+      const test::BackendScope scope(backend);
       const std::string path = sw::small_gemm_name() == "off" ? "matmul per expert" : "small";
       CAPTURE(path);
       torch::Tensor R = torch::randn({N, D}, opts);
@@ -315,7 +314,6 @@ TEST_CASE("grouped operation: backward against central finite differences (float
       MESSAGE(std::string(choice.name)
               << ", " << path << ": max |analytic - finite difference| = " << worst);
     }
-  sw::set_small_gemm_backend(sw::SmallGemmBackend::Kernel);
 }
 
 TEST_CASE("weights trained with one strategy run with every other") {
@@ -399,9 +397,8 @@ double check_small_gemm_shape(int64_t m, int64_t n, int64_t k) {
 
 TEST_CASE("small-matrix kernels: every tile shape and tail against float64, on each backend") {
   torch::manual_seed(3);
-  const sw::SmallGemmBackend before = sw::small_gemm_backend();
   for (sw::SmallGemmBackend backend : {sw::SmallGemmBackend::Kernel, sw::SmallGemmBackend::Blas}) {
-    sw::set_small_gemm_backend(backend);
+    const test::BackendScope scope(backend);
     const std::string name = sw::small_gemm_name();
     double worst = 0;
     for (int64_t m : {1, 2, 5, 6, 7, 13, 40})
@@ -417,7 +414,6 @@ TEST_CASE("small-matrix kernels: every tile shape and tail against float64, on e
         }
     MESSAGE(name << ": max error against float64, relative to the largest value = " << worst);
   }
-  sw::set_small_gemm_backend(before);
   if (__builtin_cpu_supports("avx512f")) CHECK(sw::small_gemm_name() == "kernel (AVX-512)");
 }
 
@@ -500,4 +496,48 @@ TEST_CASE("deferred weight gradients: one product over the micro-batches, in the
     CHECK(torch::equal(added[j], single[j] + 1));
   }
   ex->defer_weight_grads(false);
+}
+
+TEST_CASE("small-matrix kernels: row strides wider than the rows, and empty weight gradients") {
+  torch::manual_seed(4);
+  for (sw::SmallGemmBackend backend : {sw::SmallGemmBackend::Kernel, sw::SmallGemmBackend::Blas}) {
+    const test::BackendScope scope(backend);
+    CAPTURE(sw::small_gemm_name());
+    const int64_t m = 7, n = 70, k = 19;
+    // Each operand inside a wider buffer; the padding columns must come out untouched.
+    const torch::Tensor Abuf = torch::randn({m, k + 3}), Bbuf = torch::randn({k, n + 5});
+    const torch::Tensor Btbuf = torch::randn({n, k + 2});
+    const torch::Tensor A = Abuf.narrow(1, 0, k), B = Bbuf.narrow(1, 0, n);
+    const torch::Tensor Bt = Btbuf.narrow(1, 0, k);
+    torch::Tensor Cbuf = torch::full({m, n + 2}, 7.0f);
+    sw::rows_mm<float>(m, n, k, Abuf.data_ptr<float>(), k + 3, Bbuf.data_ptr<float>(), n + 5,
+                       nullptr, Cbuf.data_ptr<float>(), n + 2);
+    CHECK(torch::allclose(Cbuf.narrow(1, 0, n), torch::matmul(A, B), 1e-5, 1e-5));
+    CHECK(torch::equal(Cbuf.narrow(1, n, 2), torch::full({m, 2}, 7.0f)));
+    Cbuf.fill_(7.0f);
+    sw::rows_mm_bt<float>(m, n, k, Abuf.data_ptr<float>(), k + 3, Btbuf.data_ptr<float>(), k + 2,
+                          Cbuf.data_ptr<float>(), n + 2);
+    CHECK(torch::allclose(Cbuf.narrow(1, 0, n), torch::matmul(A, Bt.t()), 1e-5, 1e-5));
+    CHECK(torch::equal(Cbuf.narrow(1, n, 2), torch::full({m, 2}, 7.0f)));
+    // Weight gradients with strided rows and a block of no rows.
+    const torch::Tensor Gbuf = torch::randn({m, n + 4});
+    const std::vector<sw::RowPair<float>> pairs = {
+        {Abuf.data_ptr<float>(), Gbuf.data_ptr<float>(), 0, k + 3, n + 4},
+        {Abuf.data_ptr<float>(), Gbuf.data_ptr<float>(), m, k + 3, n + 4}};
+    torch::Tensor Wbuf = torch::full({k, n + 1}, 7.0f), b = torch::full({n}, 7.0f);
+    sw::weight_grad<float>(pairs, k, n, Wbuf.data_ptr<float>(), n + 1, b.data_ptr<float>(), false);
+    const torch::Tensor G = Gbuf.narrow(1, 0, n);
+    CHECK(torch::allclose(Wbuf.narrow(1, 0, n), torch::matmul(A.t(), G), 1e-5, 1e-5));
+    CHECK(torch::equal(Wbuf.narrow(1, n, 1), torch::full({k, 1}, 7.0f)));
+    CHECK(torch::allclose(b, G.sum(0), 1e-5, 1e-5));
+    // No rows at all: zeros when overwriting, nothing added when accumulating.
+    const std::vector<sw::RowPair<float>> none;
+    torch::Tensor W = torch::full({k, n}, 7.0f), b2 = torch::full({n}, 7.0f);
+    sw::weight_grad<float>(none, k, n, W.data_ptr<float>(), n, b2.data_ptr<float>(), true);
+    CHECK(torch::equal(W, torch::full({k, n}, 7.0f)));
+    CHECK(torch::equal(b2, torch::full({n}, 7.0f)));
+    sw::weight_grad<float>(none, k, n, W.data_ptr<float>(), n, b2.data_ptr<float>(), false);
+    CHECK(torch::equal(W, torch::zeros({k, n})));
+    CHECK(torch::equal(b2, torch::zeros({n})));
+  }
 }

@@ -216,7 +216,8 @@ StepBytes step_floor_bytes(int64_t params, int64_t micro_batches) {
 double layer_floor_bytes(const LayerCase& c) {
   const int64_t F = c.strategy ? c.d_ff : c.d_ff * c.top_k;  // dense: width d_ff * top_k
   const int64_t n = c.strategy ? c.experts : 1;
-  return 3.0 * 4.0 * static_cast<double>(n * (2 * c.d_model * F + F + c.d_model));
+  const int64_t used = std::min(n, c.tokens * c.top_k);  // experts that can receive rows
+  return 4.0 * static_cast<double>((2 * used + n) * (2 * c.d_model * F + F + c.d_model));
 }
 
 TrainResult bench_train(const Config& cfg) {

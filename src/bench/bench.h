@@ -49,7 +49,9 @@ AttentionResult bench_attention(int64_t tokens, int64_t seq_len, int64_t d_model
 
 // The machine's memory bandwidth as the STREAM triad measures it (a = b + s c on float
 // arrays far larger than the caches, every thread taking a share): bytes of the three arrays
-// per second, the best of `reps` passes.
+// per second, the best of `reps` passes. STREAM's convention: the hardware also reads `a`
+// before writing it (write-allocate), so it moves 4/3 of what is counted; the floors count
+// the same way (a byte written counts once).
 double triad_bandwidth(int reps = 10, int64_t floats_per_array = int64_t{1} << 24);
 
 // The least a training step's phases must move through memory, in bytes, for `params`
@@ -61,8 +63,8 @@ struct StepBytes {
 };
 StepBytes step_floor_bytes(int64_t params, int64_t micro_batches);
 
-// One MoE layer's forward + backward: its expert weights read twice, their gradients
-// written once (what a layer of E experts must move at least).
+// One MoE layer's forward + backward: the weights of the experts that can receive rows
+// read twice, every expert's gradient written once (what a layer must move at least).
 double layer_floor_bytes(const LayerCase& c);
 
 struct TrainResult {

@@ -1,6 +1,7 @@
 // switch-bench: times the expert computation per strategy against a dense FFN of the same
 // active width, and full training steps. CLI wiring and table printing only.
 #include <algorithm>
+#include <cctype>
 #include <functional>
 #include <iostream>
 #include <map>
@@ -154,26 +155,28 @@ void layer_row(const Args& a, const std::vector<std::optional<sw::Strategy>>& la
     all.push_back(sw::to_json(results[i], a.bandwidth));
   }
   auto ms = [&](const std::string& s) {
-    return row.count(s) ? fmt::format("{:8.2f}", row[s].median_ms) : std::string(8, '-');
+    return row.count(s) ? fmt::format("{:8.2f}", row.at(s).median_ms) : std::string(8, '-');
   };
   auto ratio = [&](const std::string& x, const std::string& y) {
     return row.count(x) && row.count(y)
-               ? fmt::format("{:9.2f}", row[x].median_ms / row[y].median_ms)
+               ? fmt::format("{:9.2f}", row.at(x).median_ms / row.at(y).median_ms)
                : std::string(9, '-');
   };
   auto mib = [&](const std::string& s) {
     return row.count(s)
-               ? fmt::format("{:7.1f}", (row[s].peak_bytes - row[s].param_grad_bytes) / 1048576.0)
+               ? fmt::format("{:7.1f}",
+                             (row.at(s).peak_bytes - row.at(s).param_grad_bytes) / 1048576.0)
                : std::string(7, '-');
   };
   std::string times;
   for (const auto& name : all_layer_names())
     times += ms(name) + " ";
-  const double floor_ms = 1000.0 * sw::layer_floor_bytes(row["dropless"].c) / a.bandwidth;
-  out(fmt::format("{:>6} {:>4} | {}{} | {} {} {:9.2f} | {:8.2f} {:8.2f} | {} {}", T, E, times,
+  const sw::LayerResult& dropless = row.at("dropless");  // always measured
+  const double floor_ms = 1000.0 * sw::layer_floor_bytes(dropless.c) / a.bandwidth;
+  out(fmt::format("{:>6} {:>4} | {}{} | {} {} {} | {:8.2f} {:8.2f} | {} {}", T, E, times,
                   ms("dropless"), ratio("grouped", "dense"), ratio("loop", "grouped"),
-                  row["dropless"].median_ms / row["dense"].median_ms, floor_ms,
-                  row["dropless"].median_ms / floor_ms, mib("dense"), mib("dropless")));
+                  ratio("dropless", "dense"), floor_ms, dropless.median_ms / floor_ms, mib("dense"),
+                  mib("dropless")));
 }
 
 void layer_table(const Args& a, Json& all, const Print& out) {
@@ -232,6 +235,7 @@ struct TrainRow {
   sw::Config cfg;
   std::vector<sw::TrainResult> runs;
   std::vector<double> bandwidths;
+  std::string small_gemm;  // what computed the products: small_gemm_name()
 };
 
 struct Shape {
@@ -248,18 +252,23 @@ Shape parse_shape(const std::string& spec, const Args& a) {
       const size_t colon = spec.find(':', start);
       const std::string part = spec.substr(start, colon - start);
       size_t used = 0;
+      if (part.empty() || !std::isdigit(static_cast<unsigned char>(part[0])))
+        throw std::invalid_argument(part);
       parts.push_back(std::stoll(part, &used));
-      if (used != part.size() || parts.back() < 0) throw std::invalid_argument(part);
+      if (used != part.size()) throw std::invalid_argument(part);
       if (colon == std::string::npos) break;
       start = colon + 1;
     }
   } catch (const std::exception&) {
     parts.clear();
   }
-  if ((parts.size() != 1 && parts.size() != 3) || parts[0] < 1 ||
-      (parts.size() == 3 && parts[2] < 1))
+  const int64_t most = int64_t{1} << 20;
+  if ((parts.size() != 1 && parts.size() != 3) || parts[0] < 1 || parts[0] > most ||
+      (parts.size() == 3 && (parts[1] > most || parts[2] < 1 || parts[2] > parts[0])))
     throw sw::Error(fmt::format(
-        "--train-experts: '{}' is not an expert count E or E:F:k (e.g. 64 or 64:32:16)", spec));
+        "--train-experts: '{}' is not an expert count E or E:F:k (1 <= E <= 2^20, width F "
+        "<= 2^20 with 0 for d_ff, 1 <= k <= E; e.g. 64 or 64:32:16)",
+        spec));
   s.experts = parts[0];
   if (parts.size() == 3) {
     s.d_expert = parts[1];
@@ -310,6 +319,7 @@ Json train_row_json(const TrainRow& row) {
   const double bandwidth = median_of(row.bandwidths);
   Json j = sw::to_json(m, row.cfg, bandwidth);
   j["expert_gemm"] = row.gemm;
+  j["small_gemm"] = row.small_gemm;
   j["triad_bytes_per_s"] = bandwidth;
   j["rounds"] = row.runs.size();
   return j;
@@ -326,6 +336,7 @@ void train_table(const Args& a, Json& all, const Print& out) {
   for (int round = 0; round < a.rounds; ++round)
     for (TrainRow& row : rows) {  // taking turns, so that the machine's drift hits every row
       sw::set_small_gemm_backend(backend_named(row.gemm));
+      row.small_gemm = sw::small_gemm_name();
       row.bandwidths.push_back(sw::triad_bandwidth());
       row.runs.push_back(sw::bench_train(row.cfg));
     }

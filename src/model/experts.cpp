@@ -164,7 +164,7 @@ struct GroupedFFNFunction : torch::autograd::Function<GroupedFFNFunction> {
         torch::addmm_out(out, b_in[e], x.slice(0, lo, hi), w_in[e]);
       });
     }
-    torch::Tensor h = activate(h_pre, act);
+    torch::Tensor h = activate(h_pre, act).contiguous();
     torch::Tensor y = torch::empty({N, D}, x.options());
     if (few) {
       AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "grouped_ffn", [&] {
@@ -203,13 +203,19 @@ struct GroupedFFNFunction : torch::autograd::Function<GroupedFFNFunction> {
     const torch::Tensor gh_pre = activation_backward(gh, h_pre, act).contiguous();
     torch::Tensor gx = torch::empty_like(x);
     const at::IValue deferred = ctx->saved_data["deferred"];
-    if (deferred.isCapsule()) {  // the weight gradients wait for the step's other rows
+    bool weights = false;  // whether the weights' gradients are wanted at all
+    for (size_t i = 1; i <= 4; ++i)
+      weights = weights || ctx->needs_input_grad(i);
+    if (deferred.isCapsule() || !weights) {
       AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "grouped_ffn_backward", [&] {
         few_rows_grad_x<scalar_t>(x, gh_pre, h, gy, w_in, offsets, gx, nullptr);
       });
-      auto stash = c10::static_intrusive_pointer_cast<DeferredGrads>(deferred.toCapsule());
-      const std::lock_guard<std::mutex> lock(stash->mutex);
-      stash->parts.push_back({ctx->saved_data["micro_batch"].toInt(), x, gh_pre, h, gy, offsets});
+      if (weights) {  // they wait for the step's other rows (detached: the graph can go)
+        auto stash = c10::static_intrusive_pointer_cast<DeferredGrads>(deferred.toCapsule());
+        const std::lock_guard<std::mutex> lock(stash->mutex);
+        stash->parts.push_back({ctx->saved_data["micro_batch"].toInt(), x.detach(), gh_pre.detach(),
+                                h.detach(), gy.detach(), offsets});
+      }
       return {gx, none, none, none, none, none, none, none};
     }
     const int64_t E = w_in.size(0);

@@ -80,7 +80,9 @@ struct ExpertsImpl : torch::nn::Module {
 
   // Training: hold back the grouped strategy's weight gradients of few-row segments until
   // flush_weight_grads, which adds them to the parameters' .grad (creating it if need be),
-  // one product per expert over every micro-batch since the last flush.
+  // one product per expert over every micro-batch since the last flush. Whoever turns this
+  // on flushes after every backward (train_step does); a graph built before a change of
+  // the setting keeps the setting it was built with.
   void defer_weight_grads(bool on);
   void flush_weight_grads();
 

@@ -1,7 +1,5 @@
 #include "model/small_gemm.h"
 
-// GCC 12's _mm512_reduce_add_ps reads an undefined vector on purpose (GCC bug 105593).
-#pragma GCC diagnostic ignored "-Wuninitialized"
 #include <immintrin.h>
 
 #include <array>
@@ -79,6 +77,10 @@ SW_AVX512 void mm_tile(int64_t k, const float* A, int64_t lda, const float* B, i
       store(C + i * ldc + 16 * v, acc[i][v], v == NV - 1, last);
 }
 
+// GCC 12's _mm512_reduce_add_ps reads an undefined vector on purpose (GCC bug 105593).
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wuninitialized"
+
 // C[MR, NR] = A[MR, k] B[NR, k]^T: dot products along k, 16 lanes at a time, each summed
 // across its lanes at the end.
 template <int MR, int NR>
@@ -112,6 +114,8 @@ SW_AVX512 void mm_bt_tile(int64_t k, const float* A, int64_t lda, const float* B
     for (int j = 0; j < NR; ++j)
       C[i * ldc + j] = _mm512_reduce_add_ps(acc[i][j]);
 }
+
+#pragma GCC diagnostic pop
 
 // W[KR, 16 NV] (=|+=) sum over the pairs' rows of a_i[KR]^T g_i[16 NV]: the gradient rows
 // stay in cache while W is written once.

@@ -53,4 +53,24 @@ template <typename T>
 void weight_grad(const std::vector<RowPair<T>>& pairs, int64_t k, int64_t n, T* W, int64_t ldw,
                  T* b, bool accumulate);
 
+// The types they are defined for.
+template <>
+void rows_mm<float>(int64_t, int64_t, int64_t, const float*, int64_t, const float*, int64_t,
+                    const float*, float*, int64_t);
+template <>
+void rows_mm<double>(int64_t, int64_t, int64_t, const double*, int64_t, const double*, int64_t,
+                     const double*, double*, int64_t);
+template <>
+void rows_mm_bt<float>(int64_t, int64_t, int64_t, const float*, int64_t, const float*, int64_t,
+                       float*, int64_t);
+template <>
+void rows_mm_bt<double>(int64_t, int64_t, int64_t, const double*, int64_t, const double*, int64_t,
+                        double*, int64_t);
+template <>
+void weight_grad<float>(const std::vector<RowPair<float>>&, int64_t, int64_t, float*, int64_t,
+                        float*, bool);
+template <>
+void weight_grad<double>(const std::vector<RowPair<double>>&, int64_t, int64_t, double*, int64_t,
+                         double*, bool);
+
 }  // namespace sw
