@@ -21,13 +21,13 @@
 
 namespace sw {
 
-namespace {
-
 double median(std::vector<double> v) {
   std::sort(v.begin(), v.end());
   const size_t n = v.size();
   return n % 2 ? v[n / 2] : 0.5 * (v[n / 2 - 1] + v[n / 2]);
 }
+
+namespace {
 
 int64_t grad_bytes(torch::nn::Module& m) {
   int64_t n = 0;

@@ -12,6 +12,9 @@
 
 namespace sw {
 
+// The median of v (the mean of the middle two for an even count); v non-empty.
+double median(std::vector<double> v);
+
 struct LayerCase {
   std::optional<Strategy> strategy;  // none: the dense FFN of the same active width
   int64_t experts = 1, tokens = 1024, d_model = 128, d_ff = 512, top_k = 1;

@@ -222,12 +222,6 @@ sw::SmallGemmBackend backend_named(const std::string& name) {
   return sw::SmallGemmBackend::Kernel;
 }
 
-double median_of(std::vector<double> v) {
-  std::sort(v.begin(), v.end());
-  const size_t n = v.size();
-  return n % 2 ? v[n / 2] : 0.5 * (v[n / 2 - 1] + v[n / 2]);
-}
-
 // One training configuration of the table, measured once per round.
 struct TrainRow {
   int64_t experts = 0;
@@ -307,7 +301,7 @@ Json train_row_json(const TrainRow& row) {
     std::vector<double> v;
     for (const auto& r : row.runs)
       v.push_back(r.*field);
-    return median_of(v);
+    return sw::median(v);
   };
   sw::TrainResult m = row.runs.front();
   m.median_ms = med(&sw::TrainResult::median_ms);
@@ -316,7 +310,7 @@ Json train_row_json(const TrainRow& row) {
   m.median_optimizer_ms = med(&sw::TrainResult::median_optimizer_ms);
   m.ms_per_step = med(&sw::TrainResult::ms_per_step);
   m.tokens_per_s = med(&sw::TrainResult::tokens_per_s);
-  const double bandwidth = median_of(row.bandwidths);
+  const double bandwidth = sw::median(row.bandwidths);
   Json j = sw::to_json(m, row.cfg, bandwidth);
   j["expert_gemm"] = row.gemm;
   j["small_gemm"] = row.small_gemm;

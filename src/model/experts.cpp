@@ -70,28 +70,31 @@ bool few_rows(const std::vector<int64_t>& offsets, const torch::Tensor& w_in) {
 thread_local int64_t t_micro_batch = 0;
 
 // The few-rows path's products, on raw memory; each expert's rows on one thread.
-// h_pre = x W_in + b_in for every expert's rows.
+// out = x W[e] + b[e] for every expert e's rows (W: [E, K, N]).
 template <typename T>
-void few_rows_in(const torch::Tensor& x, const torch::Tensor& w_in, const torch::Tensor& b_in,
-                 const std::vector<int64_t>& offsets, torch::Tensor& h_pre) {
-  const int64_t D = x.size(1), F_in = w_in.size(2);
-  const T *xp = x.data_ptr<T>(), *wp = w_in.data_ptr<T>(), *bp = b_in.data_ptr<T>();
-  T* hp = h_pre.data_ptr<T>();
+void few_rows_linear(const torch::Tensor& x, const torch::Tensor& w, const torch::Tensor& b,
+                     const std::vector<int64_t>& offsets, torch::Tensor& out) {
+  const int64_t K = w.size(1), N = w.size(2);
+  const T *xp = x.data_ptr<T>(), *wp = w.data_ptr<T>(), *bp = b.data_ptr<T>();
+  T* op = out.data_ptr<T>();
   for_each_expert(offsets, false, [&](int64_t e, int64_t lo, int64_t hi) {
-    rows_mm<T>(hi - lo, F_in, D, xp + lo * D, D, wp + e * D * F_in, F_in, bp + e * F_in,
-               hp + lo * F_in, F_in);
+    rows_mm<T>(hi - lo, N, K, xp + lo * K, K, wp + e * K * N, N, bp + e * N, op + lo * N, N);
   });
 }
 
-// y = h W_out + b_out for every expert's rows.
-template <typename T>
-void few_rows_out(const torch::Tensor& h, const torch::Tensor& w_out, const torch::Tensor& b_out,
-                  const std::vector<int64_t>& offsets, torch::Tensor& y) {
-  const int64_t F = h.size(1), D = w_out.size(2);
-  const T *hp = h.data_ptr<T>(), *wp = w_out.data_ptr<T>(), *bp = b_out.data_ptr<T>();
-  T* yp = y.data_ptr<T>();
+// out = x W[e] + b[e] for every expert e's rows, on the few-rows path or by a LibTorch
+// matmul per expert.
+void expert_linear(const torch::Tensor& x, const torch::Tensor& w, const torch::Tensor& b,
+                   const std::vector<int64_t>& offsets, bool few, torch::Tensor& out) {
+  if (few) {
+    AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "grouped_ffn", [&] {
+      few_rows_linear<scalar_t>(x, w, b.contiguous(), offsets, out);
+    });
+    return;
+  }
   for_each_expert(offsets, false, [&](int64_t e, int64_t lo, int64_t hi) {
-    rows_mm<T>(hi - lo, D, F, hp + lo * F, F, wp + e * F * D, D, bp + e * D, yp + lo * D, D);
+    torch::Tensor rows = out.slice(0, lo, hi);
+    torch::addmm_out(rows, b[e], x.slice(0, lo, hi), w[e]);
   });
 }
 
@@ -154,28 +157,10 @@ struct GroupedFFNFunction : torch::autograd::Function<GroupedFFNFunction> {
     const bool few = few_rows(offsets, w_in);
     torch::Tensor x = x_ND.contiguous();
     torch::Tensor h_pre = torch::empty({N, F_in}, x.options());
-    if (few) {
-      AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "grouped_ffn", [&] {
-        few_rows_in<scalar_t>(x, w_in, b_in.contiguous(), offsets, h_pre);
-      });
-    } else {
-      for_each_expert(offsets, false, [&](int64_t e, int64_t lo, int64_t hi) {
-        torch::Tensor out = h_pre.slice(0, lo, hi);
-        torch::addmm_out(out, b_in[e], x.slice(0, lo, hi), w_in[e]);
-      });
-    }
+    expert_linear(x, w_in, b_in, offsets, few, h_pre);
     torch::Tensor h = activate(h_pre, act).contiguous();
     torch::Tensor y = torch::empty({N, D}, x.options());
-    if (few) {
-      AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "grouped_ffn", [&] {
-        few_rows_out<scalar_t>(h, w_out, b_out.contiguous(), offsets, y);
-      });
-    } else {
-      for_each_expert(offsets, false, [&](int64_t e, int64_t lo, int64_t hi) {
-        torch::Tensor out = y.slice(0, lo, hi);
-        torch::addmm_out(out, b_out[e], h.slice(0, lo, hi), w_out[e]);
-      });
-    }
+    expert_linear(h, w_out, b_out, offsets, few, y);
     ctx->save_for_backward({x, w_in, w_out, h_pre, h});
     ctx->saved_data["offsets"] = offsets;
     ctx->saved_data["act"] = act_id;
