@@ -96,6 +96,10 @@ struct BackendScope {
   sw::SmallGemmBackend before;
 };
 
+// The backends that compute the small-matrix products (all but `off`), the default first.
+inline constexpr sw::SmallGemmBackend kProductBackends[] = {
+    sw::SmallGemmBackend::Dnnl, sw::SmallGemmBackend::Kernel, sw::SmallGemmBackend::Blas};
+
 inline sw::Config tiny_config() {
   sw::Config c;
   sw::apply_file(c, source_path("configs/tiny.json"));

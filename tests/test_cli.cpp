@@ -198,7 +198,7 @@ TEST_CASE("switch-bench: --json elements carry the documented keys") {
             doctest::Approx(2 * 4 * params / per_ms));  // 2 micro-batches (the default)
       CHECK(e["floor_backward_ms"].get<double>() == doctest::Approx(3 * 4 * params / per_ms));
       CHECK(e["micro_batches"] == 2);
-      CHECK(e["expert_gemm"] == "kernel");
+      CHECK(e["expert_gemm"] == "dnnl");
     }
   }
   CHECK(strategies == std::set<std::string>{"dense", "loop", "capacity", "grouped"});

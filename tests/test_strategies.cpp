@@ -146,7 +146,8 @@ TEST_CASE("loop, capacity and grouped agree: top-k x drop policy x dropping x sc
   }
   // The grouped operation's other path (a LibTorch matmul per expert, which large experts
   // with many rows take), forced, and the small-matrix products on the BLAS.
-  for (auto backend : {sw::SmallGemmBackend::Off, sw::SmallGemmBackend::Blas})
+  for (auto backend :
+       {sw::SmallGemmBackend::Off, sw::SmallGemmBackend::Kernel, sw::SmallGemmBackend::Blas})
     for (int64_t k : {1, 2}) {
       const test::BackendScope scope(backend);
       sw::MoeConfig m = base_moe(4, k);
@@ -397,7 +398,7 @@ double check_small_gemm_shape(int64_t m, int64_t n, int64_t k) {
 
 TEST_CASE("small-matrix kernels: every tile shape and tail against float64, on each backend") {
   torch::manual_seed(3);
-  for (sw::SmallGemmBackend backend : {sw::SmallGemmBackend::Kernel, sw::SmallGemmBackend::Blas}) {
+  for (sw::SmallGemmBackend backend : test::kProductBackends) {
     const test::BackendScope scope(backend);
     const std::string name = sw::small_gemm_name();
     double worst = 0;
@@ -414,6 +415,8 @@ TEST_CASE("small-matrix kernels: every tile shape and tail against float64, on e
         }
     MESSAGE(name << ": max error against float64, relative to the largest value = " << worst);
   }
+  CHECK(sw::small_gemm_name() == "dnnl (oneDNN)");  // the default
+  const test::BackendScope scope(sw::SmallGemmBackend::Kernel);
   if (__builtin_cpu_supports("avx512f")) CHECK(sw::small_gemm_name() == "kernel (AVX-512)");
 }
 
@@ -500,7 +503,7 @@ TEST_CASE("deferred weight gradients: one product over the micro-batches, in the
 
 TEST_CASE("small-matrix kernels: row strides wider than the rows, and empty weight gradients") {
   torch::manual_seed(4);
-  for (sw::SmallGemmBackend backend : {sw::SmallGemmBackend::Kernel, sw::SmallGemmBackend::Blas}) {
+  for (sw::SmallGemmBackend backend : test::kProductBackends) {
     const test::BackendScope scope(backend);
     CAPTURE(sw::small_gemm_name());
     const int64_t m = 7, n = 70, k = 19;
@@ -539,5 +542,53 @@ TEST_CASE("small-matrix kernels: row strides wider than the rows, and empty weig
     sw::weight_grad<float>(none, k, n, W.data_ptr<float>(), n, b2.data_ptr<float>(), false);
     CHECK(torch::equal(W, torch::zeros({k, n})));
     CHECK(torch::equal(b2, torch::zeros({n})));
+  }
+}
+
+TEST_CASE("small-matrix products: the same bits wherever the operands lie, on any thread count") {
+  // A product's bits may depend on the shapes only: not on where in memory (how aligned) its
+  // operands are, nor on the threads the caller has (oneDNN is held to one).
+  torch::manual_seed(6);
+  const int64_t m = 13, n = 70, k = 37;
+  const torch::Tensor A = torch::randn({m, k}), B = torch::randn({k, n}), Bt = torch::randn({n, k});
+  const torch::Tensor G = torch::randn({m, n});
+  for (sw::SmallGemmBackend backend : test::kProductBackends) {
+    const test::BackendScope scope(backend);
+    CAPTURE(sw::small_gemm_name());
+    std::vector<torch::Tensor> first;
+    for (int64_t shift : {0, 1, 3}) {
+      for (int threads : {1, 2}) {
+        CAPTURE(shift);
+        CAPTURE(threads);
+        const int before = at::get_num_threads();
+        at::set_num_threads(threads);
+        // Each operand copied `shift` floats into a fresh buffer.
+        auto placed = [&](const torch::Tensor& t) {
+          return torch::cat({torch::zeros({shift}), t.flatten()}).narrow(0, shift, t.numel());
+        };
+        const torch::Tensor a = placed(A), b = placed(B), bt = placed(Bt), g = placed(G);
+        torch::Tensor C = torch::empty({m * n}), Ct = torch::empty({m * n});
+        torch::Tensor W = torch::empty({k * n}), bias = torch::empty({n});
+        sw::rows_mm<float>(m, n, k, a.data_ptr<float>(), k, b.data_ptr<float>(), n, nullptr,
+                           C.data_ptr<float>(), n);
+        sw::rows_mm_bt<float>(m, n, k, a.data_ptr<float>(), k, bt.data_ptr<float>(), k,
+                              Ct.data_ptr<float>(), n);
+        const std::vector<sw::RowPair<float>> pairs = {
+            {a.data_ptr<float>(), g.data_ptr<float>(), 6, k, n},
+            {a.data_ptr<float>() + 6 * k, g.data_ptr<float>() + 6 * n, m - 6, k, n}};
+        sw::weight_grad<float>(pairs, k, n, W.data_ptr<float>(), n, bias.data_ptr<float>(), false);
+        at::set_num_threads(before);
+        const std::vector<torch::Tensor> got = {C, Ct, W, bias};
+        if (first.empty()) {
+          first = got;
+          CHECK(torch::allclose(C.view({m, n}), torch::matmul(A, B), 1e-5, 1e-5));
+          continue;
+        }
+        for (size_t i = 0; i < got.size(); ++i) {
+          CAPTURE(i);
+          CHECK(torch::equal(got[i], first[i]));
+        }
+      }
+    }
   }
 }

@@ -5,6 +5,8 @@
 #include <functional>
 #include <iostream>
 #include <map>
+#include <numeric>
+#include <random>
 
 #include <fmt/format.h>
 #include <CLI/CLI.hpp>
@@ -33,7 +35,7 @@ struct Args {
   int64_t d_expert = 0, micro_batches = 2;  // training: moe.d_expert, train.micro_batches
   bool json = false, no_layer = false, no_train = false, no_attention = false;
   std::string data = "data/tinyshakespeare.txt";
-  std::vector<std::string> expert_gemm = {"kernel"};
+  std::vector<std::string> expert_gemm = {"dnnl"};
   double bandwidth = 0;  // bytes/s, measured at the start (triad)
 };
 
@@ -84,7 +86,8 @@ void add_options(CLI::App& app, Args& a) {
       ->capture_default_str()
       ->check(CLI::Range(int64_t{1}, int64_t{1} << 40));
   app.add_option("--rounds", a.rounds,
-                 "training: every row once per round, rows taking turns (medians reported)")
+                 "training: every row once per round, rows taking turns in a new order each round "
+                 "(medians reported)")
       ->capture_default_str()
       ->check(CLI::Range(1, 1000));
   app.add_option("--train-d-expert", a.d_expert, "training: moe.d_expert (0: d_ff)")
@@ -95,11 +98,11 @@ void add_options(CLI::App& app, Args& a) {
       ->check(CLI::Range(int64_t{1}, int64_t{1} << 20));
   app.add_option("--expert-gemm", a.expert_gemm,
                  "training: the grouped experts' products for few rows per expert, one row "
-                 "each of: kernel (AVX-512 where the CPU has it), blas, off (a LibTorch "
-                 "matmul per expert, as before these products)")
+                 "each of: kernel (AVX-512 where the CPU has it), dnnl (oneDNN's GEMM), blas, "
+                 "off (a LibTorch matmul per expert, as before these products)")
       ->delimiter(',')
       ->capture_default_str()
-      ->check(CLI::IsMember({"kernel", "blas", "off"}));
+      ->check(CLI::IsMember({"kernel", "dnnl", "blas", "off"}));
   app.add_option("--data", a.data, "text for the training benchmark")->capture_default_str();
   app.add_option("--threads", a.threads, "intra-op threads (0: all cores)")
       ->capture_default_str()
@@ -218,8 +221,10 @@ void attention_table(const Args& a, Json& all, const Print& out) {
 
 sw::SmallGemmBackend backend_named(const std::string& name) {
   if (name == "blas") return sw::SmallGemmBackend::Blas;
+  if (name == "dnnl") return sw::SmallGemmBackend::Dnnl;
   if (name == "off") return sw::SmallGemmBackend::Off;
-  return sw::SmallGemmBackend::Kernel;
+  if (name == "kernel") return sw::SmallGemmBackend::Kernel;
+  return sw::SmallGemmBackend::Dnnl;
 }
 
 // One training configuration of the table, measured once per round.
@@ -320,21 +325,29 @@ Json train_row_json(const TrainRow& row) {
 }
 
 void train_table(const Args& a, Json& all, const Print& out) {
-  out(
-      fmt::format("\nTraining steps of the default model ({} steps each, {} micro-batches, no "
-                  "checkpoints; every row once per round, {} rounds, medians); x floor = the "
-                  "phase's time over the time its least memory traffic takes at the triad "
-                  "bandwidth (measured before each run):",
-                  a.train_steps, a.micro_batches, a.rounds));
+  out(fmt::format(
+      "\nTraining steps of the default model ({} steps each, {} micro-batches, no "
+      "checkpoints; every row once per round in a new order, {} rounds, medians); x floor = the "
+      "phase's time over the time its least memory traffic takes at the triad "
+      "bandwidth (measured before each run):",
+      a.train_steps, a.micro_batches, a.rounds));
   std::vector<TrainRow> rows = train_rows(a);
-  for (int round = 0; round < a.rounds; ++round)
-    for (TrainRow& row : rows) {  // taking turns, so that the machine's drift hits every row
+  // Rows take turns, so that the machine's drift hits every row, in a new order each round
+  // (the first as given), so that no row always runs after the same one.
+  std::vector<size_t> order(rows.size());
+  std::iota(order.begin(), order.end(), size_t{0});
+  std::mt19937 shuffle_rng(1);
+  for (int round = 0; round < a.rounds; ++round) {
+    if (round > 0) std::shuffle(order.begin(), order.end(), shuffle_rng);
+    for (size_t i : order) {
+      TrainRow& row = rows[i];
       sw::set_small_gemm_backend(backend_named(row.gemm));
       row.small_gemm = sw::small_gemm_name();
       row.bandwidths.push_back(sw::triad_bandwidth());
       row.runs.push_back(sw::bench_train(row.cfg));
     }
-  sw::set_small_gemm_backend(sw::SmallGemmBackend::Kernel);
+  }
+  sw::set_small_gemm_backend(sw::SmallGemmBackend::Dnnl);
   out(
       fmt::format("{:>4} {:>4} {:>3} {:>6} | {:>9} {:>9} {:>10} | {:>8} {:>8} {:>8} | {:>7} "
                   "{:>7} {:>7} | {:>10} {:>10}",

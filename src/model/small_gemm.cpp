@@ -1,18 +1,27 @@
 #include "model/small_gemm.h"
 
 #include <immintrin.h>
+#include <omp.h>
 
 #include <array>
 #include <atomic>
+#include <stdexcept>
+#include <string>
 #include <vector>
 
 #include "model/blas.h"
+
+// oneDNN's row-major GEMM: LibTorch links oneDNN, so its library is always loaded; declared
+// here so that building needs no oneDNN headers (dnnl_status_t is an enum, 0 on success).
+extern "C" int dnnl_sgemm(char transa, char transb, int64_t M, int64_t N, int64_t K, float alpha,
+                          const float* A, int64_t lda, const float* B, int64_t ldb, float beta,
+                          float* C, int64_t ldc);
 
 namespace sw {
 
 namespace {
 
-std::atomic<SmallGemmBackend> g_backend{SmallGemmBackend::Kernel};
+std::atomic<SmallGemmBackend> g_backend{SmallGemmBackend::Dnnl};
 
 bool cpu_has_avx512() {
   static const bool has = __builtin_cpu_supports("avx512f");
@@ -21,6 +30,10 @@ bool cpu_has_avx512() {
 
 bool use_kernel() {
   return g_backend.load(std::memory_order_relaxed) == SmallGemmBackend::Kernel && cpu_has_avx512();
+}
+
+bool use_dnnl() {
+  return g_backend.load(std::memory_order_relaxed) == SmallGemmBackend::Dnnl;
 }
 
 // ---- The AVX-512 kernels (float, 16 lanes). Register tiles are compile-time sized; the
@@ -255,6 +268,79 @@ SW_AVX512 void kernel_weight_grad(const std::vector<RowPair<float>>& pairs, int6
   if (b) bias_grad(pairs, n, b, accumulate);
 }
 
+// ---- The oneDNN backend. oneDNN splits a product over the threads it may use, and a split
+// can change the order of a sum: outside a parallel region it is held to one thread, as it
+// is inside one, so that the bits never depend on the thread count.
+
+class OneThread {
+ public:
+  OneThread() : saved_(omp_in_parallel() ? 0 : omp_get_max_threads()) {
+    if (saved_ > 1) omp_set_num_threads(1);
+  }
+  ~OneThread() {
+    if (saved_ > 1) omp_set_num_threads(saved_);
+  }
+  OneThread(const OneThread&) = delete;
+  OneThread& operator=(const OneThread&) = delete;
+
+ private:
+  int saved_;
+};
+
+void dnnl_gemm(char ta, char tb, int64_t m, int64_t n, int64_t k, const float* A, int64_t lda,
+               const float* B, int64_t ldb, float beta, float* C, int64_t ldc) {
+  OneThread one;
+  if (dnnl_sgemm(ta, tb, m, n, k, 1.0f, A, lda, B, ldb, beta, C, ldc) != 0)
+    throw std::runtime_error("oneDNN's sgemm failed for a " + std::to_string(m) + " x " +
+                             std::to_string(n) + " x " + std::to_string(k) + " product");
+}
+
+void dnnl_mm(int64_t m, int64_t n, int64_t k, const float* A, int64_t lda, const float* B,
+             int64_t ldb, const float* bias, float* C, int64_t ldc) {
+  if (bias)
+    for (int64_t i = 0; i < m; ++i)
+      for (int64_t j = 0; j < n; ++j)
+        C[i * ldc + j] = bias[j];
+  dnnl_gemm('N', 'N', m, n, k, A, lda, B, ldb, bias ? 1.0f : 0.0f, C, ldc);
+}
+
+// Pair after pair into W (overwriting), then b.
+void dnnl_weight_grad_into(const std::vector<RowPair<float>>& pairs, int64_t k, int64_t n, float* W,
+                           int64_t ldw) {
+  bool first = true;
+  for (const RowPair<float>& s : pairs) {
+    if (s.rows == 0) continue;
+    dnnl_gemm('T', 'N', k, n, s.rows, s.a, s.lda, s.g, s.ldg, first ? 0.0f : 1.0f, W, ldw);
+    first = false;
+  }
+  if (first)
+    for (int64_t p = 0; p < k; ++p)
+      for (int64_t j = 0; j < n; ++j)
+        W[p * ldw + j] = 0;
+}
+
+void dnnl_weight_grad(const std::vector<RowPair<float>>& pairs, int64_t k, int64_t n, float* W,
+                      int64_t ldw, float* b, bool accumulate) {
+  if (!accumulate) {
+    dnnl_weight_grad_into(pairs, k, n, W, ldw);
+  } else {
+    std::vector<float> w_sum(static_cast<size_t>(k * n));
+    dnnl_weight_grad_into(pairs, k, n, w_sum.data(), n);
+    for (int64_t p = 0; p < k; ++p)
+      for (int64_t j = 0; j < n; ++j)
+        W[p * ldw + j] += w_sum[static_cast<size_t>(p * n + j)];
+  }
+  if (!b) return;
+  if (cpu_has_avx512()) return bias_grad(pairs, n, b, accumulate);
+  std::vector<float> b_sum(static_cast<size_t>(n), 0.0f);
+  for (const RowPair<float>& s : pairs)
+    for (int64_t i = 0; i < s.rows; ++i)
+      for (int64_t j = 0; j < n; ++j)
+        b_sum[static_cast<size_t>(j)] += s.g[i * s.ldg + j];
+  for (int64_t j = 0; j < n; ++j)
+    b[j] = accumulate ? b[j] + b_sum[static_cast<size_t>(j)] : b_sum[static_cast<size_t>(j)];
+}
+
 // ---- The BLAS backend.
 
 template <typename T>
@@ -312,6 +398,7 @@ void set_small_gemm_backend(SmallGemmBackend b) {
 
 std::string small_gemm_name() {
   if (small_gemm_backend() == SmallGemmBackend::Off) return "off";
+  if (use_dnnl()) return "dnnl (oneDNN)";
   return use_kernel() ? "kernel (AVX-512)" : "blas";
 }
 
@@ -320,6 +407,7 @@ void rows_mm<float>(int64_t m, int64_t n, int64_t k, const float* A, int64_t lda
                     int64_t ldb, const float* bias, float* C, int64_t ldc) {
   if (m == 0 || n == 0) return;
   if (use_kernel()) return kernel_mm(m, n, k, A, lda, B, ldb, bias, C, ldc);
+  if (use_dnnl()) return dnnl_mm(m, n, k, A, lda, B, ldb, bias, C, ldc);
   blas_mm(m, n, k, A, lda, B, ldb, bias, C, ldc);
 }
 
@@ -335,6 +423,7 @@ void rows_mm_bt<float>(int64_t m, int64_t n, int64_t k, const float* A, int64_t 
                        int64_t ldb, float* C, int64_t ldc) {
   if (m == 0 || n == 0) return;
   if (use_kernel()) return kernel_mm_bt(m, n, k, A, lda, B, ldb, C, ldc);
+  if (use_dnnl()) return dnnl_gemm('N', 'T', m, n, k, A, lda, B, ldb, 0.0f, C, ldc);
   gemm_rm<float>(false, true, m, n, k, 1.0f, A, lda, B, ldb, 0.0f, C, ldc);
 }
 
@@ -350,6 +439,7 @@ void weight_grad<float>(const std::vector<RowPair<float>>& pairs, int64_t k, int
                         int64_t ldw, float* b, bool accumulate) {
   if (n == 0) return;
   if (use_kernel()) return kernel_weight_grad(pairs, k, n, W, ldw, b, accumulate);
+  if (use_dnnl()) return dnnl_weight_grad(pairs, k, n, W, ldw, b, accumulate);
   blas_weight_grad(pairs, k, n, W, ldw, b, accumulate);
 }
 

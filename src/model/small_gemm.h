@@ -3,12 +3,15 @@
 // multiplies; for 8 rows against a 128 x 512 weight matrix the packing costs more than the
 // product. These kernels read each weight once, straight from memory, into register tiles.
 //
-// Backends (small_gemm_backend): `kernel`, hand-written AVX-512 for float where the CPU has
-// it (checked at run time); `blas`, the BLAS LibTorch links (model/blas.h), which is also
-// what double and CPUs without AVX-512 get; `off`, for comparison: the grouped operation
-// does not use these products at all (one LibTorch matmul per expert, gradients per
-// micro-batch). Each output element is summed in a fixed order that depends on the shapes
-// only, never on the thread that computes it.
+// Backends (small_gemm_backend), chosen by measurement (tools/small_gemm_libs.cpp, against
+// LIBXSMM and oneDNN's matmul primitive as well; docs/model.md): `dnnl`, the default,
+// oneDNN's GEMM for float (the oneDNN LibTorch itself links), held to the calling thread;
+// `kernel`, hand-written AVX-512 for float where the CPU has it (checked at run time,
+// else the BLAS); `blas`, the BLAS LibTorch links (model/blas.h), which is also what
+// double gets on every backend; `off`, for comparison: the grouped operation does not use
+// these products at all (one LibTorch matmul per expert, gradients per micro-batch). Each
+// output element is summed in an order that depends on the shapes only, never on the
+// thread that computes it nor on how many threads there are.
 #pragma once
 
 #include <cstdint>
@@ -17,13 +20,13 @@
 
 namespace sw {
 
-enum class SmallGemmBackend { Kernel, Blas, Off };
+enum class SmallGemmBackend { Kernel, Dnnl, Blas, Off };
 
-// What the products below use: `kernel` unless set otherwise or the CPU lacks AVX-512.
+// What the products below use: `dnnl` unless set otherwise.
 SmallGemmBackend small_gemm_backend();
-// For benchmarks and tests; `kernel` on a CPU without AVX-512 still computes with the BLAS.
+// For benchmarks and tests; `kernel` on a CPU without AVX-512 computes with the BLAS.
 void set_small_gemm_backend(SmallGemmBackend b);
-// "kernel (AVX-512)", "blas" or "off": what float products use now.
+// "dnnl (oneDNN)", "kernel (AVX-512)", "blas" or "off": what float products use now.
 std::string small_gemm_name();
 
 // C[m, n] = A[m, k] B[k, n] + bias[n] (bias may be null). Row strides lda, ldb, ldc.
