@@ -2,6 +2,7 @@
 // inputs, router and expert weights for the same routing and drop decisions, across top-k,
 // drop policies, dropping, scaling and edge cases; the grouped operation's backward matches
 // finite differences; and weights trained with one strategy run with any other.
+#include <array>
 #include <cmath>
 
 #include <doctest/doctest.h>
@@ -533,6 +534,15 @@ TEST_CASE("small-matrix kernels: row strides wider than the rows, and empty weig
     CHECK(torch::allclose(Wbuf.narrow(1, 0, n), torch::matmul(A.t(), G), 1e-5, 1e-5));
     CHECK(torch::equal(Wbuf.narrow(1, n, 1), torch::full({k, 1}, 7.0f)));
     CHECK(torch::allclose(b, G.sum(0), 1e-5, 1e-5));
+    // No terms (k = 0): the bias, or zeros.
+    torch::Tensor Z = torch::full({m, n}, 7.0f);
+    const torch::Tensor bias0 = torch::randn({n});
+    sw::rows_mm<float>(m, n, 0, Abuf.data_ptr<float>(), 1, Bbuf.data_ptr<float>(), n + 5,
+                       bias0.data_ptr<float>(), Z.data_ptr<float>(), n);
+    CHECK(torch::equal(Z, bias0.expand({m, n})));
+    sw::rows_mm_bt<float>(m, n, 0, Abuf.data_ptr<float>(), 1, Btbuf.data_ptr<float>(), 1,
+                          Z.data_ptr<float>(), n);
+    CHECK(torch::equal(Z, torch::zeros({m, n})));
     // No rows at all: zeros when overwriting, nothing added when accumulating.
     const std::vector<sw::RowPair<float>> none;
     torch::Tensor W = torch::full({k, n}, 7.0f), b2 = torch::full({n}, 7.0f);
@@ -547,46 +557,56 @@ TEST_CASE("small-matrix kernels: row strides wider than the rows, and empty weig
 
 TEST_CASE("small-matrix products: the same bits wherever the operands lie, on any thread count") {
   // A product's bits may depend on the shapes only: not on where in memory (how aligned) its
-  // operands are, nor on the threads the caller has (oneDNN is held to one).
+  // operands are, nor on the threads the caller has (oneDNN is held to one, and the caller's
+  // thread count is what it was).
+  struct Threads {  // sets the intra-op threads while it lives
+    explicit Threads(int n) : before(at::get_num_threads()) { at::set_num_threads(n); }
+    ~Threads() { at::set_num_threads(before); }
+    int before;
+  };
   torch::manual_seed(6);
-  const int64_t m = 13, n = 70, k = 37;
-  const torch::Tensor A = torch::randn({m, k}), B = torch::randn({k, n}), Bt = torch::randn({n, k});
-  const torch::Tensor G = torch::randn({m, n});
-  for (sw::SmallGemmBackend backend : test::kProductBackends) {
-    const test::BackendScope scope(backend);
-    CAPTURE(sw::small_gemm_name());
-    std::vector<torch::Tensor> first;
-    for (int64_t shift : {0, 1, 3}) {
-      for (int threads : {1, 2}) {
-        CAPTURE(shift);
-        CAPTURE(threads);
-        const int before = at::get_num_threads();
-        at::set_num_threads(threads);
-        // Each operand copied `shift` floats into a fresh buffer.
-        auto placed = [&](const torch::Tensor& t) {
-          return torch::cat({torch::zeros({shift}), t.flatten()}).narrow(0, shift, t.numel());
-        };
-        const torch::Tensor a = placed(A), b = placed(B), bt = placed(Bt), g = placed(G);
-        torch::Tensor C = torch::empty({m * n}), Ct = torch::empty({m * n});
-        torch::Tensor W = torch::empty({k * n}), bias = torch::empty({n});
-        sw::rows_mm<float>(m, n, k, a.data_ptr<float>(), k, b.data_ptr<float>(), n, nullptr,
-                           C.data_ptr<float>(), n);
-        sw::rows_mm_bt<float>(m, n, k, a.data_ptr<float>(), k, bt.data_ptr<float>(), k,
-                              Ct.data_ptr<float>(), n);
-        const std::vector<sw::RowPair<float>> pairs = {
-            {a.data_ptr<float>(), g.data_ptr<float>(), 6, k, n},
-            {a.data_ptr<float>() + 6 * k, g.data_ptr<float>() + 6 * n, m - 6, k, n}};
-        sw::weight_grad<float>(pairs, k, n, W.data_ptr<float>(), n, bias.data_ptr<float>(), false);
-        at::set_num_threads(before);
-        const std::vector<torch::Tensor> got = {C, Ct, W, bias};
-        if (first.empty()) {
-          first = got;
-          CHECK(torch::allclose(C.view({m, n}), torch::matmul(A, B), 1e-5, 1e-5));
-          continue;
-        }
-        for (size_t i = 0; i < got.size(); ++i) {
-          CAPTURE(i);
-          CHECK(torch::equal(got[i], first[i]));
+  for (const auto& [m, n, k] : {std::array<int64_t, 3>{13, 70, 37}, {256, 512, 128}}) {
+    const torch::Tensor A = torch::randn({m, k}), B = torch::randn({k, n});
+    const torch::Tensor Bt = torch::randn({n, k}), G = torch::randn({m, n});
+    for (sw::SmallGemmBackend backend : test::kProductBackends) {
+      const test::BackendScope scope(backend);
+      CAPTURE(sw::small_gemm_name());
+      CAPTURE(m);
+      std::vector<torch::Tensor> first;
+      for (int64_t shift : {0, 1, 3}) {
+        for (int threads : {1, 2}) {
+          CAPTURE(shift);
+          CAPTURE(threads);
+          const Threads use(threads);
+          // Each operand copied `shift` floats into a fresh buffer.
+          auto placed = [&](const torch::Tensor& t) {
+            return torch::cat({torch::zeros({shift}), t.flatten()}).narrow(0, shift, t.numel());
+          };
+          const torch::Tensor a = placed(A), b = placed(B), bt = placed(Bt), g = placed(G);
+          torch::Tensor C = torch::empty({m * n}), Ct = torch::empty({m * n});
+          torch::Tensor W = torch::empty({k * n}), bias = torch::empty({n});
+          sw::rows_mm<float>(m, n, k, a.data_ptr<float>(), k, b.data_ptr<float>(), n, nullptr,
+                             C.data_ptr<float>(), n);
+          sw::rows_mm_bt<float>(m, n, k, a.data_ptr<float>(), k, bt.data_ptr<float>(), k,
+                                Ct.data_ptr<float>(), n);
+          const int64_t half = m / 2;
+          const std::vector<sw::RowPair<float>> pairs = {
+              {a.data_ptr<float>(), g.data_ptr<float>(), half, k, n},
+              {a.data_ptr<float>() + half * k, g.data_ptr<float>() + half * n, m - half, k, n}};
+          sw::weight_grad<float>(pairs, k, n, W.data_ptr<float>(), n, bias.data_ptr<float>(),
+                                 false);
+          CHECK(at::get_num_threads() == threads);
+          const std::vector<torch::Tensor> got = {C, Ct, W, bias};
+          if (first.empty()) {
+            first = got;
+            CHECK(torch::allclose(C.view({m, n}), torch::matmul(A, B), 1e-4, 1e-4));
+            CHECK(torch::allclose(W.view({k, n}), torch::matmul(A.t(), G), 1e-4, 1e-4));
+            continue;
+          }
+          for (size_t i = 0; i < got.size(); ++i) {
+            CAPTURE(i);
+            CHECK(torch::equal(got[i], first[i]));
+          }
         }
       }
     }

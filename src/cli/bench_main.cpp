@@ -405,12 +405,13 @@ int run(int argc, char** argv) {
     a.bandwidth = sw::triad_bandwidth();
     out(
         fmt::format("threads: {}; memory bandwidth (triad): {:.1f} GB/s; small-matrix "
-                    "products: {}",
-                    n_threads, a.bandwidth / 1e9, sw::small_gemm_name()));
+                    "products: {}; allocator: {}",
+                    n_threads, a.bandwidth / 1e9, sw::small_gemm_name(), sw::allocator_name()));
     all.push_back({{"kind", "machine"},
                    {"threads", n_threads},
                    {"triad_bytes_per_s", a.bandwidth},
-                   {"small_gemm", sw::small_gemm_name()}});
+                   {"small_gemm", sw::small_gemm_name()},
+                   {"allocator", sw::allocator_name()}});
     if (!a.no_layer) layer_table(a, all, out);
     if (!a.no_attention) attention_table(a, all, out);
     if (!a.no_train) train_table(a, all, out);

@@ -1,7 +1,6 @@
 #include "model/small_gemm.h"
 
 #include <immintrin.h>
-#include <omp.h>
 
 #include <array>
 #include <atomic>
@@ -13,6 +12,13 @@
 
 // oneDNN's row-major GEMM: LibTorch links oneDNN, so its library is always loaded; declared
 // here so that building needs no oneDNN headers (dnnl_status_t is an enum, 0 on success).
+// And the three OpenMP calls the backend needs, the same in every OpenMP runtime (declared
+// so that a build without -fopenmp, the fuzz target's, needs no omp.h either).
+extern "C" {
+int omp_in_parallel(void);
+int omp_get_max_threads(void);
+void omp_set_num_threads(int);
+}
 extern "C" int dnnl_sgemm(char transa, char transb, int64_t M, int64_t N, int64_t K, float alpha,
                           const float* A, int64_t lda, const float* B, int64_t ldb, float beta,
                           float* C, int64_t ldc);
@@ -268,9 +274,10 @@ SW_AVX512 void kernel_weight_grad(const std::vector<RowPair<float>>& pairs, int6
   if (b) bias_grad(pairs, n, b, accumulate);
 }
 
-// ---- The oneDNN backend. oneDNN splits a product over the threads it may use, and a split
-// can change the order of a sum: outside a parallel region it is held to one thread, as it
-// is inside one, so that the bits never depend on the thread count.
+// ---- Every product runs on the calling thread. oneDNN and the BLAS split a product over
+// the threads they may use outside a parallel region, and a split can change the order of
+// a sum (OpenBLAS's does at 256 x 512 x 128: tested); held to one thread there, as they are
+// inside one, the bits never depend on the thread count.
 
 class OneThread {
  public:
@@ -289,7 +296,6 @@ class OneThread {
 
 void dnnl_gemm(char ta, char tb, int64_t m, int64_t n, int64_t k, const float* A, int64_t lda,
                const float* B, int64_t ldb, float beta, float* C, int64_t ldc) {
-  OneThread one;
   if (dnnl_sgemm(ta, tb, m, n, k, 1.0f, A, lda, B, ldb, beta, C, ldc) != 0)
     throw std::runtime_error("oneDNN's sgemm failed for a " + std::to_string(m) + " x " +
                              std::to_string(n) + " x " + std::to_string(k) + " product");
@@ -297,10 +303,11 @@ void dnnl_gemm(char ta, char tb, int64_t m, int64_t n, int64_t k, const float* A
 
 void dnnl_mm(int64_t m, int64_t n, int64_t k, const float* A, int64_t lda, const float* B,
              int64_t ldb, const float* bias, float* C, int64_t ldc) {
-  if (bias)
+  if (bias || k == 0)  // oneDNN refuses an empty sum (a leading dimension of 0)
     for (int64_t i = 0; i < m; ++i)
       for (int64_t j = 0; j < n; ++j)
-        C[i * ldc + j] = bias[j];
+        C[i * ldc + j] = bias ? bias[j] : 0.0f;
+  if (k == 0) return;
   dnnl_gemm('N', 'N', m, n, k, A, lda, B, ldb, bias ? 1.0f : 0.0f, C, ldc);
 }
 
@@ -309,7 +316,7 @@ void dnnl_weight_grad_into(const std::vector<RowPair<float>>& pairs, int64_t k, 
                            int64_t ldw) {
   bool first = true;
   for (const RowPair<float>& s : pairs) {
-    if (s.rows == 0) continue;
+    if (s.rows == 0 || k == 0) continue;
     dnnl_gemm('T', 'N', k, n, s.rows, s.a, s.lda, s.g, s.ldg, first ? 0.0f : 1.0f, W, ldw);
     first = false;
   }
@@ -406,6 +413,7 @@ template <>
 void rows_mm<float>(int64_t m, int64_t n, int64_t k, const float* A, int64_t lda, const float* B,
                     int64_t ldb, const float* bias, float* C, int64_t ldc) {
   if (m == 0 || n == 0) return;
+  const OneThread one;
   if (use_kernel()) return kernel_mm(m, n, k, A, lda, B, ldb, bias, C, ldc);
   if (use_dnnl()) return dnnl_mm(m, n, k, A, lda, B, ldb, bias, C, ldc);
   blas_mm(m, n, k, A, lda, B, ldb, bias, C, ldc);
@@ -415,6 +423,7 @@ template <>
 void rows_mm<double>(int64_t m, int64_t n, int64_t k, const double* A, int64_t lda, const double* B,
                      int64_t ldb, const double* bias, double* C, int64_t ldc) {
   if (m == 0 || n == 0) return;
+  const OneThread one;
   blas_mm(m, n, k, A, lda, B, ldb, bias, C, ldc);
 }
 
@@ -422,8 +431,15 @@ template <>
 void rows_mm_bt<float>(int64_t m, int64_t n, int64_t k, const float* A, int64_t lda, const float* B,
                        int64_t ldb, float* C, int64_t ldc) {
   if (m == 0 || n == 0) return;
+  const OneThread one;
   if (use_kernel()) return kernel_mm_bt(m, n, k, A, lda, B, ldb, C, ldc);
-  if (use_dnnl()) return dnnl_gemm('N', 'T', m, n, k, A, lda, B, ldb, 0.0f, C, ldc);
+  if (use_dnnl()) {
+    if (k > 0) return dnnl_gemm('N', 'T', m, n, k, A, lda, B, ldb, 0.0f, C, ldc);
+    for (int64_t i = 0; i < m; ++i)
+      for (int64_t j = 0; j < n; ++j)
+        C[i * ldc + j] = 0.0f;
+    return;
+  }
   gemm_rm<float>(false, true, m, n, k, 1.0f, A, lda, B, ldb, 0.0f, C, ldc);
 }
 
@@ -431,6 +447,7 @@ template <>
 void rows_mm_bt<double>(int64_t m, int64_t n, int64_t k, const double* A, int64_t lda,
                         const double* B, int64_t ldb, double* C, int64_t ldc) {
   if (m == 0 || n == 0) return;
+  const OneThread one;
   gemm_rm<double>(false, true, m, n, k, 1.0, A, lda, B, ldb, 0.0, C, ldc);
 }
 
@@ -438,6 +455,7 @@ template <>
 void weight_grad<float>(const std::vector<RowPair<float>>& pairs, int64_t k, int64_t n, float* W,
                         int64_t ldw, float* b, bool accumulate) {
   if (n == 0) return;
+  const OneThread one;
   if (use_kernel()) return kernel_weight_grad(pairs, k, n, W, ldw, b, accumulate);
   if (use_dnnl()) return dnnl_weight_grad(pairs, k, n, W, ldw, b, accumulate);
   blas_weight_grad(pairs, k, n, W, ldw, b, accumulate);
@@ -447,6 +465,7 @@ template <>
 void weight_grad<double>(const std::vector<RowPair<double>>& pairs, int64_t k, int64_t n, double* W,
                          int64_t ldw, double* b, bool accumulate) {
   if (n == 0) return;
+  const OneThread one;
   blas_weight_grad(pairs, k, n, W, ldw, b, accumulate);
 }
 
