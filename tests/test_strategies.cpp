@@ -557,8 +557,8 @@ TEST_CASE("small-matrix kernels: row strides wider than the rows, and empty weig
 
 TEST_CASE("small-matrix products: the same bits wherever the operands lie, on any thread count") {
   // A product's bits may depend on the shapes only: not on where in memory (how aligned) its
-  // operands are, nor on the threads the caller has (oneDNN is held to one, and the caller's
-  // thread count is what it was).
+  // operands are, nor on the threads the caller has (oneDNN and the BLAS are held to one, and
+  // the caller's thread count is what it was).
   struct Threads {  // sets the intra-op threads while it lives
     explicit Threads(int n) : before(at::get_num_threads()) { at::set_num_threads(n); }
     ~Threads() { at::set_num_threads(before); }

@@ -238,6 +238,8 @@ struct Layer {
     gw_in.assign(s.E * s.D * s.F, 0);
     gw_out.assign(s.E * s.F * s.D, 0);
   }
+  const float* Win(int64_t e) const { return &w_in[e * s.D * s.F]; }
+  const float* Wout(int64_t e) const { return &w_out[e * s.F * s.D]; }
   const float* X(int64_t mb, int64_t e) const { return &x[((mb * s.E) + e) * s.rows * s.D]; }
   const float* GY(int64_t mb, int64_t e) const { return &gy[((mb * s.E) + e) * s.rows * s.D]; }
   float* H(int64_t mb, int64_t e) { return &h[((mb * s.E) + e) * s.rows * s.F]; }
@@ -273,19 +275,15 @@ Times run_pass(Gemm& g, Layer& L) {
   const auto& s = L.s;
   Times t;
   t.forward = timed_experts(s.E, [&](int64_t e) {
-    const float* wi = &L.w_in[e * s.D * s.F];
-    const float* wo = &L.w_out[e * s.F * s.D];
     for (int64_t mb = 0; mb < s.micro; ++mb) {
-      g.mm(s.rows, s.F, s.D, L.X(mb, e), s.D, wi, s.F, L.H(mb, e), s.F);
-      g.mm(s.rows, s.D, s.F, L.H(mb, e), s.F, wo, s.D, L.Y(mb, e), s.D);
+      g.mm(s.rows, s.F, s.D, L.X(mb, e), s.D, L.Win(e), s.F, L.H(mb, e), s.F);
+      g.mm(s.rows, s.D, s.F, L.H(mb, e), s.F, L.Wout(e), s.D, L.Y(mb, e), s.D);
     }
   });
   t.input_grad = timed_experts(s.E, [&](int64_t e) {
-    const float* wi = &L.w_in[e * s.D * s.F];
-    const float* wo = &L.w_out[e * s.F * s.D];
     for (int64_t mb = 0; mb < s.micro; ++mb) {
-      g.mm_bt(s.rows, s.F, s.D, L.GY(mb, e), s.D, wo, s.D, L.GH(mb, e), s.F);
-      g.mm_bt(s.rows, s.D, s.F, L.GH(mb, e), s.F, wi, s.F, L.GX(mb, e), s.D);
+      g.mm_bt(s.rows, s.F, s.D, L.GY(mb, e), s.D, L.Wout(e), s.D, L.GH(mb, e), s.F);
+      g.mm_bt(s.rows, s.D, s.F, L.GH(mb, e), s.F, L.Win(e), s.F, L.GX(mb, e), s.D);
     }
   });
   t.weight_grad = timed_experts(s.E, [&](int64_t e) {
@@ -326,8 +324,8 @@ std::vector<std::vector<float>> reference(const Layer& L) {
   };
   const int64_t R = s.rows, D = s.D, F = s.F;
   for (int64_t e = 0; e < s.E; ++e) {
-    const float* wi = &L.w_in[e * D * F];
-    const float* wo = &L.w_out[e * F * D];
+    const float* wi = L.Win(e);
+    const float* wo = L.Wout(e);
     for (int64_t mb = 0; mb < s.micro; ++mb) {
       const int64_t xo = ((mb * s.E) + e) * R * D, ho = ((mb * s.E) + e) * R * F;
       const float* X = &L.x[xo];

@@ -221,7 +221,6 @@ void attention_table(const Args& a, Json& all, const Print& out) {
 
 sw::SmallGemmBackend backend_named(const std::string& name) {
   if (name == "blas") return sw::SmallGemmBackend::Blas;
-  if (name == "dnnl") return sw::SmallGemmBackend::Dnnl;
   if (name == "off") return sw::SmallGemmBackend::Off;
   if (name == "kernel") return sw::SmallGemmBackend::Kernel;
   return sw::SmallGemmBackend::Dnnl;

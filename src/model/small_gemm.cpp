@@ -311,9 +311,37 @@ void dnnl_mm(int64_t m, int64_t n, int64_t k, const float* A, int64_t lda, const
   dnnl_gemm('N', 'N', m, n, k, A, lda, B, ldb, bias ? 1.0f : 0.0f, C, ldc);
 }
 
-// Pair after pair into W (overwriting), then b.
+// b[n] = the sum of the pairs' g rows, in pair and row order (the same order, hence the same
+// bits, as bias_grad).
+template <typename T>
+void bias_sum_into(const std::vector<RowPair<T>>& pairs, int64_t n, T* b) {
+  for (int64_t j = 0; j < n; ++j)
+    b[j] = T(0);
+  for (const RowPair<T>& s : pairs)
+    for (int64_t i = 0; i < s.rows; ++i)
+      for (int64_t j = 0; j < n; ++j)
+        b[j] += s.g[i * s.ldg + j];
+}
+
+// The weight gradient from `into` (which overwrites W and b with the pairs' sums); with
+// accumulate, those sums computed apart and then added, as the header promises.
+template <typename T, typename Into>
+void weight_grad_by(const std::vector<RowPair<T>>& pairs, int64_t k, int64_t n, T* W, int64_t ldw,
+                    T* b, bool accumulate, const Into& into) {
+  if (!accumulate) return into(pairs, k, n, W, ldw, b);
+  std::vector<T> w_sum(static_cast<size_t>(k * n)), b_sum(static_cast<size_t>(n));
+  into(pairs, k, n, w_sum.data(), n, b ? b_sum.data() : nullptr);
+  for (int64_t p = 0; p < k; ++p)
+    for (int64_t j = 0; j < n; ++j)
+      W[p * ldw + j] += w_sum[static_cast<size_t>(p * n + j)];
+  if (b)
+    for (int64_t j = 0; j < n; ++j)
+      b[j] += b_sum[static_cast<size_t>(j)];
+}
+
+// Sums into W (overwriting), pair after pair, and b.
 void dnnl_weight_grad_into(const std::vector<RowPair<float>>& pairs, int64_t k, int64_t n, float* W,
-                           int64_t ldw) {
+                           int64_t ldw, float* b) {
   bool first = true;
   for (const RowPair<float>& s : pairs) {
     if (s.rows == 0 || k == 0) continue;
@@ -324,28 +352,7 @@ void dnnl_weight_grad_into(const std::vector<RowPair<float>>& pairs, int64_t k, 
     for (int64_t p = 0; p < k; ++p)
       for (int64_t j = 0; j < n; ++j)
         W[p * ldw + j] = 0;
-}
-
-void dnnl_weight_grad(const std::vector<RowPair<float>>& pairs, int64_t k, int64_t n, float* W,
-                      int64_t ldw, float* b, bool accumulate) {
-  if (!accumulate) {
-    dnnl_weight_grad_into(pairs, k, n, W, ldw);
-  } else {
-    std::vector<float> w_sum(static_cast<size_t>(k * n));
-    dnnl_weight_grad_into(pairs, k, n, w_sum.data(), n);
-    for (int64_t p = 0; p < k; ++p)
-      for (int64_t j = 0; j < n; ++j)
-        W[p * ldw + j] += w_sum[static_cast<size_t>(p * n + j)];
-  }
-  if (!b) return;
-  if (cpu_has_avx512()) return bias_grad(pairs, n, b, accumulate);
-  std::vector<float> b_sum(static_cast<size_t>(n), 0.0f);
-  for (const RowPair<float>& s : pairs)
-    for (int64_t i = 0; i < s.rows; ++i)
-      for (int64_t j = 0; j < n; ++j)
-        b_sum[static_cast<size_t>(j)] += s.g[i * s.ldg + j];
-  for (int64_t j = 0; j < n; ++j)
-    b[j] = accumulate ? b[j] + b_sum[static_cast<size_t>(j)] : b_sum[static_cast<size_t>(j)];
+  if (b) bias_sum_into(pairs, n, b);
 }
 
 // ---- The BLAS backend.
@@ -359,38 +366,23 @@ void blas_mm(int64_t m, int64_t n, int64_t k, const T* A, int64_t lda, const T* 
   gemm_rm<T>(false, false, m, n, k, T(1), A, lda, B, ldb, T(1), C, ldc);
 }
 
-// Sums into W (overwriting) and b, pair after pair.
+// Sums into W (overwriting), pair after pair, and b.
 template <typename T>
 void blas_weight_grad_into(const std::vector<RowPair<T>>& pairs, int64_t k, int64_t n, T* W,
                            int64_t ldw, T* b) {
   for (int64_t p = 0; p < k; ++p)
     for (int64_t j = 0; j < n; ++j)
       W[p * ldw + j] = T(0);
-  if (b)
-    for (int64_t j = 0; j < n; ++j)
-      b[j] = T(0);
-  for (const RowPair<T>& s : pairs) {
-    if (s.rows == 0) continue;
-    if (k > 0) gemm_rm<T>(true, false, k, n, s.rows, T(1), s.a, s.lda, s.g, s.ldg, T(1), W, ldw);
-    if (b)
-      for (int64_t i = 0; i < s.rows; ++i)
-        for (int64_t j = 0; j < n; ++j)
-          b[j] += s.g[i * s.ldg + j];
-  }
+  for (const RowPair<T>& s : pairs)
+    if (s.rows > 0 && k > 0)
+      gemm_rm<T>(true, false, k, n, s.rows, T(1), s.a, s.lda, s.g, s.ldg, T(1), W, ldw);
+  if (b) bias_sum_into(pairs, n, b);
 }
 
 template <typename T>
 void blas_weight_grad(const std::vector<RowPair<T>>& pairs, int64_t k, int64_t n, T* W, int64_t ldw,
                       T* b, bool accumulate) {
-  if (!accumulate) return blas_weight_grad_into(pairs, k, n, W, ldw, b);
-  std::vector<T> w_sum(static_cast<size_t>(k * n)), b_sum(static_cast<size_t>(n));
-  blas_weight_grad_into(pairs, k, n, w_sum.data(), n, b ? b_sum.data() : nullptr);
-  for (int64_t p = 0; p < k; ++p)
-    for (int64_t j = 0; j < n; ++j)
-      W[p * ldw + j] += w_sum[static_cast<size_t>(p * n + j)];
-  if (b)
-    for (int64_t j = 0; j < n; ++j)
-      b[j] += b_sum[static_cast<size_t>(j)];
+  weight_grad_by(pairs, k, n, W, ldw, b, accumulate, blas_weight_grad_into<T>);
 }
 
 }  // namespace
@@ -457,7 +449,7 @@ void weight_grad<float>(const std::vector<RowPair<float>>& pairs, int64_t k, int
   if (n == 0) return;
   const OneThread one;
   if (use_kernel()) return kernel_weight_grad(pairs, k, n, W, ldw, b, accumulate);
-  if (use_dnnl()) return dnnl_weight_grad(pairs, k, n, W, ldw, b, accumulate);
+  if (use_dnnl()) return weight_grad_by(pairs, k, n, W, ldw, b, accumulate, dnnl_weight_grad_into);
   blas_weight_grad(pairs, k, n, W, ldw, b, accumulate);
 }
 
