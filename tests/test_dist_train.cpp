@@ -14,6 +14,7 @@ namespace {
 
 const std::string kTrain = SWITCH_TRAIN_BIN;
 const std::string kSample = SWITCH_SAMPLE_BIN;
+const std::string kEval = SWITCH_EVAL_BIN;
 
 // The tiny config on one thread per rank. `exact` makes one process and W ranks compute
 // the same thing: no dropping (capacity is decided per rank on its own tokens) and no
@@ -112,6 +113,29 @@ TEST_CASE("a checkpoint of 2 ranks resumes in one process, and samples") {
   CHECK(r.rc == 0);
   CHECK(r.output.size() >= 40);
   CHECK(r.output == test::run(kSample + " --run " + base + "/w2to1 --chars 40 --seed 3").output);
+}
+
+TEST_CASE("switch-eval gives back the val_loss 2 expert-parallel ranks recorded, drops and all") {
+  const std::string dir = test::scratch_dir("dist_eval");
+  // Evaluation at half capacity: each rank drops from its own half of a batch.
+  test::CmdResult r = test::run(kTrain + tiny_args(dir, false) +
+                                " --set moe.eval_capacity_factor=0.5 --nproc 2 -q");
+  INFO(r.output);
+  REQUIRE(r.rc == 0);
+  for (int64_t step : {30, 60}) {
+    CAPTURE(step);
+    double recorded = -1;
+    for (const auto& rec : sw::read_metrics(dir + "/metrics.jsonl"))
+      if (rec["kind"] == "eval" && rec["step"] == step) recorded = rec["val_loss"].get<double>();
+    r = test::run(kEval + " --run " + test::quote(dir) + " --ckpt " + std::to_string(step) +
+                  " --json");
+    INFO(r.output);
+    REQUIRE(r.rc == 0);
+    const nlohmann::json doc = nlohmann::json::parse(r.output);
+    CHECK(doc["checkpoint"]["ranks"] == 2);
+    CHECK(doc["dropped_pct"].get<double>() > 10);
+    CHECK(std::abs(doc["loss"].get<double>() - recorded) < 1e-6);
+  }
 }
 
 TEST_CASE("the lab's options under 2 ranks follow one process's curve, upcycling too") {

@@ -12,7 +12,11 @@ A sweep directory (it holds sweep.json, written by switch-sweep) gets those for 
 and DIR/plots/ with all points on one chart: val_loss.png (against steps and wall time) and
 train_loss.png; a sweep over the expert count (moe.n_experts, with or without a dense point,
 moe.every = 0) also gets experts.png: val loss at equal steps and at equal wall time, and
-tokens/s, against the number of experts. Prints the files it wrote.
+tokens/s, against the number of experts. A folder written by switch-eval (it holds
+eval.json) gets capacity.png (loss and dropped % against the evaluation capacity factor, per
+drop policy, dropless as a line) when the file has a capacity curve, and routing.png (per MoE
+layer, the fraction of each character's tokens routed to each expert, characters by
+frequency) when it has routing. Prints the files it wrote.
 """
 import json
 import os
@@ -195,6 +199,88 @@ def plot_expert_curve(sweep_dir, summary, out, title, written):
     save(fig, os.path.join(out, "experts.png"), written)
 
 
+def plot_capacity(curve, out, title, written):
+    numeric = [p for p in curve if not isinstance(p["capacity_factor"], str)]
+    dropless = [p for p in curve if isinstance(p["capacity_factor"], str)]
+    policies = list(dict.fromkeys(p["drop_policy"] for p in curve))
+    fig, (ax_loss, ax_drop) = plt.subplots(1, 2, figsize=(11, 4))
+    for policy in policies:
+        pts = sorted((p["capacity_factor"], p["loss"]) for p in numeric if p["drop_policy"] == policy)
+        if pts:
+            ax_loss.plot([x for x, _ in pts], [y for _, y in pts], marker="o", label=f"drop {policy}")
+    if dropless:
+        ax_loss.axhline(dropless[0]["loss"], color="black", linestyle="--", linewidth=1,
+                        label=f"dropless {dropless[0]['loss']:.4f}")
+    ax_loss.set_xlabel("evaluation capacity factor")
+    ax_loss.set_ylabel("loss (nats per character)")
+    ax_loss.set_title("loss")
+    ax_loss.legend(fontsize=8)
+    # The first policy's drops: the first layer's do not depend on the policy, later layers'
+    # barely (they route what the earlier drops made).
+    pts = sorted((p for p in numeric if p["drop_policy"] == policies[0]),
+                 key=lambda p: p["capacity_factor"])
+    if pts:
+        for i, layer in enumerate(pts[0]["layers"]):
+            ax_drop.plot([p["capacity_factor"] for p in pts],
+                         [p["layers"][i]["dropped_pct"] for p in pts], marker="o",
+                         label=f"layer {layer['layer']}")
+        ax_drop.legend(fontsize=8)
+    ax_drop.set_xlabel("evaluation capacity factor")
+    ax_drop.set_ylabel("assignments dropped (%)")
+    ax_drop.set_title(f"dropped, per MoE layer (drop {policies[0]})")
+    for ax in (ax_loss, ax_drop):
+        if numeric and min(p["capacity_factor"] for p in numeric) > 0:
+            ax.set_xscale("log")
+            ticks = sorted({p["capacity_factor"] for p in numeric})
+            ax.set_xticks(ticks)
+            ax.set_xticklabels([f"{t:g}" for t in ticks])
+            ax.minorticks_off()
+        ax.grid(alpha=0.3)
+    fig.suptitle(title)
+    save(fig, os.path.join(out, "capacity.png"), written)
+
+
+def plot_routing(routing, out, title, written, max_rows=80):
+    chars = routing["characters"][:max_rows]
+    layers = routing["layers"]
+    if not layers or not chars:
+        return
+    experts = routing["experts"]
+    width = max(2.2, 0.16 * experts + 1.2)
+    fig, axes = plt.subplots(1, len(layers), figsize=(width * len(layers) + 1, 0.16 * len(chars) + 1.6),
+                             squeeze=False)
+    image = None
+    for ax, layer in zip(axes[0], layers):
+        rows = layer["fraction"][: len(chars)]
+        image = ax.imshow(rows, aspect="auto", cmap="viridis", vmin=0, vmax=1, interpolation="nearest")
+        ax.set_title(f"layer {layer['layer']}\nI(char; expert) {layer['mutual_information_bits']:.2f} bits",
+                     fontsize=9)
+        ax.set_xlabel("expert")
+        ax.set_yticks(range(len(chars)))
+        ax.set_yticklabels([plain_text(c["label"]) for c in chars], fontsize=6)
+        step = max(1, experts // 16)
+        ax.set_xticks(range(0, experts, step))
+        ax.tick_params(axis="x", labelsize=7)
+    axes[0][0].set_ylabel("character (commonest first)")
+    fig.colorbar(image, ax=axes[0].tolist(), fraction=0.03, label="fraction of the character's tokens")
+    more = len(routing["characters"]) - len(chars)
+    fig.suptitle(title + (f" ({more} rarer characters not shown)" if more > 0 else ""))
+    save(fig, os.path.join(out, "routing.png"), written)
+
+
+def plot_eval(d, written):
+    with open(os.path.join(d, "eval.json")) as f:
+        doc = json.load(f)
+    ck = doc["checkpoint"]
+    data = doc["data"]
+    title = plain_text(f"{os.path.basename(os.path.normpath(ck['run']))}, step {ck['step']}, "
+                       f"{data['split']} ({data['characters']} characters)")
+    if "capacity_curve" in doc:
+        plot_capacity(doc["capacity_curve"], d, title, written)
+    if "routing" in doc:
+        plot_routing(doc["routing"], d, title, written)
+
+
 def main(argv):
     if len(argv) < 2 or argv[1] in ("-h", "--help"):
         print(__doc__.strip())
@@ -207,8 +293,11 @@ def main(argv):
             sweeps.append(os.path.join(d, "plots"))
         elif os.path.exists(os.path.join(d, "metrics.jsonl")):
             plot_run(d, written)
+        elif os.path.exists(os.path.join(d, "eval.json")):
+            plot_eval(d, written)
         else:
-            print(f"plot.py: '{d}' is neither a run (metrics.jsonl) nor a sweep (sweep.json)",
+            print(f"plot.py: '{d}' is neither a run (metrics.jsonl), a sweep (sweep.json) nor "
+                  "an evaluation (eval.json)",
                   file=sys.stderr)
             return 2
     top = [w for w in written if os.path.dirname(w) in sweeps]

@@ -14,6 +14,7 @@
 #include "util/dir_lock.h"
 #include "util/error.h"
 #include "util/main_guard.h"
+#include "util/plot.h"
 #include "util/process.h"
 
 namespace fs = std::filesystem;
@@ -23,17 +24,6 @@ namespace {
 std::atomic<int> g_stop{0};
 void on_signal(int sig) {
   g_stop.store(sig);
-}
-
-// A python3 that has matplotlib: Debian's first (python3-matplotlib), then PATH's.
-std::string plotting_python() {
-  for (const char* py : {"/usr/bin/python3", "python3"}) {
-    try {
-      if (sw::run_program({py, "-c", "import matplotlib"}, /*quiet=*/true).ok()) return py;
-    } catch (const sw::Error&) {  // no such program: try the next
-    }
-  }
-  return "";
 }
 
 struct Args {
@@ -125,26 +115,12 @@ int run_and_summarize(const sw::Sweep& sweep, const Args& a) {
 
 // Draws the pictures with tools/plot.py; returns false (after saying why) when that fails.
 bool plot(const std::string& out_dir) {
-  const std::string script = std::string(SWITCH_TOOLS_DIR) + "/plot.py";
-  const std::string py = plotting_python();
-  if (!fs::exists(script) || py.empty()) {
-    std::cerr << "switch-sweep: no plots: "
-              << (py.empty() ? "no python3 with matplotlib (tools/setup.sh installs it)"
-                             : script + " is missing")
-              << std::endl;
-    return true;
-  }
   // The folder as one argument, absolute so that a name starting with '-' is no option.
-  const std::string dir = fs::absolute(out_dir).string();
-  std::string why;
-  try {
-    const sw::ProgramResult r = sw::run_program({py, script, dir});
-    if (!r.ok()) why = fmt::format("{} {}", script, r.describe());
-  } catch (const sw::Error& e) {
-    why = e.what();
-  }
-  if (why.empty()) return true;
-  std::cerr << "switch-sweep: plotting failed: " << why << std::endl;
+  const sw::PlotResult r = sw::run_plot_script({fs::absolute(out_dir).string()});
+  if (r.state == sw::PlotResult::Unavailable)
+    std::cerr << "switch-sweep: no plots: " << r.why << std::endl;
+  if (r.state != sw::PlotResult::Failed) return true;
+  std::cerr << "switch-sweep: plotting failed: " << r.why << std::endl;
   return false;
 }
 

@@ -56,20 +56,38 @@ std::u32string Dataset::read_text(const std::string& path) {
   return utf8_decode(bytes, "data file '" + path + "'");
 }
 
-Batch Dataset::sample(Split s, int64_t batch_size, Rng& rng) const {
-  const torch::Tensor& src = ids(s);
-  const int64_t* d = src.data_ptr<int64_t>();
-  const uint64_t n_offsets = static_cast<uint64_t>(src.size(0) - seq_len_);  // >= 1
-  Batch b{torch::empty({batch_size, seq_len_}, torch::kInt64),
-          torch::empty({batch_size, seq_len_}, torch::kInt64)};
+Batch sample_windows(const torch::Tensor& ids, int64_t seq_len, int64_t batch_size, Rng& rng) {
+  const int64_t* d = ids.data_ptr<int64_t>();
+  const uint64_t n_offsets = static_cast<uint64_t>(ids.size(0) - seq_len);  // >= 1
+  Batch b{torch::empty({batch_size, seq_len}, torch::kInt64),
+          torch::empty({batch_size, seq_len}, torch::kInt64)};
   int64_t* x = b.x_BS.data_ptr<int64_t>();
   int64_t* y = b.y_BS.data_ptr<int64_t>();
   for (int64_t r = 0; r < batch_size; ++r) {
     const int64_t off = static_cast<int64_t>(rng.below(n_offsets));
-    std::copy(d + off, d + off + seq_len_, x + r * seq_len_);
-    std::copy(d + off + 1, d + off + 1 + seq_len_, y + r * seq_len_);
+    std::copy(d + off, d + off + seq_len, x + r * seq_len);
+    std::copy(d + off + 1, d + off + 1 + seq_len, y + r * seq_len);
   }
   return b;
+}
+
+std::vector<Batch> all_windows(const torch::Tensor& ids, int64_t seq_len, int64_t batch_size) {
+  const int64_t targets = ids.size(0) - 1;
+  const int64_t full = targets / seq_len, tail = targets % seq_len;
+  std::vector<Batch> out;
+  for (int64_t w = 0; w < full; w += batch_size) {
+    const int64_t rows = std::min(batch_size, full - w);
+    out.push_back({ids.narrow(0, w * seq_len, rows * seq_len).view({rows, seq_len}),
+                   ids.narrow(0, w * seq_len + 1, rows * seq_len).view({rows, seq_len})});
+  }
+  if (tail > 0)
+    out.push_back({ids.narrow(0, full * seq_len, tail).view({1, tail}),
+                   ids.narrow(0, full * seq_len + 1, tail).view({1, tail})});
+  return out;
+}
+
+Batch Dataset::sample(Split s, int64_t batch_size, Rng& rng) const {
+  return sample_windows(ids(s), seq_len_, batch_size, rng);
 }
 
 }  // namespace sw

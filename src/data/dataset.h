@@ -4,6 +4,7 @@
 #pragma once
 
 #include <string>
+#include <vector>
 
 #include <torch/torch.h>
 
@@ -18,6 +19,15 @@ struct Batch {
   torch::Tensor x_BS;  // int64 input ids
   torch::Tensor y_BS;  // int64 target ids (inputs shifted by one)
 };
+
+// batch_size windows of `ids` (int64) at offsets drawn uniformly from `rng`: inputs of
+// seq_len characters and their next characters. `ids` holds at least seq_len + 1.
+Batch sample_windows(const torch::Tensor& ids, int64_t seq_len, int64_t batch_size, Rng& rng);
+
+// Every character of `ids` but the first as a target exactly once: consecutive windows of
+// seq_len inputs, batch_size of them a batch (the last batch may hold fewer), and the
+// shorter window at the end alone in a batch of its own. `ids` holds at least 2.
+std::vector<Batch> all_windows(const torch::Tensor& ids, int64_t seq_len, int64_t batch_size);
 
 class Dataset {
  public:

@@ -113,7 +113,9 @@ SwitchFFNOutput SwitchFFNImpl::forward(const torch::Tensor& x,
   s.counts_E = d.counts_E;
   s.dropped = d.n_dropped();
   s.rerouted = d.n_rerouted();
-  s.prob_max_T = std::get<0>(r.probs_TE.detach().max(-1));
+  s.probs_TE = r.probs_TE.detach();
+  s.prob_max_T = std::get<0>(s.probs_TE.max(-1));
+  s.routed_TK = r.expert_TK;
   torch::Tensor prob_sum_E = r.probs_TE.sum(0);
   s.prob_sum_E = prob_sum_E.detach();
   // f_i = counts_i / (T k) (not differentiable), P_i = prob_sum_i / T; balanced gives 1.

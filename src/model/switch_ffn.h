@@ -28,6 +28,9 @@ struct MoeStats {
   int64_t dropped = 0;         // assignments over capacity (after rerouting)
   int64_t rerouted = 0;        // assignments moved to another expert (moe.overflow)
   torch::Tensor prob_max_T;    // float: each token's highest router probability
+  torch::Tensor routed_TK;     // int64: each token's k experts as the router chose them, best
+                               // first (before capacity and rerouting)
+  torch::Tensor probs_TE;      // float, detached: the router's probabilities (Routing::probs_TE)
   torch::Tensor lb_loss;       // scalar, differentiable: E * sum_i f_i * P_i (before alpha)
   torch::Tensor z_loss;        // scalar, differentiable: mean_t logsumexp(logits_t)^2
   torch::Tensor balance_loss;  // scalar, differentiable: the term moe.alpha weighs (moe.balance)

@@ -132,6 +132,12 @@ std::string TransformerImpl::first_nonfinite(const torch::Tensor& idx_BS) {
   return first;
 }
 
+void TransformerImpl::configure_moe(const std::function<void(MoeConfig&)>& f) {
+  f(cfg.moe);
+  for (Block& b : block_list)
+    if (b->switch_) f(b->switch_->cfg);
+}
+
 int64_t TransformerImpl::n_params() const {
   int64_t n = 0;
   for (const auto& p : parameters())

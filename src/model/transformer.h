@@ -61,6 +61,11 @@ struct TransformerImpl : torch::nn::Module {
   // finite. Every stage runs whatever it finds, so ranks of a run stay in step.
   std::string first_nonfinite(const torch::Tensor& idx_BS);
 
+  // Changes the MoE settings every MoE layer runs with (and cfg.moe): `f` edits them. For
+  // what is read at each pass (capacity factors, drop_tokens, drop_policy, overflow,
+  // dropped); the shapes (n_experts, top_k, widths) must not change.
+  void configure_moe(const std::function<void(MoeConfig&)>& f);
+
   int64_t n_params() const;
   // Parameters one token uses: all but the experts it is not routed to.
   int64_t n_active_params() const;

@@ -1,43 +1,23 @@
 #include "sample/sampler.h"
 
 #include <cmath>
-#include <filesystem>
 
 #include <fmt/format.h>
 
-#include "train/checkpoint.h"
-#include "train/footprint.h"
+#include "train/trained_model.h"
 #include "util/error.h"
 
 namespace sw {
 
 Sampler::Sampler(const std::string& run_dir) {
-  if (!std::filesystem::is_directory(run_dir))
-    throw Error(fmt::format("--run '{}' is not a directory", run_dir));
-  auto dir = newest_checkpoint(run_dir);
-  if (!dir)
-    throw Error(
-        fmt::format("run directory '{}' has no complete checkpoint (ckpt-*/) to sample "
-                    "from; train it first with 'switch-train --out {}'",
-                    run_dir, run_dir));
-  CheckpointMeta meta = read_checkpoint_meta(*dir);
-  cfg_ = meta.config;
+  TrainedModel t = load_trained_model(run_dir, -1, "sample from");
   // Generation routes every token to its expert: a capacity computed from one short
   // sequence would drop most tokens (capacity is a training-time device).
-  cfg_.moe.drop_tokens = false;
-  vocab_ = meta.vocab;
-  ckpt_dir_ = *dir;
-  // The checkpoint's config says how big a model to build: checked before it is allocated.
-  const MemoryEstimate need = estimate_memory(cfg_, vocab_.size(), 1, 0);
-  const MemoryLimit limit = memory_limit();
-  if (limit.bytes >= 0 && need.build + need.runtime > limit.bytes)
-    throw Error(
-        fmt::format("{}: the checkpoint's model does not fit in memory: its weights "
-                    "need about {}, and this process may use {} ({})",
-                    ckpt_dir_, human_bytes(need.build), human_bytes(limit.bytes), limit.source));
-  model_ = Transformer(cfg_, vocab_.size());
-  load_weights(ckpt_dir_, *model_);
-  model_->eval();
+  t.model->configure_moe([](MoeConfig& m) { m.drop_tokens = false; });
+  cfg_ = t.model->cfg;
+  vocab_ = t.meta.vocab;
+  ckpt_dir_ = t.meta.dir;
+  model_ = t.model;
 }
 
 std::string Sampler::generate(const SampleOptions& opt,

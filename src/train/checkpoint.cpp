@@ -181,6 +181,23 @@ std::optional<std::string> newest_checkpoint(const std::string& run_dir) {
   return all.back().second;
 }
 
+std::vector<std::pair<int64_t, std::string>> list_checkpoints(const std::string& run_dir) {
+  return complete_checkpoints(run_dir);
+}
+
+int64_t checkpoint_world(const std::string& ckpt_dir) {
+  const std::string path = (fs::path(ckpt_dir) / "rng.pt").string();
+  const c10::IValue archive =
+      read_pickle_archive(read_file(path, "checkpoint RNG state", 64u << 20), path);
+  if (!archive.isGenericDict()) throw Error(fmt::format("{}: not an RNG state file", path));
+  const auto dict = archive.toGenericDict();
+  if (!dict.contains("torch_cpu_ranks")) return 1;
+  const c10::IValue all = dict.at("torch_cpu_ranks");
+  if (!all.isTensor() || all.toTensor().dim() != 2 || all.toTensor().size(0) < 1)
+    throw Error(fmt::format("{}: 'torch_cpu_ranks' is not a [ranks, state] tensor", path));
+  return all.toTensor().size(0);
+}
+
 CheckpointMeta read_checkpoint_meta(const std::string& ckpt_dir) {
   const std::string path = (fs::path(ckpt_dir) / "state.json").string();
   CheckpointMeta m =

@@ -10,6 +10,8 @@
 #include <array>
 #include <optional>
 #include <string>
+#include <utility>
+#include <vector>
 
 #include <torch/torch.h>
 
@@ -32,6 +34,12 @@ c10::Dict<std::string, at::Tensor> optimizer_dict(torch::optim::Optimizer& opt);
 
 // The newest complete checkpoint directory of a run, if any.
 std::optional<std::string> newest_checkpoint(const std::string& run_dir);
+// Every complete checkpoint of a run as (step, directory), oldest first.
+std::vector<std::pair<int64_t, std::string>> list_checkpoints(const std::string& run_dir);
+
+// The number of ranks that wrote a checkpoint (and ran the evaluation of its step): the
+// ranks whose generator states rng.pt holds, 1 for a single process.
+int64_t checkpoint_world(const std::string& ckpt_dir);
 
 // Reads <ckpt_dir>/state.json (parse_checkpoint_state).
 CheckpointMeta read_checkpoint_meta(const std::string& ckpt_dir);

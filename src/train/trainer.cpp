@@ -215,8 +215,8 @@ void open_records(Run& r) {
   const std::string path = (fs::path(r.opt.out_dir) / "metrics.jsonl").string();
   if (r.opt.resume && r.ranks.root()) truncate_metrics(path, r.state.step);
   if (r.ranks.root()) r.metrics.emplace(path);
-  r.val_batches = fixed_batches(*r.data, Split::Val, r.cfg.train, 0x76616cULL);
-  r.train_eval_batches = fixed_batches(*r.data, Split::Train, r.cfg.train, 0x747261ULL);
+  r.val_batches = fixed_batches(*r.data, Split::Val, r.cfg.train, kValSalt);
+  r.train_eval_batches = fixed_batches(*r.data, Split::Train, r.cfg.train, kTrainSalt);
 }
 
 // moe.balance = bias: each MoE layer's bias as the record's step left it, in its entry.
