@@ -136,6 +136,13 @@ TEST_CASE("switch-eval gives back the val_loss 2 expert-parallel ranks recorded,
     CHECK(doc["dropped_pct"].get<double>() > 10);
     CHECK(std::abs(doc["loss"].get<double>() - recorded) < 1e-6);
   }
+  // Every window once: the last, shorter batches are routed whole, every character scored.
+  r = test::run(kEval + " --run " + test::quote(dir) + " --batches all --json");
+  INFO(r.output);
+  REQUIRE(r.rc == 0);
+  const nlohmann::json all = nlohmann::json::parse(r.output);
+  CHECK(std::isfinite(all["loss"].get<double>()));
+  CHECK(all["data"]["characters"] == 111540 - 1);  // Tiny Shakespeare's val split
 }
 
 TEST_CASE("the lab's options under 2 ranks follow one process's curve, upcycling too") {

@@ -152,6 +152,39 @@ TEST_CASE("switch-eval's capacity curve: dropped falls as the factor grows and n
   CHECK(test::contains(r.output, "capacity curve"));
   CHECK(nlohmann::json::parse(test::read_file(out + "/eval.json"))["capacity_curve"].size() == 3);
   CHECK(test::fs::file_size(out + "/capacity.png") > 1000);
+
+  // A run's folder as --out gets the evaluation's pictures, not the run's.
+  const test::CmdResult in_run =
+      test::run(kEval + " --run " + test::quote(tiny_run()) + " --capacity-factors 1 --out " +
+                test::quote(tiny_run()));
+  INFO(in_run.output);
+  CHECK(in_run.rc == 0);
+  CHECK(test::fs::file_size(tiny_run() + "/capacity.png") > 1000);
+  CHECK_FALSE(test::fs::exists(tiny_run() + "/plots"));
+  test::fs::remove(tiny_run() + "/capacity.png");
+  test::fs::remove(tiny_run() + "/eval.json");
+}
+
+TEST_CASE("switch-eval: a dropless run's curve point is its own setting, dropless") {
+  const std::string dir = test::scratch_dir("eval_dropless_run");
+  sw::Config cfg = test::tiny_config();
+  cfg.moe.drop_tokens = false;
+  cfg.train.steps = 10;
+  sw::TrainOptions opt;
+  opt.out_dir = dir;
+  opt.quiet = true;
+  sw::train(cfg, opt);
+  const test::CmdResult r =
+      test::run(kEval + " --run " + test::quote(dir) + " --drop-policies random,position --json");
+  INFO(r.output);
+  REQUIRE(r.rc == 0);
+  const nlohmann::json doc = nlohmann::json::parse(r.output.substr(0, r.output.rfind("}\n") + 1));
+  REQUIRE(doc["capacity_curve"].size() == 2);
+  for (const auto& pt : doc["capacity_curve"]) {
+    CHECK(pt["capacity_factor"] == "none");
+    CHECK(pt["dropped_pct"] == 0.0);
+    CHECK(pt["loss"] == doc["loss"]);
+  }
 }
 
 TEST_CASE("switch-eval --routing: a router made by hand gives the heatmap it must") {
@@ -297,7 +330,7 @@ TEST_CASE("switch-eval refuses bad input by name") {
   const std::vector<Case> cases = {
       {" --ckpt 45", 1, "has no complete checkpoint of step 45; it has steps 30, 60"},
       {" --ckpt=-2", 2, "--ckpt -2"},
-      {" --capacity-factors 0.5,x", 2, "'x' is not a positive number or 'none'"},
+      {" --capacity-factors 0.5,x", 2, "'x' is not a positive number (up to 1e6) or 'none'"},
       {" --capacity-factors 1,,2", 2, "'' is not a positive number"},
       {" --capacity-factors 0", 2, "'0' is not a positive number"},
       {" --capacity-factors=-1", 2, "'-1' is not a positive number"},
@@ -314,6 +347,9 @@ TEST_CASE("switch-eval refuses bad input by name") {
        "--prompt holds 40 characters: give 1 to 32"},
       {" --logits x.pt --prompt caf\xC3\xA9", 1, "U+00E9 'é' at position 3"},
       {" --data /nonexistent.txt", 1, "data file '/nonexistent.txt' does not exist"},
+      {" --routing --out " + test::quote(tiny_run() + "/config.json"), 1,
+       "config.json' is a file, not a folder"},
+      {" --capacity-factors 1e300", 2, "'1e300' is not a positive number (up to 1e6)"},
   };
   for (const Case& c : cases) {
     CAPTURE(c.args);

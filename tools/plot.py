@@ -2,6 +2,7 @@
 """Pictures of switch runs, drawn with matplotlib (Debian: python3-matplotlib).
 
 Usage: tools/plot.py DIR [DIR ...]
+       tools/plot.py --eval DIR [DIR ...]   (switch-eval's folders only)
 
 A run directory (it holds metrics.jsonl) gets DIR/plots/:
   loss.png         train and val loss against steps and against wall time
@@ -287,6 +288,12 @@ def main(argv):
         return 0 if len(argv) >= 2 else 2
     written = []
     sweeps = []
+    if argv[1] == "--eval":  # switch-eval's folders, whatever else they hold
+        for d in argv[2:]:
+            plot_eval(d, written)
+        for w in written:
+            print(f"plot: {w}")
+        return 0
     for d in argv[1:]:
         if os.path.exists(os.path.join(d, "sweep.json")):
             plot_sweep(d, written)

@@ -81,31 +81,45 @@ void parse_values(const CLI::App& app, Args& a) {
     throw sw::Error(fmt::format("--ckpt {}: give a step >= 0", a.opt.step));
 }
 
+// The output folder: --out, or RUN/eval/step-N. Refused (sw::Error) when it is a file or
+// cannot be made.
+std::string output_dir(const Args& a, int64_t step) {
+  const std::string dir =
+      a.out_dir.empty() ? (fs::path(a.opt.run_dir) / "eval" / fmt::format("step-{}", step)).string()
+                        : a.out_dir;
+  std::error_code ec;
+  if (fs::exists(dir, ec) && !fs::is_directory(dir, ec))
+    throw sw::Error(fmt::format("--out '{}' is a file, not a folder", dir));
+  fs::create_directories(dir, ec);
+  if (ec)
+    throw sw::Error(fmt::format("--out '{}': cannot create the folder: {}", dir, ec.message()));
+  return dir;
+}
+
 // eval.json and its pictures in the output folder; the files, or why there are no pictures,
 // go to stderr (stdout may be JSON).
 bool write_outputs(const nlohmann::ordered_json& doc, const Args& a) {
-  std::string dir = a.out_dir;
-  if (dir.empty())
-    dir = (fs::path(a.opt.run_dir) / "eval" /
-           fmt::format("step-{}", doc["checkpoint"]["step"].get<int64_t>()))
-              .string();
-  fs::create_directories(dir);
+  const std::string dir = output_dir(a, doc["checkpoint"]["step"].get<int64_t>());
   const std::string json_path = (fs::path(dir) / "eval.json").string();
   sw::write_file_atomic(json_path, doc.dump(2) + "\n");
-  std::vector<std::string> files = {json_path};
+  std::vector<std::string> files = {json_path}, pictures;
+  if (doc.contains("capacity_curve")) pictures.push_back((fs::path(dir) / "capacity.png").string());
+  if (doc.contains("routing")) pictures.push_back((fs::path(dir) / "routing.png").string());
   bool ok = true;
   if (!a.no_plot) {
-    const sw::PlotResult r = sw::run_plot_script({fs::absolute(dir).string()}, /*quiet=*/true);
-    if (r.state == sw::PlotResult::Drawn) {
-      if (doc.contains("capacity_curve"))
-        files.push_back((fs::path(dir) / "capacity.png").string());
-      if (doc.contains("routing")) files.push_back((fs::path(dir) / "routing.png").string());
-    } else {
+    std::error_code ec;
+    for (const std::string& p : pictures)
+      fs::remove(p, ec);  // an older evaluation's, about to be drawn again
+    const sw::PlotResult r =
+        sw::run_plot_script({"--eval", fs::absolute(dir).string()}, /*quiet=*/true);
+    if (r.state != sw::PlotResult::Drawn) {
       std::cerr << "switch-eval: "
                 << (r.state == sw::PlotResult::Failed ? "plotting failed: " : "no pictures: ")
                 << r.why << std::endl;
       ok = r.state != sw::PlotResult::Failed;
     }
+    for (const std::string& p : pictures)
+      if (fs::exists(p, ec)) files.push_back(p);
   }
   std::cerr << fmt::format("switch-eval: wrote {}", fmt::join(files, ", ")) << std::endl;
   return ok;
@@ -130,6 +144,7 @@ int run(int argc, char** argv) {
   }
   try {
     sw::configure_threads(a.threads);
+    if (!a.out_dir.empty()) output_dir(a, 0);  // a bad --out is said before the passes
     const nlohmann::ordered_json doc = sw::evaluate_checkpoint(a.opt);
     if (a.json)
       std::cout << doc.dump(2) << std::endl;

@@ -177,7 +177,9 @@ nlohmann::ordered_json capacity_curve(Transformer& model, const EvalData& d, int
   std::vector<DropPolicy> policies = opt.drop_policies;
   if (policies.empty()) policies.push_back(before.drop_policy);
   std::vector<std::optional<double>> factors = opt.capacity_factors;
-  if (factors.empty()) factors.push_back(before.eval_capacity_factor);
+  if (factors.empty())  // the run's own setting
+    factors.push_back(before.drop_tokens ? std::optional<double>(before.eval_capacity_factor)
+                                         : std::nullopt);
   nlohmann::ordered_json curve = nlohmann::ordered_json::array();
   for (DropPolicy policy : policies)
     for (const std::optional<double>& f : factors) {
@@ -260,10 +262,10 @@ std::vector<std::optional<double>> parse_capacity_factors(const std::string& lis
     } catch (const std::exception&) {
       used = 0;
     }
-    if (item.empty() || used != item.size() || !std::isfinite(v) || v <= 0)
+    if (item.empty() || used != item.size() || !(v > 0 && v <= 1e6))
       throw Error(
-          fmt::format("--capacity-factors '{}': '{}' is not a positive number or 'none' "
-                      "(give a comma-separated list, e.g. 0.5,1,1.25,2,none)",
+          fmt::format("--capacity-factors '{}': '{}' is not a positive number (up to 1e6) or "
+                      "'none' (give a comma-separated list, e.g. 0.5,1,1.25,2,none)",
                       printable(list), printable(item)));
     out.push_back(v);
   }
@@ -315,21 +317,9 @@ nlohmann::ordered_json evaluate_checkpoint(const EvalOptions& opt) {
                     "capacity or drop policy to look at",
                     t.meta.dir));
   const EvalData d = load_data(opt, cfg, t.meta.vocab);
-  nlohmann::ordered_json doc;
-  doc["checkpoint"] = {
-      {"run", opt.run_dir}, {"dir", t.meta.dir}, {"step", t.meta.state.step}, {"ranks", world}};
-  int64_t tokens = 0;
-  for (const Batch& b : d.list)
-    tokens += b.y_BS.numel();
-  doc["data"] = {{"file", d.file},
-                 {"split", split_name(d.split)},
-                 {"batches", d.batches > 0 ? nlohmann::ordered_json(d.batches)
-                                           : nlohmann::ordered_json("all")},
-                 {"batch_size", cfg.train.batch_size},
-                 {"seq_len", cfg.model.seq_len},
-                 {"characters", tokens},
-                 {"skipped", d.skipped}};
-  doc["settings"] = settings_json(cfg.moe);
+  // The logits first: a prompt or a path they refuse is said before the long passes.
+  nlohmann::ordered_json logits;
+  if (!opt.logits_file.empty()) logits = write_logits(t.model, t, d, opt);
   std::optional<RoutingAnalysis> routing;
   EvalObserver observe;
   if (opt.routing) {
@@ -339,11 +329,24 @@ nlohmann::ordered_json evaluate_checkpoint(const EvalOptions& opt) {
       routing->observe(static_cast<size_t>(share) * d.list.size() + batch, x_BS, out);
     };
   }
-  doc.update(result_json(evaluate_shares(t.model, d.list, world, observe)));
+  const EvalResult base = evaluate_shares(t.model, d.list, world, observe);
+  nlohmann::ordered_json doc;
+  doc["checkpoint"] = {
+      {"run", opt.run_dir}, {"dir", t.meta.dir}, {"step", t.meta.state.step}, {"ranks", world}};
+  doc["data"] = {{"file", d.file},
+                 {"split", split_name(d.split)},
+                 {"batches", d.batches > 0 ? nlohmann::ordered_json(d.batches)
+                                           : nlohmann::ordered_json("all")},
+                 {"batch_size", cfg.train.batch_size},
+                 {"seq_len", cfg.model.seq_len},
+                 {"characters", base.tokens},
+                 {"skipped", d.skipped}};
+  doc["settings"] = settings_json(cfg.moe);
+  doc.update(result_json(base));
   if (!opt.capacity_factors.empty() || !opt.drop_policies.empty())
     doc["capacity_curve"] = capacity_curve(t.model, d, world, opt);
   if (routing) doc["routing"] = routing->json(routing->combine());
-  if (!opt.logits_file.empty()) doc["logits"] = write_logits(t.model, t, d, opt);
+  if (!logits.is_null()) doc["logits"] = logits;
   return doc;
 }
 

@@ -52,12 +52,14 @@ std::string data_line(const Json& d) {
                                                 d["batches"].get<int64_t>() == 1 ? "" : "es");
   const std::string split = d["split"].get<std::string>();
   return fmt::format(
-      "data: {}, {}, {} of {} x {}: {} characters predicted{}",
+      "data: {}, {}, {} of {} x {}: {} character{} predicted{}",
       printable(d["file"].get<std::string>()),
       split == "all" ? std::string("the whole file") : split + " split", batches,
       d["batch_size"].get<int64_t>(), d["seq_len"].get<int64_t>(), d["characters"].get<int64_t>(),
+      d["characters"].get<int64_t>() == 1 ? "" : "s",
       d["skipped"].get<int64_t>() > 0
-          ? fmt::format(" ({} unknown characters left out)", d["skipped"].get<int64_t>())
+          ? fmt::format(" ({} unknown character{} left out)", d["skipped"].get<int64_t>(),
+                        d["skipped"].get<int64_t>() == 1 ? "" : "s")
           : std::string());
 }
 

@@ -80,8 +80,8 @@ EvalResult evaluate_shares(Transformer& model, const std::vector<Batch>& batches
   const auto n = static_cast<int64_t>(batches.size());
   struct Part {
     double loss = 0;
-    int64_t tokens = 0;
-    std::vector<MoeStats> moe;
+    int64_t tokens = 0;  // 0: a share with no rows (its batch was routed whole)
+    std::vector<LayerEval> moe;
   };
   std::vector<Part> parts(static_cast<size_t>(n * world));  // share-major, as ranks sum
   in_eval_mode(model, [&] {
@@ -90,16 +90,21 @@ EvalResult evaluate_shares(Transformer& model, const std::vector<Batch>& batches
       for (int64_t p = begin; p < end; ++p) {
         const int64_t share = p / n, i = p % n;
         const Batch& b = batches[static_cast<size_t>(i)];
+        // A batch whose rows the ranks could not have shared (a shorter last batch of
+        // every-window scoring) is routed whole, as share 0.
+        const bool whole = b.x_BS.size(0) % world != 0;
+        if (whole && share > 0) continue;
         Ranks ranks;
-        ranks.rank = share;
-        ranks.world = world;
+        ranks.rank = whole ? 0 : share;
+        ranks.world = whole ? 1 : world;
         const torch::Tensor x_BS = ranks.share(b.x_BS), y_BS = ranks.share(b.y_BS);
         ModelOutput out = forward_batch(model, x_BS, static_cast<size_t>(i));
         Part& part = parts[static_cast<size_t>(p)];
         part.loss = mean_cross_entropy(out, y_BS);
         part.tokens = y_BS.numel();
         if (observe) observe(static_cast<size_t>(i), share, x_BS, out);
-        part.moe = std::move(out.moe);
+        for (const MoeStats& s : out.moe)  // the counts only: the rest is per token
+          part.moe.push_back({s.layer, s.assignments, s.dropped, s.rerouted, s.counts_E});
       }
     });
   });
@@ -116,7 +121,7 @@ EvalResult evaluate_shares(Transformer& model, const std::vector<Batch>& batches
     double sum = 0;
     for (int64_t i = 0; i < n; ++i) {
       const Part& p = parts[static_cast<size_t>(share * n + i)];
-      sum += equal ? p.loss : p.loss * static_cast<double>(p.tokens);
+      if (p.tokens > 0) sum += equal ? p.loss : p.loss * static_cast<double>(p.tokens);
     }
     total += sum;
   }
@@ -124,7 +129,7 @@ EvalResult evaluate_shares(Transformer& model, const std::vector<Batch>& batches
                  : total / static_cast<double>(r.tokens);
   for (const Part& p : parts)
     for (size_t l = 0; l < p.moe.size(); ++l) {
-      const MoeStats& s = p.moe[l];
+      const LayerEval& s = p.moe[l];
       if (r.layers.size() <= l)
         r.layers.push_back({s.layer, 0, 0, 0, torch::zeros_like(s.counts_E)});
       LayerEval& e = r.layers[l];

@@ -45,7 +45,8 @@ using EvalObserver = std::function<void(size_t batch, int64_t share, const torch
 // evaluate() in one process, as `world` ranks would have run it: each batch's rows in
 // `world` shares, each share its own routing group (capacity and dropping are per share),
 // so that a checkpoint written by W ranks gives back the losses they recorded. Batches of
-// equal size give evaluate()'s mean of means; otherwise the mean is per character. Shares
+// equal size give evaluate()'s mean of means; otherwise the mean is per character. A batch
+// whose rows `world` does not divide is routed whole (it comes to `observe` as share 0). Shares
 // run at once; `observe` (optional) sees each from the thread that ran it.
 EvalResult evaluate_shares(Transformer& model, const std::vector<Batch>& batches, int64_t world,
                            const EvalObserver& observe = {});
