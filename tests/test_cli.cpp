@@ -134,14 +134,63 @@ TEST_CASE("docs/config.md is what switch-train --list-keys --markdown prints") {
 TEST_CASE("switch-sample: bad runs and options") {
   const std::string dir = test::scratch_dir("cli_sample");
   test::CmdResult r = test::run(kSample + " --run " + dir + "/none");
-  CHECK(r.rc != 0);
+  CHECK(r.rc == 1);
   CHECK(test::contains(r.output, "is not a directory"));
   r = test::run(kSample + " --run " + dir);
-  CHECK(r.rc != 0);
+  CHECK(r.rc == 1);
   CHECK(test::contains(r.output, "has no complete checkpoint"));
   r = test::run(kSample);
-  CHECK(r.rc != 0);
+  CHECK(r.rc == 2);
   CHECK(test::contains(r.output, "--run"));
+}
+
+TEST_CASE("switch-sample's flags from the command line: greedy, top-k, cache, threads, stats") {
+  const std::string dir = test::scratch_dir("cli_sample_flags") + "/run";
+  test::CmdResult r = test::run(kTrain + tiny_args(dir) + " --set train.steps=30 -q");
+  REQUIRE(r.rc == 0);
+  // stdout only: --stats writes to stderr.
+  auto sample = [&](const std::string& flags) {
+    const test::CmdResult s = test::run("(" + kSample + " --run " + test::quote(dir) +
+                                        " --prompt ROMEO: " + flags + " 2>/dev/null)");
+    INFO(flags);
+    REQUIRE(s.rc == 0);
+    return s.output;
+  };
+  // --temperature 0 takes the most likely character: --top-k 1 does too, whatever the seed.
+  const std::string greedy = sample("--temperature 0 --chars 60");
+  CHECK(greedy.size() == 6 + 60 + 1);
+  CHECK(sample("--top-k 1 --seed 5 --chars 60") == greedy);
+  CHECK(sample("--top-k 1 --seed 6 --chars 60") == greedy);
+  // --top-k 3 samples among three: other text than greedy and than a full sample, per seed.
+  const std::string top3 = sample("--top-k 3 --seed 5 --chars 200");
+  CHECK(top3 == sample("--top-k 3 --seed 5 --chars 200"));
+  CHECK(top3 != sample("--top-k 3 --seed 6 --chars 200"));
+  // --no-cache recomputes the context (it fills and is halved several times at 200
+  // characters of context 32) and prints the same text; so do 1 and 2 threads.
+  const std::string cached = sample("--seed 9 --chars 200 --temperature 0.8");
+  CHECK(sample("--seed 9 --chars 200 --temperature 0.8 --no-cache") == cached);
+  CHECK(sample("--seed 9 --chars 200 --temperature 0.8 --threads 1") == cached);
+  CHECK(sample("--seed 9 --chars 200 --temperature 0.8 --threads 2") == cached);
+  // --stats: a line on stderr, the text on stdout unchanged.
+  r = test::run("(" + kSample + " --run " + test::quote(dir) +
+                " --prompt ROMEO: --seed 9 --chars 200 --temperature 0.8 --stats 2>&1 >/dev/null)");
+  CHECK(r.rc == 0);
+  CHECK(test::contains(r.output, "switch-sample: 200 characters in "));
+  CHECK(test::contains(r.output, "characters/s (key/value cache)"));
+  CHECK(sample("--seed 9 --chars 200 --temperature 0.8 --stats") == cached);
+  r = test::run("(" + kSample + " --run " + test::quote(dir) +
+                " --chars 50 --no-cache --stats 2>&1 >/dev/null)");
+  CHECK(test::contains(r.output, "characters/s (no cache)"));
+  // Values the sampler refuses, by name.
+  for (const auto& [flag, says] : std::vector<std::pair<std::string, std::string>>{
+           {"--temperature=-1", "--temperature -1: must be a finite number >= 0"},
+           {"--top-k=-2", "--top-k -2: must be >= 0"},
+           {"--chars=-5", "--chars -5: must be >= 0"}}) {
+    CAPTURE(flag);
+    r = test::run(kSample + " --run " + test::quote(dir) + " " + flag);
+    CHECK(r.rc == 1);
+    CHECK(test::contains(r.output, says));
+  }
 }
 
 TEST_CASE("switch-bench: the allocator is named, and jemalloc put in front is found") {
