@@ -548,9 +548,13 @@ TEST_CASE("every binary: an unexpected LibTorch error is one line and exit 3, de
   INFO(refused.output);
   CHECK(refused.rc == 1);
   CHECK(test::contains(refused.output, "the checkpoint's model does not fit in memory"));
+  refused = test::run(std::string(SWITCH_EVAL_BIN) + " --run " + run);
+  CHECK(refused.rc == 1);
+  CHECK(test::contains(refused.output, "the checkpoint's model does not fit in memory"));
   state["config"]["model"]["d_model"] = 8192;
   test::write_file(*ck + "/state.json", state.dump());
   const std::string sample = "ulimit -v 3000000; " + kSample + " --run " + run + " --chars 1";
+  const std::string eval = "ulimit -v 3000000; " + std::string(SWITCH_EVAL_BIN) + " --run " + run;
   // A model the memory check lets through (~2 GiB of weights) under a 3 GB address-space
   // limit the check does not read. One micro-batch: on a busy machine an OpenMP thread's
   // first LibTorch operation, near the limit, can hang LibTorch's thread-pool start-up
@@ -558,7 +562,7 @@ TEST_CASE("every binary: an unexpected LibTorch error is one line and exit 3, de
   const std::string train = "ulimit -v 3000000; " + kTrain + tiny_args(base + "/big") +
                             " --set model.d_model=8192 --set model.n_heads=8 --set moe.every=0 "
                             "--set train.steps=2 --set train.micro_batches=1 -q";
-  for (const std::string& cmd : {bench, sample, train}) {
+  for (const std::string& cmd : {bench, sample, eval, train}) {
     CAPTURE(cmd);
     test::CmdResult r = test::run("{ " + cmd + " 2>&1 >/dev/null; }");
     INFO(r.output);
