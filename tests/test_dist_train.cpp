@@ -122,6 +122,14 @@ TEST_CASE("switch-eval gives back the val_loss 2 expert-parallel ranks recorded,
                                 " --set moe.eval_capacity_factor=0.5 --nproc 2 -q");
   INFO(r.output);
   REQUIRE(r.rc == 0);
+  // A record of several ranks carries the documented per-step communication.
+  const nlohmann::json first = sw::read_metrics(dir + "/metrics.jsonl").front();
+  REQUIRE(first.contains("comm"));
+  for (const char* key :
+       {"ms", "all_to_all_calls", "all_to_all_bytes", "all_reduce_calls", "all_reduce_bytes"})
+    CHECK_MESSAGE(first["comm"].contains(key), key);
+  CHECK(first["comm"]["all_to_all_bytes"].get<double>() > 0);
+  CHECK(first["comm"]["all_reduce_calls"].get<double>() >= 1);
   for (int64_t step : {30, 60}) {
     CAPTURE(step);
     double recorded = -1;

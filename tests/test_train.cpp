@@ -40,9 +40,26 @@ TEST_CASE("a tiny run's loss falls and it writes every file of a run directory")
   REQUIRE(!records.empty());
   const nlohmann::json& first = records.front();
   CHECK(first["kind"] == "train");
+  // Every field the README documents for a single-process train record, with its meaning.
   for (const char* key :
-       {"step", "time_s", "lr", "loss", "ce", "lb_loss", "tokens_per_s", "layers"})
+       {"step", "time_s", "lr", "loss", "ce", "lb_loss", "z_loss", "drop_frac", "tokens_per_s",
+        "grad_norm", "steps_in_record", "ms_forward", "ms_backward", "ms_optimizer", "layers"})
     CHECK_MESSAGE(first.contains(key), key);
+  CHECK_FALSE(first.contains("comm"));          // several ranks only
+  CHECK_FALSE(first.contains("balance_loss"));  // moe.balance = aux_loss: it is lb_loss
+  CHECK(first["steps_in_record"] == 10);
+  CHECK(first["step"] == 10);
+  for (const char* phase : {"ms_forward", "ms_backward", "ms_optimizer"})
+    CHECK_MESSAGE(first[phase].get<double>() > 0, phase);
+  CHECK(first["z_loss"].get<double>() > 0);
+  CHECK(first["grad_norm"].get<double>() > 0);
+  CHECK(first["drop_frac"].get<double>() >= 0);
+  CHECK(first["drop_frac"].get<double>() <= 1);
+  // loss = ce + alpha * lb + z weight * z (the record's averages).
+  CHECK(first["loss"].get<double>() ==
+        doctest::Approx(first["ce"].get<double>() + c.moe.alpha * first["lb_loss"].get<double>() +
+                        c.moe.z_loss * first["z_loss"].get<double>())
+            .epsilon(1e-9));
   REQUIRE(first["layers"].size() == 2);
   const nlohmann::json& layer = first["layers"][0];
   CHECK(layer["counts"].size() == 4);
@@ -63,9 +80,22 @@ TEST_CASE("a tiny run's loss falls and it writes every file of a run directory")
   for (const auto& r : records)
     evals += r["kind"] == "eval";
   CHECK(evals == 2);  // steps 30 and 60
-  for (const char* key : {"final_val_loss", "best_val_loss", "wall_s", "tokens_per_s",
-                          "params_total", "params_active"})
+  for (const char* key :
+       {"steps", "final_train_loss", "final_val_loss", "best_val_loss", "wall_s", "tokens_per_s",
+        "tokens_trained", "params_total", "params_active", "threads", "ranks", "expert_parallel"})
     CHECK_MESSAGE(summary.contains(key), key);
+  const nlohmann::json& last_eval = records.back();
+  REQUIRE(last_eval["kind"] == "eval");
+  for (const char* key : {"step", "time_s", "val_loss", "train_loss"})
+    CHECK_MESSAGE(last_eval.contains(key), key);
+  CHECK(summary["steps"] == 60);
+  CHECK(summary["tokens_trained"] == 60 * 8 * 32);  // steps * batch * seq_len
+  CHECK(summary["threads"] == 2);                   // train.threads of the tiny config
+  CHECK(summary["ranks"] == 1);
+  CHECK(summary["expert_parallel"] == false);
+  CHECK(summary["final_val_loss"] == last_eval["val_loss"]);
+  CHECK(summary["final_train_loss"] == last_eval["train_loss"]);
+  CHECK(summary["best_val_loss"].get<double>() <= summary["final_val_loss"].get<double>());
   CHECK(summary["params_active"].get<int64_t>() < summary["params_total"].get<int64_t>());
   CHECK(test::fs::exists(dir + "/summary.json"));
   CHECK(test::fs::exists(dir + "/ckpt-000060/model.pt"));
