@@ -1,6 +1,7 @@
 // The binaries as a user meets them: bad input exits non-zero with a message naming the
 // problem, and loses nothing.
 #include <algorithm>
+#include <sstream>
 
 #include <doctest/doctest.h>
 
@@ -107,6 +108,24 @@ TEST_CASE("switch-train: --list-keys and --print-config") {
   REQUIRE(r.rc == 0);
   for (const auto& k : sw::config_keys())
     CHECK_MESSAGE(test::contains(r.output, k.key), k.key);
+  // Each line: the key, its default as JSON (that of configs/default.json), its help.
+  const nlohmann::json defaults =
+      nlohmann::json::parse(test::read_file(test::source_path("configs/default.json")));
+  std::istringstream lines(r.output);
+  std::string line;
+  size_t n = 0;
+  while (std::getline(lines, line)) {
+    std::istringstream words(line);
+    std::string key, value;
+    words >> key >> value;
+    CAPTURE(line);
+    std::string pointer = "/" + key;
+    std::replace(pointer.begin(), pointer.end(), '.', '/');
+    REQUIRE(defaults.contains(nlohmann::json::json_pointer(pointer)));
+    CHECK(nlohmann::json::parse(value) == defaults[nlohmann::json::json_pointer(pointer)]);
+    ++n;
+  }
+  CHECK(n == sw::config_keys().size());
   // stdout is the config alone (a config file); the memory estimate goes to stderr.
   r = test::run("{ " + kTrain + " --print-config 2>/dev/null; }");
   REQUIRE(r.rc == 0);
