@@ -512,3 +512,25 @@ TEST_CASE("--init-from: a run stopped before its first checkpoint upcycles again
   CHECK_MESSAGE(a == test::read_file(again + "/ckpt-000020/model.pt"),
                 "resumed before its first checkpoint, the upcycled run is not the straight one");
 }
+
+TEST_CASE("train.grad_clip: 0 turns clipping off, a small one changes the run") {
+  const std::string base = test::scratch_dir("grad_clip");
+  auto weights_after = [&](double clip) {
+    sw::Config c = test::tiny_config();
+    c.train.steps = 10;
+    c.train.eval_every = 10;
+    c.train.checkpoint_every = 10;
+    c.train.grad_clip = clip;
+    const std::string dir = base + "/clip-" + std::to_string(clip);
+    train_tiny(dir, c);
+    return test::read_file(dir + "/ckpt-000010/model.pt");
+  };
+  const std::string off = weights_after(0), huge = weights_after(1e9), small = weights_after(0.01);
+  REQUIRE(!off.empty());
+  // A bound no gradient reaches scales by exactly 1: the same bits as no clipping at all.
+  CHECK(off == huge);
+  CHECK(off != small);
+  // The records say the norm before clipping, which a small bound would have cut.
+  for (const auto& r : sw::read_metrics(base + "/clip-0.010000/metrics.jsonl"))
+    if (r["kind"] == "train") CHECK(r["grad_norm"].get<double>() > 0.01);
+}
