@@ -166,3 +166,50 @@ TEST_CASE("moe.d_expert: one expert of that width, top-1, is a dense FFN of that
   MESSAGE("max |one expert of width 24 - dense FFN of width 24| logit difference: " << d);
   CHECK(d < 1e-5);
 }
+
+TEST_CASE("moe.init_scale: router and expert weights ~ N(0, init_scale / fan_in), the rest not") {
+  sw::Config c = small_config();
+  c.model.d_model = 128;
+  c.model.d_ff = 256;
+  c.moe.n_experts = 8;
+  for (double scale : {1.0, 0.1}) {
+    CAPTURE(scale);
+    c.moe.init_scale = scale;
+    torch::manual_seed(7);
+    sw::Transformer m(c, 11);
+    auto p = m->named_parameters();
+    const double w_in = p["blocks.0.ffn.experts.w_in"].std().item<double>();
+    const double w_out = p["blocks.0.ffn.experts.w_out"].std().item<double>();
+    const double router = p["blocks.0.ffn.router.proj.weight"].std().item<double>();
+    // 8 x 128 x 256 draws each for the experts, 8 x 128 for the router.
+    CHECK(w_in == doctest::Approx(std::sqrt(scale / 128)).epsilon(0.01));
+    CHECK(w_out == doctest::Approx(std::sqrt(scale / 256)).epsilon(0.01));
+    CHECK(router == doctest::Approx(std::sqrt(scale / 128)).epsilon(0.05));
+    CHECK(p["blocks.0.ffn.experts.b_in"].abs().max().item<double>() == 0);
+    // The attention is not the MoE's: its init does not move with the key.
+    CHECK(p["blocks.0.attn.qkv.weight"].std().item<double>() ==
+          doctest::Approx(0.02).epsilon(0.02));
+  }
+}
+
+TEST_CASE("model.dropout: random in training, off in evaluation") {
+  sw::Config c = small_config();
+  c.moe.drop_tokens = false;  // no random drop order: what varies is dropout's alone
+  c.model.dropout = 0.5;
+  torch::manual_seed(3);
+  sw::Transformer with(c, 11);
+  c.model.dropout = 0.0;
+  torch::manual_seed(3);
+  sw::Transformer without(c, 11);
+  torch::NoGradGuard no_grad;
+  const torch::Tensor idx = torch::randint(0, 11, {2, 16}, torch::kInt64);
+  with->train();
+  const torch::Tensor a = with->forward(idx).logits_BSV, b = with->forward(idx).logits_BSV;
+  CHECK((a - b).abs().max().item<double>() > 1e-3);  // two draws of the masks
+  with->eval();
+  without->eval();
+  // Evaluation uses every unit, unscaled: the same model as without dropout.
+  CHECK(torch::equal(with->forward(idx).logits_BSV, without->forward(idx).logits_BSV));
+  without->train();
+  CHECK(torch::equal(without->forward(idx).logits_BSV, without->forward(idx).logits_BSV));
+}
