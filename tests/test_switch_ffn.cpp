@@ -144,7 +144,7 @@ TEST_CASE("random dropping keeps exactly `capacity` distinct tokens of the over-
   CHECK(hi < 0.45);
 }
 
-TEST_CASE("hand-worked layer: capacity, drop with pass-through, scaling, counts, lb loss") {
+TEST_CASE("hand-worked layer: capacity, drop with pass-through, scaling, counts, lb and z loss") {
   // x rows: [1,0] [2,0] [0,1] [3,0] -> logits 10x -> experts 0, 0, 1, 0.
   // Capacity int(1.0 * 4 / 2) = 2: expert 0 keeps tokens 0 and 1 (identity order), drops 3.
   torch::Tensor x = torch::tensor({1.f, 0.f, 2.f, 0.f, 0.f, 1.f, 3.f, 0.f}).view({4, 2});
@@ -175,6 +175,12 @@ TEST_CASE("hand-worked layer: capacity, drop with pass-through, scaling, counts,
   // lb = E * sum_i f_i P_i = 2 * (3/4 * P0/4 + 1/4 * P1/4).
   const double lb = 2 * (0.75 * P0 / 4 + 0.25 * P1 / 4);
   CHECK(out.stats.lb_loss.item<double>() == doctest::Approx(lb).epsilon(1e-6));
+  // z = mean_t logsumexp(logits_t)^2, logits [10, 0], [20, 0], [0, 10], [30, 0].
+  auto lse = [](double big) { return big + std::log1p(std::exp(-big)); };
+  const double z =
+      (std::pow(lse(10), 2) + std::pow(lse(20), 2) + std::pow(lse(10), 2) + std::pow(lse(30), 2)) /
+      4;
+  CHECK(out.stats.z_loss.item<double>() == doctest::Approx(z).epsilon(1e-6));
 
   SUBCASE("moe.dropped = zero: the dropped token outputs zero") {
     moe.dropped = sw::DroppedOutput::Zero;
