@@ -19,6 +19,7 @@ namespace {
 struct Result {
   torch::Tensor y, dx, d_router_w, d_router_b, d_w_in, d_b_in, d_w_out, d_b_out;
   int64_t dropped = 0;
+  torch::Tensor counts_E;  // assignments the router sent to each expert
 };
 
 torch::Tensor grad_or_zeros(const torch::Tensor& p) {
@@ -45,6 +46,7 @@ Result run(sw::SwitchFFN& layer, sw::Strategy s, const torch::Tensor& x0,
   r.d_w_out = grad_or_zeros(layer->experts->w_out);
   r.d_b_out = grad_or_zeros(layer->experts->b_out);
   r.dropped = out.stats.dropped;
+  r.counts_E = out.stats.counts_E.clone();
   return r;
 }
 
@@ -53,10 +55,12 @@ double diff(const torch::Tensor& a, const torch::Tensor& b) {
   return (a - b).abs().max().item<double>();
 }
 
-// Compares every strategy against the loop; returns the largest difference seen.
+// Compares every strategy against the loop; returns the largest difference seen. `expect`
+// (optional) checks the loop's result: the case's own precondition.
 double check_all_strategies(const sw::MoeConfig& moe, int64_t T, int64_t D = 8, int64_t F = 12,
                             const std::function<void(sw::SwitchFFN&)>& tweak = nullptr,
-                            sw::Activation act = sw::Activation::Gelu) {
+                            sw::Activation act = sw::Activation::Gelu,
+                            const std::function<void(const Result&)>& expect = nullptr) {
   torch::manual_seed(7);
   sw::SwitchFFN layer(D, F, moe, act);
   {
@@ -67,6 +71,7 @@ double check_all_strategies(const sw::MoeConfig& moe, int64_t T, int64_t D = 8, 
   if (tweak) tweak(layer);
   torch::Tensor x = torch::randn({T, D}), target = torch::randn({T, D});
   Result ref = run(layer, sw::Strategy::Loop, x, target);
+  if (expect) expect(ref);
   double worst = 0;
   for (sw::Strategy s : {sw::Strategy::Capacity, sw::Strategy::Grouped}) {
     Result r = run(layer, s, x, target);
@@ -75,7 +80,7 @@ double check_all_strategies(const sw::MoeConfig& moe, int64_t T, int64_t D = 8, 
         {diff(r.y, ref.y), diff(r.dx, ref.dx), diff(r.d_router_w, ref.d_router_w),
          diff(r.d_router_b, ref.d_router_b), diff(r.d_w_in, ref.d_w_in), diff(r.d_b_in, ref.d_b_in),
          diff(r.d_w_out, ref.d_w_out), diff(r.d_b_out, ref.d_b_out)});
-    CHECK(d < 2e-5);
+    CHECK(d < 1e-5);  // float32 rounding: the largest seen is 3.8e-6
     worst = std::max(worst, d);
   }
   return worst;
@@ -193,50 +198,79 @@ TEST_CASE("swiglu: the grouped operation equals SwiGLU composed from plain ops, 
 
 TEST_CASE("strategies agree on the edge cases") {
   double worst = 0;
+  const auto none = nullptr;
+  const auto gelu = sw::Activation::Gelu;
   SUBCASE("an expert with no tokens") {
-    worst = check_all_strategies(base_moe(4, 1), 16, 8, 12, [](sw::SwitchFFN& l) {
-      torch::NoGradGuard g;
-      l->router->proj->bias[2] = -1e4;
-    });
+    worst = check_all_strategies(
+        base_moe(4, 1), 16, 8, 12,
+        [](sw::SwitchFFN& l) {
+          torch::NoGradGuard g;
+          l->router->proj->bias[2] = -1e4;
+        },
+        gelu, [](const Result& r) { CHECK(r.counts_E[2].item<int64_t>() == 0); });
   }
   SUBCASE("every token on one expert, with dropping") {
     sw::MoeConfig m = base_moe(4, 1);
-    worst = check_all_strategies(m, 16, 8, 12, [](sw::SwitchFFN& l) {
-      torch::NoGradGuard g;
-      l->router->proj->bias[1] = 1e4;
-    });
+    worst = check_all_strategies(
+        m, 16, 8, 12,
+        [](sw::SwitchFFN& l) {
+          torch::NoGradGuard g;
+          l->router->proj->bias[1] = 1e4;
+        },
+        gelu,
+        [](const Result& r) {
+          CHECK(r.counts_E[1].item<int64_t>() == 16);
+          CHECK(r.dropped == 16 - 4);  // capacity int(1.0 * 16 / 4) = 4
+        });
   }
   SUBCASE("every token on one expert, dropless") {
     sw::MoeConfig m = base_moe(4, 1);
     m.drop_tokens = false;
-    worst = check_all_strategies(m, 16, 8, 12, [](sw::SwitchFFN& l) {
-      torch::NoGradGuard g;
-      l->router->proj->bias[1] = 1e4;
-    });
+    worst = check_all_strategies(
+        m, 16, 8, 12,
+        [](sw::SwitchFFN& l) {
+          torch::NoGradGuard g;
+          l->router->proj->bias[1] = 1e4;
+        },
+        gelu,
+        [](const Result& r) {
+          CHECK(r.counts_E[1].item<int64_t>() == 16);
+          CHECK(r.dropped == 0);
+        });
   }
   SUBCASE("capacity 0: everything dropped") {
     sw::MoeConfig m = base_moe(4, 1);
     m.capacity_factor = 0.1;  // int(0.1 * 16 / 4) = 0
-    worst = check_all_strategies(m, 16);
+    worst = check_all_strategies(m, 16, 8, 12, none, gelu,
+                                 [](const Result& r) { CHECK(r.dropped == 16); });
   }
   SUBCASE("capacity 1") {
     sw::MoeConfig m = base_moe(4, 1);
-    m.capacity_factor = 0.25;  // int(0.25 * 16 / 4) = 1
-    worst = check_all_strategies(m, 16);
+    m.capacity_factor = 0.25;  // int(0.25 * 16 / 4) = 1: at most one seat per expert
+    worst = check_all_strategies(m, 16, 8, 12, none, gelu,
+                                 [](const Result& r) { CHECK(r.dropped >= 16 - 4); });
   }
   SUBCASE("fewer tokens than experts") {
     sw::MoeConfig m = base_moe(8, 1);
     m.capacity_factor = 4.0;
-    worst = check_all_strategies(m, 3);
+    worst = check_all_strategies(m, 3, 8, 12, none, gelu, [](const Result& r) {
+      CHECK((r.counts_E == 0).sum().item<int64_t>() >= 5);  // 3 tokens, 8 experts
+      CHECK(r.dropped == 0);
+    });
   }
   SUBCASE("k = E") {
     sw::MoeConfig m = base_moe(4, 4);
-    worst = check_all_strategies(m, 12);
+    worst = check_all_strategies(m, 12, 8, 12, none, gelu, [](const Result& r) {
+      CHECK(r.counts_E.eq(12).all().item<bool>());  // every token on every expert
+    });
   }
   SUBCASE("k = E, dropless") {
     sw::MoeConfig m = base_moe(4, 4);
     m.drop_tokens = false;
-    worst = check_all_strategies(m, 12);
+    worst = check_all_strategies(m, 12, 8, 12, none, gelu, [](const Result& r) {
+      CHECK(r.counts_E.eq(12).all().item<bool>());
+      CHECK(r.dropped == 0);
+    });
   }
   MESSAGE("max abs difference to the loop: " << worst);
 }
