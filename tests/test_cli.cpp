@@ -350,6 +350,28 @@ TEST_CASE(
   }
 }
 
+TEST_CASE("switch-train: a second SIGINT exits at once, before the step and checkpoint end") {
+  // Steps of about a second (a wide model), so that the first SIGINT's orderly stop is still
+  // waiting for its step when the second arrives. The second is sent once the first has been
+  // taken (no longer pending in /proc/PID/status): two pending SIGINTs would merge into one.
+  const std::string dir = test::scratch_dir("cli_second_sigint") + "/run";
+  const std::string pending = "$(sed -n 's/^ShdPnd:[[:space:]]*//p' /proc/$pid/status)";
+  test::CmdResult r =
+      test::run("(" + kTrain + tiny_args(dir) +
+                " --set model.d_model=1024 --set model.d_ff=4096 --set model.n_heads=8 "
+                "--set train.batch_size=32 --set train.log_every=1 --set train.steps=1000000 "
+                "--set train.threads=1 -q & pid=$!; " +
+                test::wait_for(dir + "/metrics.jsonl", "\"kind\":\"train\"") +
+                "; kill -INT $pid; for i in $(seq 1000); do [ \"" + pending +
+                "\" = 0000000000000000 ] && break; sleep 0.005; done; kill -INT $pid; wait $pid; "
+                "echo rc=$?)");
+  INFO(r.output);
+  CHECK(test::contains(r.output, "rc=130"));
+  // Gone at once: no orderly stop, no checkpoint of a step after the first signal.
+  CHECK_FALSE(test::contains(r.output, "stopped by SIGINT"));
+  CHECK(test::newest_checkpoint_step(dir) == -1);
+}
+
 TEST_CASE("switch-train: killed with SIGKILL again and again, it resumes to the straight run") {
   // Checkpoints every 10 steps; each attempt is killed at a different moment (during a
   // step, an evaluation or a checkpoint write) and the next resumes from what is on disk.
