@@ -66,10 +66,13 @@ inline std::string quote(const std::string& s) {
 }
 
 // A shell loop that waits, 120 s at most, until `file` holds `pattern` (grep -F): the event a
-// test waits for before it acts, never a fixed delay.
+// test waits for before it acts, never a fixed delay. Giving up is said in the output
+// ("wait_for: gave up ..."), which every test that uses it prints when it fails.
 inline std::string wait_for(const std::string& file, const std::string& pattern) {
   return "for i in $(seq 1200); do grep -qsF " + quote(pattern) + " " + quote(file) +
-         " && break; sleep 0.1; done";
+         " && break; sleep 0.1; done; grep -qsF " + quote(pattern) + " " + quote(file) +
+         " || echo " +
+         quote("wait_for: gave up after 120 s waiting for " + pattern + " in " + file);
 }
 
 inline bool contains(const std::string& haystack, const std::string& needle) {
