@@ -8,6 +8,7 @@
 #include "model/transformer.h"
 #include "train/checkpoint.h"
 #include "train/metrics.h"
+#include "train/schedule.h"
 #include "train/trainer.h"
 #include "train/upcycle.h"
 #include "util/error.h"
@@ -77,8 +78,16 @@ TEST_CASE("a tiny run's loss falls and it writes every file of a run directory")
   CHECK(final_val < first_ce - 0.5);  // it learned something
 
   int evals = 0;
-  for (const auto& r : records)
+  for (const auto& r : records) {
     evals += r["kind"] == "eval";
+    // Each train record's lr is the schedule's at the record's last step (0-based step - 1).
+    if (r["kind"] == "train")
+      CHECK(r["lr"].get<double>() == sw::lr_at(c.train, r["step"].get<int64_t>() - 1));
+  }
+  // Warmup to train.lr over train.warmup steps, then down to min_lr at the last step.
+  CHECK(records.front()["lr"].get<double>() == doctest::Approx(c.train.lr));  // step 10 = warmup
+  CHECK(records[records.size() - 2]["lr"].get<double>() ==
+        doctest::Approx(c.train.min_lr).epsilon(0.01));
   CHECK(evals == 2);  // steps 30 and 60
   for (const char* key :
        {"steps", "final_train_loss", "final_val_loss", "best_val_loss", "wall_s", "tokens_per_s",
