@@ -269,6 +269,13 @@ TEST_CASE("switch-bench: --json elements carry the documented keys") {
       CHECK_MESSAGE(e.contains(key), key);
     CHECK(e["median_ms"].get<double>() > 0);
     if (e["kind"] == "layer") {
+      for (const char* key : {"drop_tokens", "capacity_factor", "min_ms", "peak_bytes",
+                              "param_grad_bytes", "dropped_frac", "floor_ms"})
+        CHECK_MESSAGE(e.contains(key), key);
+      CHECK(e["min_ms"].get<double>() <= e["median_ms"].get<double>());
+      CHECK(e["param_grad_bytes"].get<int64_t>() > 0);
+      CHECK(e["dropped_frac"].get<double>() >= 0);
+      CHECK(e["dropped_frac"].get<double>() <= 1);
       strategies.insert(e["strategy"].get<std::string>());
       CHECK(e["tokens"] == 64);
       CHECK(e["peak_bytes"].get<int64_t>() > 0);
@@ -276,6 +283,15 @@ TEST_CASE("switch-bench: --json elements carry the documented keys") {
     } else {
       CHECK(e["kind"] == "train_step");
       CHECK(e["tokens_per_s"].get<double>() > 0);
+      for (const char* key :
+           {"mean_ms", "median_forward_ms", "median_backward_ms", "median_optimizer_ms", "steps",
+            "rounds", "small_gemm", "triad_bytes_per_s", "params_total", "params_active"})
+        CHECK_MESSAGE(e.contains(key), key);
+      CHECK(e["steps"] == 3);
+      CHECK(e["small_gemm"] == "dnnl (oneDNN)");
+      for (const char* key :
+           {"mean_ms", "median_forward_ms", "median_backward_ms", "median_optimizer_ms"})
+        CHECK_MESSAGE(e[key].get<double>() > 0, key);
       for (const char* key : {"floor_forward_ms", "floor_backward_ms", "floor_optimizer_ms"})
         CHECK_MESSAGE(e[key].get<double>() > 0, key);
       // The floors from the parameter count and the bandwidth measured before the row:
