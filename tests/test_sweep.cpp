@@ -447,6 +447,29 @@ TEST_CASE("switch-sweep: a second sweep into a folder in use is refused, --dry-r
   CHECK(test::contains(r.output, "resume"));
 }
 
+TEST_CASE("switch-sweep: a failed point lets the others finish, and the sweep exits 1") {
+  const std::string dir = test::scratch_dir("sweep_failed_point");
+  const std::string out = dir + "/out";
+  // The first point's data file does not exist: it fails; the second trains.
+  const std::string file =
+      tiny_sweep(dir, R"({"data.path": ["/nonexistent.txt", ")" + test::data_path() + R"("]})", 10);
+  const test::CmdResult r = test::run(kSweep + " " + file + " --out " + out + " --no-plot");
+  INFO(r.output);
+  CHECK(r.rc == 1);
+  CHECK(test::contains(r.output, "[1/2] path-nonexistent.txt: FAILED (exit 1)"));
+  CHECK(test::contains(r.output, "data file '/nonexistent.txt' does not exist"));
+  CHECK(test::contains(r.output, "1 of 2 points failed"));
+  const nlohmann::json summary = nlohmann::json::parse(test::read_file(out + "/summary.json"));
+  int done = 0, failed = 0;
+  for (const auto& row : summary["points"]) {
+    done += row["status"] == "done";
+    failed += row["status"] == "failed";
+  }
+  CHECK(done == 1);
+  CHECK(failed == 1);
+  CHECK(test::fs::exists(out + "/path-nonexistent.txt/train.log"));
+}
+
 TEST_CASE("switch-sweep: a point another switch-train is writing is left alone, not moved") {
   const std::string dir = test::scratch_dir("sweep_point_in_use");
   const std::string out = dir + "/out";

@@ -366,8 +366,11 @@ double summary_rows(const Sweep& s, const std::string& out_dir, std::vector<ojso
     const std::string dir = (fs::path(out_dir) / p.name).string();
     ojson row = {{"point", p.name}};
     const PointState st = point_state(p, dir);
+    // A point that left only its train.log failed before its run began (a bad data file).
+    const bool failed = st == PointState::Fresh && fs::exists(fs::path(dir) / "train.log");
     row["status"] = st == PointState::Done     ? "done"
                     : st == PointState::Resume ? "incomplete"
+                    : failed                   ? "failed"
                     : st == PointState::Fresh  ? "not run"
                                                : "stale";
     row["overrides"] = p.overrides;
