@@ -258,28 +258,30 @@ TEST_CASE("--nproc: a killed rank brings the run down with a non-zero exit namin
   CHECK(std::stoi(r.output.substr(pos + 8)) < 30);
 }
 
-TEST_CASE("--nproc: SIGINT stops every rank after the same step with one checkpoint") {
+TEST_CASE("--nproc: SIGINT or SIGTERM stops every rank after the same step with one checkpoint") {
   const std::string base = test::scratch_dir("dist_sigint");
-  const std::string dir = base + "/run";
-  test::CmdResult r = test::run("(" + kTrain + tiny_args(dir, false) +
-                                " --set train.steps=1000000 -q --nproc 2 & lp=$!; " +
-                                test::wait_for(dir + "/metrics.jsonl", "\"kind\":\"train\"") +
-                                "; kill -INT $lp; wait $lp; echo rc=$?)");
-  INFO(r.output);
-  CHECK(test::contains(r.output, "rc=130"));
-  CHECK(test::contains(r.output, "[rank 0] switch-train: stopped by SIGINT after step"));
-  CHECK(test::contains(r.output, "[rank 1] switch-train: stopped by SIGINT after step"));
-  const int64_t ckpt_step = test::newest_checkpoint_step(dir);
-  REQUIRE(ckpt_step > 0);
-  CHECK(test::contains(r.output, "[rank 0] switch-train: stopped by SIGINT after step " +
-                                     std::to_string(ckpt_step) + ";"));
-  CHECK(test::contains(r.output, "[rank 1] switch-train: stopped by SIGINT after step " +
-                                     std::to_string(ckpt_step) + ";"));
-  r = test::run(kTrain + " --out " + dir +
-                " --resume -q --nproc 2 --set train.steps=" + std::to_string(ckpt_step + 10));
-  INFO(r.output);
-  CHECK(r.rc == 0);
-  CHECK(test::fs::exists(dir + "/summary.json"));
+  for (const std::string sig : {"INT", "TERM"}) {
+    CAPTURE(sig);
+    const std::string dir = base + "/run-" + sig;
+    const std::string code = sig == "INT" ? "130" : "143";
+    test::CmdResult r = test::run("(" + kTrain + tiny_args(dir, false) +
+                                  " --set train.steps=1000000 -q --nproc 2 & lp=$!; " +
+                                  test::wait_for(dir + "/metrics.jsonl", "\"kind\":\"train\"") +
+                                  "; kill -" + sig + " $lp; wait $lp; echo rc=$?)");
+    INFO(r.output);
+    CHECK(test::contains(r.output, "rc=" + code));
+    const int64_t ckpt_step = test::newest_checkpoint_step(dir);
+    REQUIRE(ckpt_step > 0);
+    // The launcher passes the signal on: both ranks stop by it after the same step.
+    for (const std::string rank : {"0", "1"})
+      CHECK(test::contains(r.output, "[rank " + rank + "] switch-train: stopped by SIG" + sig +
+                                         " after step " + std::to_string(ckpt_step) + ";"));
+    r = test::run(kTrain + " --out " + dir +
+                  " --resume -q --nproc 2 --set train.steps=" + std::to_string(ckpt_step + 10));
+    INFO(r.output);
+    CHECK(r.rc == 0);
+    CHECK(test::fs::exists(dir + "/summary.json"));
+  }
 }
 
 TEST_CASE("--nproc and the dist keys: bad combinations exit 2 naming the key") {
