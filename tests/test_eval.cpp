@@ -1,6 +1,8 @@
 // switch-eval: a checkpoint measured without training it. It gives back the losses its run
 // recorded, its capacity curve ends dropless, a router built by hand gives the heatmap it
 // must, its logits agree with switch-sample, and bad input is refused by name.
+#include <unistd.h>
+
 #include <cmath>
 
 #include <doctest/doctest.h>
@@ -20,17 +22,26 @@ namespace {
 const std::string kEval = SWITCH_EVAL_BIN;
 const std::string kSample = SWITCH_SAMPLE_BIN;
 
-// The tiny run (60 steps, evaluations and checkpoints at 30 and 60), trained once.
-const std::string& tiny_run() {
-  static const std::string dir = [] {
-    const std::string d = test::scratch_dir("eval_tiny_run");
+// The tiny run (60 steps, evaluations and checkpoints at 30 and 60), trained once per
+// process: ctest runs each test case as a process of its own, several at once under -j, so
+// each has its own folder (named by its pid), removed when it ends.
+struct TinyRun {
+  TinyRun() : dir(test::scratch_dir("eval_tiny_run_" + std::to_string(::getpid()))) {
     sw::TrainOptions opt;
-    opt.out_dir = d;
+    opt.out_dir = dir;
     opt.quiet = true;
     sw::train(test::tiny_config(), opt);
-    return d;
-  }();
-  return dir;
+  }
+  ~TinyRun() {
+    std::error_code ec;
+    test::fs::remove_all(dir, ec);
+  }
+  std::string dir;
+};
+
+const std::string& tiny_run() {
+  static const TinyRun run;
+  return run.dir;
 }
 
 nlohmann::json eval_json(const std::string& args) {
