@@ -200,6 +200,10 @@ TEST_CASE("strategies agree on the edge cases") {
   double worst = 0;
   const auto none = nullptr;
   const auto gelu = sw::Activation::Gelu;
+  const auto all_on_expert_1 = [](sw::SwitchFFN& l) {
+    torch::NoGradGuard g;
+    l->router->proj->bias[1] = 1e4;
+  };
   SUBCASE("an expert with no tokens") {
     worst = check_all_strategies(
         base_moe(4, 1), 16, 8, 12,
@@ -211,32 +215,18 @@ TEST_CASE("strategies agree on the edge cases") {
   }
   SUBCASE("every token on one expert, with dropping") {
     sw::MoeConfig m = base_moe(4, 1);
-    worst = check_all_strategies(
-        m, 16, 8, 12,
-        [](sw::SwitchFFN& l) {
-          torch::NoGradGuard g;
-          l->router->proj->bias[1] = 1e4;
-        },
-        gelu,
-        [](const Result& r) {
-          CHECK(r.counts_E[1].item<int64_t>() == 16);
-          CHECK(r.dropped == 16 - 4);  // capacity int(1.0 * 16 / 4) = 4
-        });
+    worst = check_all_strategies(m, 16, 8, 12, all_on_expert_1, gelu, [](const Result& r) {
+      CHECK(r.counts_E[1].item<int64_t>() == 16);
+      CHECK(r.dropped == 16 - 4);  // capacity int(1.0 * 16 / 4) = 4
+    });
   }
   SUBCASE("every token on one expert, dropless") {
     sw::MoeConfig m = base_moe(4, 1);
     m.drop_tokens = false;
-    worst = check_all_strategies(
-        m, 16, 8, 12,
-        [](sw::SwitchFFN& l) {
-          torch::NoGradGuard g;
-          l->router->proj->bias[1] = 1e4;
-        },
-        gelu,
-        [](const Result& r) {
-          CHECK(r.counts_E[1].item<int64_t>() == 16);
-          CHECK(r.dropped == 0);
-        });
+    worst = check_all_strategies(m, 16, 8, 12, all_on_expert_1, gelu, [](const Result& r) {
+      CHECK(r.counts_E[1].item<int64_t>() == 16);
+      CHECK(r.dropped == 0);
+    });
   }
   SUBCASE("capacity 0: everything dropped") {
     sw::MoeConfig m = base_moe(4, 1);

@@ -125,6 +125,20 @@ std::vector<int64_t> Vocab::encode(const std::u32string& text) const {
   return ids;
 }
 
+std::vector<int64_t> Vocab::encode_flag(const std::string& utf8, const std::string& flag) const {
+  const std::u32string text = utf8_decode(utf8, flag);
+  std::vector<int64_t> ids;
+  for (size_t i = 0; i < text.size(); ++i) {
+    if (!contains(text[i]))
+      throw Error(
+          fmt::format("{}: character {} at position {} is not in the model's "
+                      "vocabulary of {} characters",
+                      flag, describe_char(text[i]), i, size()));
+    ids.push_back(id(text[i]));
+  }
+  return ids;
+}
+
 std::string Vocab::decode(const std::vector<int64_t>& ids) const {
   std::u32string text;
   text.reserve(ids.size());

@@ -31,6 +31,9 @@ class Vocab {
   const std::u32string& chars() const { return chars_; }
 
   std::vector<int64_t> encode(const std::u32string& text) const;
+  // UTF-8 text given with command-line flag `flag` (e.g. "--prompt"), as ids: invalid
+  // UTF-8, or a character outside the vocabulary, is an error naming it and its position.
+  std::vector<int64_t> encode_flag(const std::string& utf8, const std::string& flag) const;
   std::string decode(const std::vector<int64_t>& ids) const;
 
   bool operator==(const Vocab& o) const { return chars_ == o.chars_; }

@@ -200,24 +200,16 @@ nlohmann::ordered_json capacity_curve(Transformer& model, const EvalData& d, int
 
 // The logits of one window (the prompt, or the text's first seq_len characters), routed
 // without capacity as in generation, saved as a dict of tensors torch.load reads.
-nlohmann::ordered_json write_logits(Transformer& model, const TrainedModel& t, const EvalData& d,
-                                    const EvalOptions& opt) {
+nlohmann::ordered_json write_logits(TrainedModel& t, const EvalData& d, const EvalOptions& opt) {
+  Transformer& model = t.model;
   const Vocab& vocab = t.meta.vocab;
   const int64_t S = t.meta.config.model.seq_len;
   std::vector<int64_t> ids;
   if (opt.prompt) {
-    const std::u32string prompt = utf8_decode(*opt.prompt, "--prompt");
-    if (prompt.empty() || static_cast<int64_t>(prompt.size()) > S)
-      throw Error(fmt::format("--prompt holds {} characters: give 1 to {} (model.seq_len)",
-                              prompt.size(), S));
-    for (size_t i = 0; i < prompt.size(); ++i) {
-      if (!vocab.contains(prompt[i]))
-        throw Error(
-            fmt::format("--prompt: character {} at position {} is not in the model's "
-                        "vocabulary of {} characters",
-                        describe_char(prompt[i]), i, vocab.size()));
-      ids.push_back(vocab.id(prompt[i]));
-    }
+    ids = vocab.encode_flag(*opt.prompt, "--prompt");
+    if (ids.empty() || static_cast<int64_t>(ids.size()) > S)
+      throw Error(
+          fmt::format("--prompt holds {} characters: give 1 to {} (model.seq_len)", ids.size(), S));
   } else {
     const torch::Tensor w = d.ids.narrow(0, 0, std::min<int64_t>(S, d.ids.size(0))).contiguous();
     ids.assign(w.data_ptr<int64_t>(), w.data_ptr<int64_t>() + w.numel());
@@ -319,7 +311,7 @@ nlohmann::ordered_json evaluate_checkpoint(const EvalOptions& opt) {
   const EvalData d = load_data(opt, cfg, t.meta.vocab);
   // The logits first: a prompt or a path they refuse is said before the long passes.
   nlohmann::ordered_json logits;
-  if (!opt.logits_file.empty()) logits = write_logits(t.model, t, d, opt);
+  if (!opt.logits_file.empty()) logits = write_logits(t, d, opt);
   std::optional<RoutingAnalysis> routing;
   EvalObserver observe;
   if (opt.routing) {

@@ -130,18 +130,18 @@ nlohmann::ordered_json RoutingAnalysis::json(const std::vector<LayerRouting>& la
     return j;
   }
   // Occurrences of each character: its assignments (the same in every layer) over k.
-  const torch::Tensor occ_V = layers.front().counts_VE.sum(1).div(top_k_, "floor");
+  const torch::Tensor occ_t = layers.front().counts_VE.sum(1).div(top_k_, "floor").contiguous();
+  const std::vector<int64_t> occ_V(occ_t.data_ptr<int64_t>(), occ_t.data_ptr<int64_t>() + V);
   std::vector<int64_t> order;
   for (int64_t c = 0; c < V; ++c)
-    if (occ_V[c].item<int64_t>() > 0) order.push_back(c);
-  std::stable_sort(order.begin(), order.end(), [&](int64_t a, int64_t b) {
-    return occ_V[a].item<int64_t>() > occ_V[b].item<int64_t>();
-  });
+    if (occ_V[c] > 0) order.push_back(c);
+  std::stable_sort(order.begin(), order.end(),
+                   [&](int64_t a, int64_t b) { return occ_V[a] > occ_V[b]; });
   nlohmann::ordered_json chars = nlohmann::ordered_json::array();
   for (int64_t c : order)
     chars.push_back({{"char", utf8_encode(vocab_.chr(c))},
                      {"label", char_label(vocab_.chr(c))},
-                     {"count", occ_V[c].item<int64_t>()}});
+                     {"count", occ_V[c]}});
   j["characters"] = chars;
   nlohmann::ordered_json out_layers = nlohmann::ordered_json::array();
   for (const LayerRouting& L : layers) {

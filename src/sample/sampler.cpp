@@ -26,17 +26,8 @@ std::string Sampler::generate(const SampleOptions& opt,
     throw Error(fmt::format("--temperature {}: must be a finite number >= 0", opt.temperature));
   if (opt.top_k < 0) throw Error(fmt::format("--top-k {}: must be >= 0", opt.top_k));
   if (opt.chars < 0) throw Error(fmt::format("--chars {}: must be >= 0", opt.chars));
-  const std::u32string prompt = utf8_decode(opt.prompt, "--prompt");
-  if (prompt.empty()) throw Error("--prompt is empty; give at least one character");
-  std::vector<int64_t> ids;
-  for (size_t i = 0; i < prompt.size(); ++i) {
-    if (!vocab_.contains(prompt[i]))
-      throw Error(
-          fmt::format("--prompt: character {} at position {} is not in the model's "
-                      "vocabulary of {} characters",
-                      describe_char(prompt[i]), i, vocab_.size()));
-    ids.push_back(vocab_.id(prompt[i]));
-  }
+  std::vector<int64_t> ids = vocab_.encode_flag(opt.prompt, "--prompt");
+  if (ids.empty()) throw Error("--prompt is empty; give at least one character");
 
   if (emit) emit(opt.prompt);
 
