@@ -20,7 +20,7 @@ LAYERS = [
     ["config", "data", "distributed"],
     ["model"],
     ["train"],
-    ["sweep", "bench", "sample", "eval"],
+    ["sweep", "bench", "sample", "eval", "board"],
     ["cli"],
 ]
 SAME_LAYER = set()
