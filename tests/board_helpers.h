@@ -30,9 +30,17 @@ class Child {
   explicit Child(const std::vector<std::string>& argv) {
     int fds[2];
     REQUIRE(pipe2(fds, O_CLOEXEC) == 0);
+    // Signals stay blocked across the fork until the child has put back the default
+    // handlers: a signal sent at once must not reach the test framework's own handlers
+    // in the copy of this process that the child is until it execs.
+    sigset_t all, before;
+    sigfillset(&all);
+    pthread_sigmask(SIG_BLOCK, &all, &before);
     pid_ = fork();
-    REQUIRE(pid_ >= 0);
     if (pid_ == 0) {
+      for (int sig = 1; sig < NSIG; ++sig)
+        signal(sig, SIG_DFL);
+      sigprocmask(SIG_SETMASK, &before, nullptr);
       setpgid(0, 0);
       dup2(fds[1], 1);
       dup2(fds[1], 2);
@@ -43,6 +51,8 @@ class Child {
       execvp(args[0], args.data());
       _exit(127);
     }
+    pthread_sigmask(SIG_SETMASK, &before, nullptr);
+    REQUIRE(pid_ >= 0);
     close(fds[1]);
     out_ = fds[0];
   }

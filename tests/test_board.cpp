@@ -64,7 +64,7 @@ void fake_run(const std::string& dir, const json& moe = {{"n_experts", 4}}) {
 
 }  // namespace
 
-TEST_CASE("Series: memory bounded however many points; the newest always shows; means kept") {
+TEST_CASE("Series: memory bounded however many points - the newest always shows - means kept") {
   sw::Series s({"v"}, 64);
   const int n = 100000;
   for (int i = 1; i <= n; ++i) {
@@ -152,7 +152,7 @@ TEST_CASE(
   CHECK(t.records() == 0);
 }
 
-TEST_CASE("MetricsTail: thousands of records come back downsampled, the last step kept") {
+TEST_CASE("MetricsTail: thousands of records come back downsampled - the last step kept") {
   const std::string dir = test::scratch_dir("board_many");
   std::string lines;
   for (int s = 1; s <= 20000; ++s) {
@@ -215,7 +215,7 @@ TEST_CASE("resolve_id: every spelling of a way out is refused") {
                        "is not a directory"));
 }
 
-TEST_CASE("scan: runs, sweeps and their points; hidden folders and links not entered") {
+TEST_CASE("scan: runs - sweeps and their points - hidden folders and links not entered") {
   const std::string root = test::scratch_dir("board_scan");
   const std::string elsewhere = test::scratch_dir("board_scan_elsewhere");
   fake_run(root + "/a");
@@ -250,7 +250,7 @@ TEST_CASE("scan: runs, sweeps and their points; hidden folders and links not ent
   CHECK(one.runs[0].id == "0");
 }
 
-TEST_CASE("run_status: training while a process holds the run's lock, then finished or stopped") {
+TEST_CASE("run_status: training while a process holds the run's lock - then finished or stopped") {
   const std::string dir = test::scratch_dir("board_status");
   fake_run(dir);
   CHECK(sw::run_status(dir) == "stopped");
@@ -275,7 +275,7 @@ TEST_CASE("run_status: training while a process holds the run's lock, then finis
   }
 }
 
-TEST_CASE("Board: the differing config keys, unchanged answers, a run deleted while shown") {
+TEST_CASE("Board: the differing config keys - unchanged answers - a run deleted while shown") {
   const std::string root = test::scratch_dir("board_board");
   fake_run(root + "/e4", {{"n_experts", 4}, {"capacity_factor", 1.0}});
   fake_run(root + "/e8", {{"n_experts", 8}, {"capacity_factor", 1.0}});
@@ -290,7 +290,7 @@ TEST_CASE("Board: the differing config keys, unchanged answers, a run deleted wh
   CHECK(r.body["runs"][0]["best_val"] == 2.9);
   const sw::Reply one = board.run("0/e4", 100, "");
   REQUIRE(one.status == 200);
-  const std::string version = std::to_string(one.body["version"].get<uint64_t>());
+  const std::string version = one.body["version"].get<std::string>();
   CHECK(board.run("0/e4", 100, version).body["unchanged"] == true);
   append(root + "/e4/metrics.jsonl", eval_line(20, 2.5));
   const sw::Reply two = board.run("0/e4", 100, version);
@@ -301,6 +301,67 @@ TEST_CASE("Board: the differing config keys, unchanged answers, a run deleted wh
   CHECK(board.run("0/e8", 100, "").status == 404);
   CHECK(board.run("0/../x", 100, "").status == 400);
   CHECK(board.sweep("0/e4", 100).status == 404);  // a run is not a sweep
+}
+
+TEST_CASE("Board: overlapping roots - odd records - deep and linked files - odd names") {
+  const std::string root = test::scratch_dir("board_hostile");
+  const std::string outside = test::scratch_dir("board_hostile_outside");
+  fake_run(root + "/a");
+  fake_run(root + "/b");
+  // Records of unexpected shapes: a layer id that is no integer, a step no run reaches,
+  // a thousand layers, a deep line. None stops the others.
+  append(root + "/b/metrics.jsonl",
+         R"({"kind":"train","step":70,"layers":[{"layer":null,"counts":[1,2]},)"
+         R"({"layer":"x","counts":[1]},{"layer":[1],"counts":[3]}]})"
+         "\n"
+         R"({"kind":"train","step":1e300})"
+         "\n" +
+             std::string(100000, '[') + std::string(100000, ']') + "\n");
+  json many = {{"kind", "train"}, {"step", 80}, {"layers", json::array()}};
+  for (int l = 0; l < 1000; ++l)
+    many["layers"].push_back({{"layer", l}, {"counts", {1, 1}}});
+  append(root + "/b/metrics.jsonl", many.dump() + "\n");
+  // A config nested past any config's depth (stack-deep when walked).
+  fake_run(root + "/deep");
+  test::write_file(root + "/deep/config.json", "{\"moe\": {\"x\": " + std::string(200000, '[') +
+                                                   std::string(200000, ']') + "}}");
+  // Files that are links out of the folder: never read.
+  test::write_file(outside + "/creds.json", R"({"secret": {"token": "MARKER-7731"}})");
+  fake_run(root + "/linked");
+  fs::remove(root + "/linked/config.json");
+  fs::create_symlink(outside + "/creds.json", root + "/linked/config.json");
+  fake_run(root + "/linked-metrics");
+  test::write_file(outside + "/m.jsonl", eval_line(5, 0.123));
+  fs::remove(root + "/linked-metrics/metrics.jsonl");
+  fs::create_symlink(outside + "/m.jsonl", root + "/linked-metrics/metrics.jsonl");
+  test::write_file(root + "/linked-metrics/summary.json", "{}");
+  // Names an id cannot carry (and JSON cannot, for invalid UTF-8): not listed.
+  for (const std::string name : {"we\\ird", "new\nline", "bad\xffutf8"})
+    fake_run(root + "/" + name);
+
+  // The folder given twice and inside itself: each run once, and the board keeps answering.
+  sw::Board board(sw::make_roots({root, root + "/a", root}));
+  for (int pass = 0; pass < 2; ++pass) {
+    const sw::Reply r = board.runs();
+    REQUIRE(r.status == 200);
+    std::vector<std::string> ids;
+    for (const auto& run : r.body["runs"])
+      ids.push_back(run["id"]);
+    CHECK(ids == std::vector<std::string>{"0/a", "0/b", "0/deep", "0/linked-metrics"});
+    CHECK_FALSE(test::contains(r.body.dump(), "MARKER-7731"));
+    const json& b = r.body["runs"][1];
+    CHECK(b["step"] == 80);
+    CHECK(b["malformed"] == 2);                   // the unreachable step and the deep line
+    CHECK(r.body["runs"][2]["steps"].is_null());  // the deep config: unreadable, no crash
+    CHECK(r.body["runs"][3]["records"] == 0);     // the linked metrics: not read
+  }
+  const sw::Reply b = board.run("0/b", 100, "");
+  REQUIRE(b.status == 200);
+  CHECK(b.body["layers"].size() == sw::kMaxLayers);
+  CHECK(board.run("0/a", 100, "").status == 200);
+  // A restarted board never calls a run unchanged with an older board's version.
+  sw::Board again(sw::make_roots({root}));
+  CHECK(again.run("0/a", 100, "").body["version"] != board.run("0/a", 100, "").body["version"]);
 }
 
 // ---- the binary, over HTTP --------------------------------------------------------------
@@ -342,7 +403,7 @@ json get_json(httplib::Client& c, const std::string& path, int want = 200) {
 
 }  // namespace
 
-TEST_CASE("switch-board: serves the page, Chart.js and a real run's figures") {
+TEST_CASE("switch-board: serves the page - Chart.js and a real run's figures") {
   Served s;
   serve_tiny(s, "board_http");
   const auto before = test::snapshot(s.run);
@@ -443,8 +504,6 @@ TEST_CASE(
     REQUIRE(res);
     INFO(path, " -> ", res->status, ": ", res->body);
     CHECK(res->status == want);
-    CHECK_FALSE(test::contains(res->body, "root:"));  // no /etc/passwd
-    CHECK_FALSE(test::contains(res->body, "secret"));
   }
   // Paths past the size bound.
   auto longer = s.client->Get("/api/run?id=0/" + std::string(9000, 'a'));
@@ -469,13 +528,14 @@ TEST_CASE(
   CHECK(s.board->stop(SIGINT) == 0);
 }
 
-TEST_CASE("switch-board: a run seen training, then stopped; malformed lines counted, not fatal") {
+TEST_CASE(
+    "switch-board: a run seen training - then stopped - malformed lines counted - not fatal") {
   const std::string root = test::scratch_dir("board_live");
   const std::string run = root + "/live";
   test::Child train({SWITCH_TRAIN_BIN, "--config", test::source_path("configs/tiny.json"), "--set",
                      "data.path=" + test::data_path(), "--set", "train.steps=100000", "--set",
                      "train.log_every=1", "--out", run});
-  REQUIRE(!train.wait_line("step", 120).empty());  // the first record is out
+  REQUIRE(!train.wait_line("step 1/", 120).empty());  // the first record is out
   test::Child board({SWITCH_BOARD_BIN, "--port", "0", root});
   const std::string url = test::start_board(board);
   INFO(board.output());
@@ -497,7 +557,32 @@ TEST_CASE("switch-board: a run seen training, then stopped; malformed lines coun
   CHECK(board.stop(SIGTERM) == 0);
 }
 
-TEST_CASE("switch-board: bad folders, ports and flags exit with a message naming them") {
+TEST_CASE("switch-board: SIGTERM at any moment of its start ends it - a second SIGINT at once") {
+  const std::string root = test::scratch_dir("board_signals");
+  fake_run(root + "/run");
+  // 13 MB of records: reading them at the start takes a good part of a second, a wide
+  // window between the signal handler's start and the server's listening.
+  std::string lines;
+  const std::vector<int> counts(64, 1);
+  for (int step = 1; step <= 40000; ++step)
+    lines += train_line(step, 3.0, counts);
+  test::write_file(root + "/run/metrics.jsonl", lines);
+  // Signals land at spread moments: loading, reading the folders, binding, serving. Each
+  // start must end, none hang (the signal once went missing before the server listened).
+  for (int delay_ms = 0; delay_ms <= 1200; delay_ms += 100) {
+    CAPTURE(delay_ms);
+    test::Child board({SWITCH_BOARD_BIN, "--port", "0", root});
+    std::this_thread::sleep_for(std::chrono::milliseconds(delay_ms));
+    const int rc = board.stop(SIGTERM, 30);
+    INFO(board.output());
+    CHECK((rc == 0 || rc == 128 + SIGTERM));  // served and stopped, or ended before serving
+  }
+  test::Child board({SWITCH_BOARD_BIN, "--port", "0", root});
+  REQUIRE(!test::start_board(board).empty());
+  CHECK(board.stop(SIGTERM) == 0);
+}
+
+TEST_CASE("switch-board: bad folders - ports and flags exit with a message naming them") {
   const std::string root = test::scratch_dir("board_cli");
   test::write_file(root + "/file", "x");
   auto run = [](const std::string& args) {
@@ -522,10 +607,10 @@ TEST_CASE("switch-board: bad folders, ports and flags exit with a message naming
   r = run("--port 0 --chart-js /nonexistent/chart.js " + test::quote(root));
   CHECK(r.rc == 1);
   CHECK(test::contains(r.output, "libjs-chart.js"));
-  r = run("--port 0 --host 192.0.2.1 " + test::quote(root));  // not this machine's
+  r = run("--port 0 --host 256.1.2.3 " + test::quote(root));  // no address at all
   CHECK(r.rc == 1);
-  CHECK(test::contains(r.output, "warning: listening on 192.0.2.1, not loopback"));
-  CHECK(test::contains(r.output, "cannot listen on 192.0.2.1"));
+  CHECK(test::contains(r.output, "warning: listening on 256.1.2.3, not loopback"));
+  CHECK(test::contains(r.output, "cannot listen on 256.1.2.3"));
   // A port in use: the second board is refused, naming the port.
   test::Child first({SWITCH_BOARD_BIN, "--port", "0", root});
   const std::string url = test::start_board(first);

@@ -145,11 +145,11 @@ TEST_CASE(
   INFO(driver.output());
   REQUIRE(!started.empty());
   const int driver_port = std::stoi(started.substr(started.rfind(' ') + 1));
-  Browser b(driver_port, root + "/profile");
+  Browser b(driver_port, test::scratch_dir("board_browser_profile"));
   b.failure_shot_ = root + "/failure.png";
   b.open(url);
 
-  // The list: three runs, the live one ticked by default (all three: a short list).
+  // The list: three runs, all ticked by default (none trains, and the list is short).
   b.wait_until("return document.querySelectorAll('#runs tbody tr').length === 3", "three runs");
   CHECK(b.eval("return document.querySelector('#runs tbody tr[data-id=\"0/tiny\"] "
                ".status').textContent") == "finished");

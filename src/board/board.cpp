@@ -1,13 +1,18 @@
 #include "board/board.h"
 
+#include <fcntl.h>
 #include <sys/stat.h>
+#include <unistd.h>
 
 #include <algorithm>
 #include <cmath>
 #include <filesystem>
+#include <random>
 #include <set>
 
-#include "util/fs.h"
+#include <fmt/format.h>
+
+#include "util/json_depth.h"
 
 namespace sw {
 
@@ -26,14 +31,29 @@ int64_t stamp(const std::string& path) {
          (static_cast<int64_t>(st.st_size) << 20);
 }
 
-// A JSON file of at most 1 MiB, or null when it is missing, too big or malformed (a file
-// being replaced is read again at the next request).
+// A JSON file of at most 1 MiB and 64 levels, or null when it is missing, too big, too
+// deep, malformed (a file being replaced is read again at the next request), a link (which
+// could lead out of the served folders) or not a regular file.
 nlohmann::json read_json(const std::string& path) {
-  try {
-    return nlohmann::json::parse(read_file(path, "JSON file", kMaxJsonFile));
-  } catch (const std::exception&) {
-    return nullptr;
+  const int fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC | O_NONBLOCK | O_NOFOLLOW);
+  if (fd < 0) return nullptr;
+  struct stat st {};
+  std::string text;
+  if (::fstat(fd, &st) == 0 && S_ISREG(st.st_mode) &&
+      static_cast<size_t>(st.st_size) <= kMaxJsonFile) {
+    text.resize(static_cast<size_t>(st.st_size));
+    size_t got = 0;
+    while (got < text.size()) {
+      const ssize_t n = ::read(fd, text.data() + got, text.size() - got);
+      if (n <= 0) break;
+      got += static_cast<size_t>(n);
+    }
+    text.resize(got);
   }
+  ::close(fd);
+  if (text.empty() || json_depth(text) > kMaxJsonDepth) return nullptr;
+  const nlohmann::json j = nlohmann::json::parse(text, nullptr, false);
+  return j.is_discarded() ? nlohmann::json() : j;
 }
 
 nlohmann::json finite_or_null(double v) {
@@ -87,7 +107,14 @@ nlohmann::json summary_rows(const nlohmann::json& summary) {
 
 }  // namespace
 
-Board::Board(Roots roots, size_t max_runs) : roots_(std::move(roots)), max_runs_(max_runs) {}
+Board::Board(Roots roots, size_t max_runs)
+    : roots_(std::move(roots)),
+      max_runs_(max_runs),
+      epoch_(fmt::format("{:08x}", std::random_device{}())) {}
+
+std::string Board::version_of(const Cached& c) const {
+  return epoch_ + "-" + std::to_string(c.tail->version());
+}
 
 Board::Cached& Board::refresh(const std::string& dir) {
   Cached& c = cache_[dir];
@@ -96,8 +123,9 @@ Board::Cached& Board::refresh(const std::string& dir) {
   const std::string cfg = (fs::path(dir) / "config.json").string();
   const std::string sum = (fs::path(dir) / "summary.json").string();
   if (const int64_t s = stamp(cfg); s != c.config_mtime) {
-    c.config = flatten_config(read_json(cfg));
-    c.config_mtime = c.config.empty() ? -1 : s;
+    const nlohmann::json raw = read_json(cfg);
+    c.config = flatten_config(raw);
+    c.config_mtime = raw.is_object() ? s : -1;
   }
   if (const int64_t s = stamp(sum); s != c.summary_mtime) {
     c.summary = read_json(sum);
@@ -124,7 +152,7 @@ nlohmann::json Board::run_info(const RunRef& ref, Cached& c) {
       {"wall_s", finite_or_null(t.last_time_s())},
       {"records", t.records()},
       {"malformed", t.malformed()},
-      {"version", t.version()}};
+      {"version", version_of(c)}};
   // A finished run's own summary: its whole-run throughput and wall time (and its best
   // val loss, should its metrics have gone).
   if (status == "finished" && c.summary.is_object()) {
@@ -140,15 +168,15 @@ nlohmann::json Board::run_info(const RunRef& ref, Cached& c) {
 Reply Board::runs() {
   std::lock_guard<std::mutex> lock(mu_);
   const Catalog cat = scan(roots_, max_runs_);
-  std::map<std::string, Cached> keep;
   nlohmann::json runs = nlohmann::json::array();
   std::vector<const nlohmann::json*> configs;
+  std::set<std::string> listed;
   for (const RunRef& r : cat.runs) {
-    Cached& c = refresh(r.dir);
-    runs.push_back(run_info(r, c));
-    keep[r.dir] = std::move(c);  // runs gone from disk leave the cache here
+    runs.push_back(run_info(r, refresh(r.dir)));
+    listed.insert(r.dir);
   }
-  cache_ = std::move(keep);
+  for (auto it = cache_.begin(); it != cache_.end();)  // runs gone from disk leave the cache
+    it = listed.count(it->first) ? std::next(it) : cache_.erase(it);
   for (const RunRef& r : cat.runs)
     configs.push_back(&cache_[r.dir].config);
   auto diff_of = [&](const std::vector<std::string>& keys, const RunRef& r) {
@@ -197,9 +225,10 @@ Reply Board::run(const std::string& id, size_t max_points, const std::string& ha
   if (!is_run_dir(r.path)) return {404, {{"error", "not a run directory"}}};
   std::lock_guard<std::mutex> lock(mu_);
   Cached& c = refresh(r.path);
-  if (!have.empty() && have == std::to_string(c.tail->version()))
-    return {200, {{"unchanged", true}, {"version", c.tail->version()}}};
+  const std::string version = version_of(c);
+  if (!have.empty() && have == version) return {200, {{"unchanged", true}, {"version", version}}};
   nlohmann::json j = c.tail->to_json(max_points);
+  j["version"] = version;
   j["id"] = id;
   j["status"] = run_status(r.path);
   j["steps"] = c.config.value("train.steps", nlohmann::json());
@@ -214,7 +243,7 @@ Reply Board::sweep(const std::string& id, size_t max_points) {
   std::error_code ec;
   for (fs::directory_iterator it(r.path, ec), end; !ec && it != end; it.increment(ec)) {
     const std::string n = it->path().filename().string();
-    if (n.empty() || n[0] == '.' || it->is_symlink(ec) || !it->is_directory(ec)) continue;
+    if (!servable_name(n) || it->is_symlink(ec) || !it->is_directory(ec)) continue;
     if (is_run_dir(it->path().string())) names.push_back(n);
   }
   std::sort(names.begin(), names.end());

@@ -44,10 +44,14 @@ class Board {
     int64_t config_mtime = -1, summary_mtime = -1;
   };
   Cached& refresh(const std::string& dir);
+  // A run's version as the page sees it: this process's epoch (so that a page left open
+  // across a restart of the board never takes a changed run for unchanged) and its count.
+  std::string version_of(const Cached& c) const;
   nlohmann::json run_info(const RunRef& ref, Cached& c);
 
   Roots roots_;
   size_t max_runs_;
+  std::string epoch_;
   std::mutex mu_;
   std::map<std::string, Cached> cache_;  // by real directory
 };

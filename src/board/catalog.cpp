@@ -7,6 +7,7 @@
 #include <cstdlib>
 #include <filesystem>
 #include <fstream>
+#include <set>
 #include <sstream>
 
 #include <fmt/format.h>
@@ -24,9 +25,21 @@ namespace {
 constexpr int kMaxDepth = 3;
 constexpr size_t kMaxFolders = 20000;
 
-bool is_file(const fs::path& p) {
+bool is_file(const fs::path& p) {  // a regular file, not a link to one
   std::error_code ec;
-  return fs::is_regular_file(p, ec);
+  return fs::symlink_status(p, ec).type() == fs::file_type::regular;
+}
+
+bool valid_utf8(const std::string& s) {
+  for (size_t i = 0; i < s.size();) {
+    const auto c = static_cast<unsigned char>(s[i]);
+    const size_t n = c < 0x80 ? 1 : (c >> 5) == 6 ? 2 : (c >> 4) == 14 ? 3 : (c >> 3) == 30 ? 4 : 0;
+    if (n == 0 || i + n > s.size()) return false;
+    for (size_t k = 1; k < n; ++k)
+      if ((static_cast<unsigned char>(s[i + k]) >> 6) != 2) return false;
+    i += n;
+  }
+  return true;
 }
 
 // A real, absolute path, or empty when it does not exist.
@@ -49,6 +62,7 @@ struct Scanner {
   size_t max_runs;
   Catalog cat;
   size_t folders = 0;
+  std::set<std::string> seen;  // folders listed: roots may overlap or repeat
 
   void visit(size_t root, const fs::path& dir, const std::string& rel, int depth,
              const std::string& sweep) {
@@ -56,6 +70,7 @@ struct Scanner {
       cat.truncated = true;
       return;
     }
+    if (!seen.insert(dir.string()).second) return;
     const std::string id = rel.empty() ? std::to_string(root) : std::to_string(root) + "/" + rel;
     const std::string name = rel.empty() ? roots.labels[root] : roots.labels[root] + "/" + rel;
     if (is_run_dir(dir.string())) {
@@ -67,16 +82,17 @@ struct Scanner {
       return;
     }
     std::string inner = sweep;
-    if (is_sweep_dir(dir.string())) {
+    const bool is_sweep = is_sweep_dir(dir.string());
+    if (is_sweep) {
       cat.sweeps.push_back({id, name, dir.string(), {}});
       inner = id;
     }
-    if (depth >= kMaxDepth) return;
+    if (depth >= kMaxDepth && !is_sweep) return;  // a sweep's points are always listed
     std::vector<std::string> children;
     std::error_code ec;
     for (fs::directory_iterator it(dir, ec), end; !ec && it != end; it.increment(ec)) {
       const std::string n = it->path().filename().string();
-      if (n.empty() || n[0] == '.') continue;
+      if (!servable_name(n)) continue;
       if (it->is_symlink(ec) || !it->is_directory(ec)) continue;
       children.push_back(n);
     }
@@ -87,6 +103,13 @@ struct Scanner {
 };
 
 }  // namespace
+
+bool servable_name(const std::string& name) {
+  if (name.empty() || name[0] == '.' || !valid_utf8(name)) return false;
+  for (unsigned char c : name)
+    if (c < 0x20 || c == 0x7f || c == '\\') return false;
+  return true;
+}
 
 Roots make_roots(const std::vector<std::string>& args) {
   Roots r;
@@ -146,7 +169,7 @@ bool is_sweep_dir(const std::string& dir) {
 }
 
 Catalog scan(const Roots& roots, size_t max_runs) {
-  Scanner s{roots, max_runs, {}, 0};
+  Scanner s{roots, max_runs, {}, 0, {}};
   for (size_t r = 0; r < roots.paths.size(); ++r)
     s.visit(r, roots.paths[r], "", 0, "");
   auto by_id = [](const auto& a, const auto& b) { return a.id < b.id; };

@@ -36,7 +36,12 @@ struct Resolved {
 };
 Resolved resolve_id(const Roots& roots, const std::string& id);
 
-// A run directory: config.json beside metrics.jsonl, summary.json or a lock file.
+// Whether a folder's name can be part of an id: not hidden, valid UTF-8 (names go out as
+// JSON), no control bytes, no backslash. Folders with other names are not listed.
+bool servable_name(const std::string& name);
+
+// A run directory: config.json beside metrics.jsonl, summary.json or a lock file, all
+// regular files (a link is not followed).
 bool is_run_dir(const std::string& dir);
 // A sweep directory: sweep.json, written by switch-sweep.
 bool is_sweep_dir(const std::string& dir);

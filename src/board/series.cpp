@@ -8,6 +8,8 @@
 #include <cmath>
 #include <limits>
 
+#include "util/json_depth.h"
+
 namespace sw {
 
 namespace {
@@ -135,7 +137,9 @@ void MetricsTail::reset() {
 }
 
 bool MetricsTail::update(size_t max_bytes) {
-  const int fd = ::open(path_.c_str(), O_RDONLY | O_CLOEXEC | O_NONBLOCK);
+  // O_NOFOLLOW: a metrics.jsonl that is a link (perhaps out of the served folders) is not
+  // read; O_NONBLOCK: nor does a FIFO block the reader.
+  const int fd = ::open(path_.c_str(), O_RDONLY | O_CLOEXEC | O_NONBLOCK | O_NOFOLLOW);
   if (fd < 0) {
     if (offset_ == 0 && records_ == 0) return false;
     reset();  // the file went away: so did its records
@@ -190,14 +194,29 @@ bool MetricsTail::update(size_t max_bytes) {
 
 void MetricsTail::take_line(const char* begin, const char* end) {
   if (begin == end) return;
+  try {
+    take_record(begin, end);
+  } catch (const std::exception&) {  // a record of an unexpected shape
+    ++malformed_;
+  }
+}
+
+void MetricsTail::take_record(const char* begin, const char* end) {
+  if (json_depth(std::string_view(begin, static_cast<size_t>(end - begin))) > kMaxJsonDepth) {
+    ++malformed_;
+    return;
+  }
   const nlohmann::json r = nlohmann::json::parse(begin, end, nullptr, false);
   if (!r.is_object() || !r.contains("kind") || !r["kind"].is_string()) {
     ++malformed_;
     return;
   }
-  ++records_;
   const double step = number_or_nan(r, "step"), t = number_or_nan(r, "time_s");
-  if (std::isnan(step)) return;
+  if (!(step >= 0 && step < 1e15)) {  // no step, or none a run could reach
+    ++malformed_;
+    return;
+  }
+  ++records_;
   const std::string kind = r["kind"].get<std::string>();
   if (kind == "train") {
     take_train(r, step, t);
@@ -226,13 +245,16 @@ void MetricsTail::take_train(const nlohmann::json& r, double step, double t) {
   for (const auto& l : *layers) {
     if (!l.is_object() || !l.contains("counts") || !l["counts"].is_array()) continue;
     const auto& counts = l["counts"];
-    const int64_t block = l.value("layer", int64_t{-1});
+    const auto& at = l.contains("layer") ? l["layer"] : nlohmann::json();
+    if (!at.is_number_integer()) continue;
+    const int64_t block = at.get<int64_t>();
     const auto experts = static_cast<int64_t>(counts.size());
-    if (experts == 0 || experts > 65536) continue;
+    if (experts == 0 || experts > kMaxExperts) continue;
     auto it = std::find_if(layers_.begin(), layers_.end(),
                            [&](const LoadMap& m) { return m.layer == block; });
     if (it != layers_.end() && it->experts != experts) continue;  // not this run's layer
     if (it == layers_.end()) {
+      if (layers_.size() >= kMaxLayers) continue;
       std::vector<std::string> names;
       for (int64_t e = 0; e < experts; ++e)
         names.push_back("e" + std::to_string(e));

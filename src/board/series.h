@@ -22,6 +22,9 @@ inline constexpr size_t kSeriesCap = 8192;
 inline constexpr size_t kHeatmapCap = 1024;
 // The longest line read: a longer one is skipped as malformed.
 inline constexpr size_t kMaxLineBytes = size_t{4} << 20;
+// Heatmaps kept per run, and experts per heatmap: layers past these are left out.
+inline constexpr size_t kMaxLayers = 256;
+inline constexpr int64_t kMaxExperts = 4096;
 
 // Points of one or more named values over (step, time_s), merged pairwise past a cap.
 struct Series {
@@ -84,6 +87,7 @@ class MetricsTail {
  private:
   void reset();
   void take_line(const char* begin, const char* end);
+  void take_record(const char* begin, const char* end);
   void take_train(const nlohmann::json& r, double step, double t);
 
   std::string path_;

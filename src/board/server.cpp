@@ -4,6 +4,11 @@
 
 #include <algorithm>
 #include <cctype>
+#include <chrono>
+#include <condition_variable>
+#include <memory>
+#include <mutex>
+#include <thread>
 
 #include <fmt/format.h>
 #include <httplib.h>
@@ -134,7 +139,9 @@ void serve(Board& board, const ServeOptions& opt, const OnListening& on_listenin
   httplib::Server svr;
   const bool loopback = is_loopback_host(opt.host);
   svr.set_payload_max_length(size_t{64} << 10);
-  svr.set_read_timeout(10, 0);
+  svr.set_read_timeout(5, 0);
+  svr.set_keep_alive_timeout(1);  // idle connections let go soon: Ctrl-C ends at once
+  svr.new_task_queue = [] { return new httplib::ThreadPool(16); };
   svr.set_write_timeout(30, 0);
   svr.set_default_headers({{"Cache-Control", "no-store"},
                            {"X-Content-Type-Options", "nosniff"},
@@ -176,8 +183,39 @@ void serve(Board& board, const ServeOptions& opt, const OnListening& on_listenin
   const bool v6 = opt.host.find(':') != std::string::npos;
   const std::string url =
       fmt::format("http://{}{}{}:{}/", v6 ? "[" : "", opt.host, v6 ? "]" : "", port);
-  on_listening(url, [&svr] { svr.stop(); });
-  svr.listen_after_bind();
+  // The stop request may come at any time, even before the server listens (cpp-httplib's
+  // stop() does nothing then): it is recorded, and this thread stops the server once
+  // it runs. The request function owns what it touches, so a late call is harmless.
+  struct StopState {
+    std::mutex mu;
+    std::condition_variable cv;
+    bool requested = false, ended = false;
+  };
+  auto state = std::make_shared<StopState>();
+  on_listening(url, [state] {
+    std::lock_guard<std::mutex> lock(state->mu);
+    state->requested = true;
+    state->cv.notify_all();
+  });
+  std::thread listener([&svr, state] {
+    svr.listen_after_bind();
+    std::lock_guard<std::mutex> lock(state->mu);
+    state->ended = true;
+    state->cv.notify_all();
+  });
+  {
+    std::unique_lock<std::mutex> lock(state->mu);
+    state->cv.wait(lock, [&] { return state->requested || state->ended; });
+  }
+  for (;;) {
+    {
+      std::lock_guard<std::mutex> lock(state->mu);
+      if (state->ended) break;
+    }
+    if (svr.is_running()) svr.stop();
+    std::this_thread::sleep_for(std::chrono::milliseconds(5));
+  }
+  listener.join();
 }
 
 }  // namespace sw

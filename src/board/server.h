@@ -28,8 +28,9 @@ struct ServeOptions {
 // Whether `host` is a loopback address or name (127.0.0.0/8, ::1, localhost).
 bool is_loopback_host(const std::string& host);
 
-// Called once the socket listens, with the page's URL and a function that stops the server
-// (callable from any thread: the main's signal-waiting thread calls it).
+// Called once the socket is bound, with the page's URL and a function that asks the server
+// to stop: it returns at once, may be called from any thread (the main's signal-waiting
+// thread calls it) and at any time, also before the server listens or after it ended.
 using OnListening = std::function<void(const std::string& url, std::function<void()> stop)>;
 
 // Serves `board` until stopped. Throws sw::Error when Chart.js cannot be read or the

@@ -57,13 +57,17 @@ int serve_until_signal(sw::Board& board, const sw::ServeOptions& opt) {
   pthread_sigmask(SIG_BLOCK, &stop_signals, nullptr);
   std::mutex mu;
   std::function<void()> stop;
-  bool done = false;
+  bool done = false, requested = false;
   std::thread waiter([&] {
-    int sig = 0;
-    sigwait(&stop_signals, &sig);
-    std::lock_guard<std::mutex> lock(mu);
-    if (!done && stop) stop();
-    done = true;
+    for (;;) {
+      int sig = 0;
+      sigwait(&stop_signals, &sig);
+      std::lock_guard<std::mutex> lock(mu);
+      if (done) return;
+      if (requested) std::_Exit(128 + sig);  // a second signal: at once
+      requested = true;
+      if (stop) stop();
+    }
   });
   auto finish = [&] {
     {
@@ -77,7 +81,7 @@ int serve_until_signal(sw::Board& board, const sw::ServeOptions& opt) {
     sw::serve(board, opt, [&](const std::string& url, std::function<void()> s) {
       std::lock_guard<std::mutex> lock(mu);
       stop = std::move(s);
-      if (done) stop();  // a signal came before the server listened
+      if (requested) stop();  // a signal came before the server was bound
       const sw::Reply r = board.runs();
       std::cout << fmt::format("switch-board: {} and {} at {} (Ctrl-C stops)",
                                count(r.body["runs"].size(), "run", "runs"),

@@ -13,6 +13,7 @@ const state = {
   ticked: new Set(),    // ids of the runs drawn
   firstList: true,
   series: new Map(),    // id -> /api/run answer
+  runErrors: new Map(), // id -> why its last /api/run failed (the others still update)
   sweepCurves: new Map(),  // sweep id -> /api/sweep answer
   sort: new Map(),      // sweep id -> {key, desc}
   colors: new Map(),    // run id -> colour, kept while the run is listed
@@ -93,6 +94,8 @@ function renderRuns() {
     name.firstChild.style.background = state.ticked.has(r.id) ? colorOf(r.id) : 'transparent';
     const step = r.steps ? `${fmt.int(r.step)} / ${fmt.int(r.steps)}` : fmt.int(r.step);
     const status = el('td', {}, [el('span', {class: `status ${r.status}`, text: r.status})]);
+    if (state.runErrors.has(r.id))
+      status.append(el('span', {class: 'warn', title: state.runErrors.get(r.id), text: ' not updating'}));
     if (r.malformed > 0)
       status.append(el('span', {class: 'warn', title: 'metrics lines that are not JSON records',
                                 text: ` ${r.malformed} bad line${r.malformed > 1 ? 's' : ''}`}));
@@ -224,6 +227,7 @@ function legend(vmax) {
 
 function renderHeatmaps() {
   const x = $('xaxis').value;
+  $('tooltip').hidden = true;  // its canvas is about to be replaced
   const boxes = [];
   for (const id of state.ticked) {
     const s = state.series.get(id);
@@ -268,7 +272,7 @@ function showCell(ev, canvas, layer, x) {
 // ---- sweeps ---------------------------------------------------------------------------
 
 const SWEEP_COLS = [
-  ['point', (r, s) => r.name],
+  ['point', (r, s) => r.id.slice(s.id.length + 1)],
   ['status', (r) => r.status],
   ['step', (r) => r.step],
   ['best val', (r) => r.best_val],
@@ -366,12 +370,15 @@ async function refreshSeries() {
       const s = await getJSON(`/api/run?id=${encodeURIComponent(id)}&max=${POINTS}` +
                               (have ? `&have=${have.version}` : ''));
       if (!s.unchanged) state.series.set(id, s);
+      state.runErrors.delete(id);
     } catch (e) {
       if (e.status === 404) {  // deleted while shown
         state.ticked.delete(id);
         state.series.delete(id);
+      } else if (e.status !== undefined) {  // this run's trouble: shown on its row
+        state.runErrors.set(id, e.message);
       } else {
-        throw e;
+        throw e;  // the server is gone: the whole poll failed
       }
     }
   }));
@@ -384,7 +391,7 @@ async function refreshSweeps() {
     try {
       state.sweepCurves.set(s.id, await getJSON(`/api/sweep?id=${encodeURIComponent(s.id)}&max=500`));
     } catch (e) {
-      if (e.status !== 404) throw e;
+      if (e.status === undefined) throw e;  // the server is gone; a sweep's own trouble is not fatal
     }
   }));
   for (const id of state.sweepCurves.keys())
