@@ -116,7 +116,7 @@ std::string next_train_record(const std::string& run, int ahead) {
 }  // namespace
 
 TEST_CASE(
-    "switch-board in headless Chromium: lists, draws, updates live, sorts, survives deletion") {
+    "switch-board in headless Chromium: lists - draws - updates live - sorts - survives deletion") {
   REQUIRE_MESSAGE(fs::exists(kChromium), "Chromium is missing: tools/setup.sh installs it");
   REQUIRE_MESSAGE(fs::exists(kChromedriver), "chromedriver is missing: tools/setup.sh installs it");
   const std::string root = test::scratch_dir("board_browser");

@@ -1,6 +1,11 @@
 // Expert parallelism over c10d/Gloo on 127.0.0.1: the seed-interface dispatch against a
 // hand-worked example, and W = 2 and 4 ranks (threads of this process, each with its own
 // process group) against the single-process grouped computation, outputs and gradients.
+#include <netinet/in.h>
+#include <sys/socket.h>
+#include <unistd.h>
+
+#include <cerrno>
 #include <cstdlib>
 #include <mutex>
 #include <thread>
@@ -24,7 +29,8 @@ double diff(const torch::Tensor& a, const torch::Tensor& b) {
 // Runs fn(rank, comm) on W threads joined in one process group.
 template <typename Fn>
 void on_ranks(int64_t W, const Fn& fn) {
-  const int64_t port = sw::free_local_port();
+  const sw::PortReservation reservation;
+  const int64_t port = reservation.port();
   std::vector<std::thread> threads;
   std::vector<std::string> errors(static_cast<size_t>(W));
   for (int64_t r = 0; r < W; ++r)
@@ -44,6 +50,38 @@ void on_ranks(int64_t W, const Fn& fn) {
 }
 
 }  // namespace
+
+TEST_CASE("a reserved port cannot be bound by another socket, yet rank 0 listens on it") {
+  const sw::PortReservation reservation;
+  // Held: another socket cannot bind it (the kernel's "any free port" skips ports held
+  // so), where a port found free and closed again could be bound by anyone.
+  const int fd = ::socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
+  REQUIRE(fd >= 0);
+  sockaddr_in addr{};
+  addr.sin_family = AF_INET;
+  addr.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+  addr.sin_port = htons(static_cast<uint16_t>(reservation.port()));
+  CHECK(::bind(fd, reinterpret_cast<sockaddr*>(&addr), sizeof addr) != 0);
+  CHECK(errno == EADDRINUSE);
+  ::close(fd);
+  // And the rendezvous itself listens on it: two ranks meet there.
+  std::vector<std::thread> ranks;
+  std::vector<std::string> errors(2);
+  for (int64_t r = 0; r < 2; ++r)
+    ranks.emplace_back([&, r] {
+      try {
+        auto comm =
+            sw::Comm::connect({r, 2, "127.0.0.1", reservation.port()}, std::chrono::seconds(30));
+        comm->barrier();
+      } catch (const std::exception& e) {
+        errors[static_cast<size_t>(r)] = e.what();
+      }
+    });
+  for (auto& t : ranks)
+    t.join();
+  CHECK_MESSAGE(errors[0].empty(), errors[0]);
+  CHECK_MESSAGE(errors[1].empty(), errors[1]);
+}
 
 TEST_CASE("expert_parallel_dispatch: hand-worked, two ranks of two experts") {
   // 4 tokens of width 2 routed to experts 0, 3, 1, 2; rank 1 owns experts 2 and 3.

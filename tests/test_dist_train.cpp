@@ -216,7 +216,8 @@ TEST_CASE("2 ranks with token dropping resume bitwise from their checkpoint") {
 
 TEST_CASE("a rank killed mid-run makes the other exit with an error, not hang") {
   const std::string base = test::scratch_dir("dist_dead_rank");
-  const int64_t port = sw::free_local_port();
+  const sw::PortReservation reservation;
+  const int64_t port = reservation.port();
   auto rank_cmd = [&](int rank) {
     return "RANK=" + std::to_string(rank) +
            " WORLD_SIZE=2 MASTER_ADDR=127.0.0.1 MASTER_PORT=" + std::to_string(port) +

@@ -388,9 +388,10 @@ TEST_CASE("untrusted: SIGINT or SIGTERM stop a rank waiting in the rendezvous at
     CAPTURE(sig);
     const std::string out = dir + "/run-" + sig;
     // Rank 0 of 2 with no rank 1: it waits (dist.timeout_s = 300) until signalled.
+    const sw::PortReservation reservation;
     const std::string rank0 = "RANK=0 WORLD_SIZE=2 MASTER_ADDR=127.0.0.1 MASTER_PORT=" +
-                              std::to_string(sw::free_local_port()) + " " + kTrain +
-                              tiny_args(out) + " --set dist.timeout_s=300";
+                              std::to_string(reservation.port()) + " " + kTrain + tiny_args(out) +
+                              " --set dist.timeout_s=300";
     const test::CmdResult r = test::run(
         "(" + rank0 + " > " + out + ".log 2>&1 & p=$!; " + test::wait_for(out + ".log", "memory:") +
         "; kill -" + sig + " $p; s=$(date +%s); wait $p; echo rc=$? took=$(( $(date +%s) - s )))");

@@ -66,6 +66,7 @@ int serve_until_signal(sw::Board& board, const sw::ServeOptions& opt) {
       if (done) return;
       if (requested) std::_Exit(128 + sig);  // a second signal: at once
       requested = true;
+      std::cerr << "switch-board: stopping (again to quit at once)" << std::endl;
       if (stop) stop();
     }
   });

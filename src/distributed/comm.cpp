@@ -43,21 +43,26 @@ std::optional<DistEnv> dist_env_from_environment() {
   return env;
 }
 
-int64_t free_local_port() {
-  int fd = ::socket(AF_INET, SOCK_STREAM, 0);
-  if (fd < 0) throw Error("cannot open a socket to find a free port");
+PortReservation::PortReservation() {
+  fd_ = ::socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
+  if (fd_ < 0) throw Error("cannot open a socket to find a free port");
+  const int yes = 1;
   sockaddr_in addr{};
   addr.sin_family = AF_INET;
   addr.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
   addr.sin_port = 0;
   socklen_t len = sizeof addr;
-  if (::bind(fd, reinterpret_cast<sockaddr*>(&addr), sizeof addr) != 0 ||
-      ::getsockname(fd, reinterpret_cast<sockaddr*>(&addr), &len) != 0) {
-    ::close(fd);
+  if (::setsockopt(fd_, SOL_SOCKET, SO_REUSEADDR, &yes, sizeof yes) != 0 ||
+      ::bind(fd_, reinterpret_cast<sockaddr*>(&addr), sizeof addr) != 0 ||
+      ::getsockname(fd_, reinterpret_cast<sockaddr*>(&addr), &len) != 0) {
+    ::close(fd_);
     throw Error("cannot bind a socket on 127.0.0.1 to find a free port");
   }
-  ::close(fd);
-  return ntohs(addr.sin_port);
+  port_ = ntohs(addr.sin_port);
+}
+
+PortReservation::~PortReservation() {
+  if (fd_ >= 0) ::close(fd_);
 }
 
 std::shared_ptr<Comm> Comm::connect(const DistEnv& env, std::chrono::milliseconds timeout) {

@@ -29,8 +29,23 @@ struct DistEnv {
 // unset; throws sw::Error naming the variable when a value is malformed or out of range.
 std::optional<DistEnv> dist_env_from_environment();
 
-// A free TCP port on 127.0.0.1, for local launches and tests.
-int64_t free_local_port();
+// A TCP port on this machine held for a local rendezvous while this object lives, for
+// switch-train --nproc and the tests. Its socket stays bound (SO_REUSEADDR, not listening):
+// the kernel hands the port to no other request for "any free port" meanwhile — a port
+// found free, closed and handed out could be taken by another program before rank 0 listens
+// on it — while rank 0's store, which sets SO_REUSEADDR too, can still listen on it.
+class PortReservation {
+ public:
+  PortReservation();  // throws sw::Error when no socket can be bound on 127.0.0.1
+  ~PortReservation();
+  PortReservation(const PortReservation&) = delete;
+  PortReservation& operator=(const PortReservation&) = delete;
+  int64_t port() const { return port_; }
+
+ private:
+  int fd_ = -1;
+  int64_t port_ = 0;
+};
 
 // What this rank's collectives moved and cost since the counters were last reset.
 struct CommStats {

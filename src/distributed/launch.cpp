@@ -148,7 +148,8 @@ void signal_running(std::vector<Rank>& ranks, int sig) {
 }  // namespace
 
 int launch_local(const LaunchOptions& opt) {
-  const int64_t port = free_local_port();
+  const PortReservation reservation;  // held until every rank has ended
+  const int64_t port = reservation.port();
   const pid_t launcher = getpid();
   struct sigaction sa {};
   sa.sa_handler = on_signal;
