@@ -401,6 +401,74 @@ TEST_CASE("a non-finite loss stops the run naming the step and the layer, keepin
   }
 }
 
+TEST_CASE("on_nonfinite = skip: steps a rare character poisons are skipped, the run finishes") {
+  // The embedding of 'Z' (198 of Tiny Shakespeare's 1.1M characters) set to NaN: a batch
+  // that holds a Z gives a NaN loss, the others are sound. Stopping ends the run at the
+  // first such batch; skipping leaves those steps out (the NaN never reaches the other
+  // weights) and the run reaches its end with finite losses, counting what it skipped.
+  const std::string dir = test::scratch_dir("nonfinite_skip");
+  sw::Config c = test::tiny_config();
+  c.train.steps = 30;
+  train_tiny(dir, c);
+  const std::string ckpt = dir + "/ckpt-000030";
+  const nlohmann::json state = nlohmann::json::parse(test::read_file(ckpt + "/state.json"));
+  const size_t z = state["vocab"].get<std::string>().find('Z');
+  REQUIRE(z != std::string::npos);
+  {
+    const std::string bytes = test::read_file(ckpt + "/model.pt");
+    auto dict = torch::pickle_load(std::vector<char>(bytes.begin(), bytes.end())).toGenericDict();
+    dict.at("tok_emb.weight").toTensor()[static_cast<int64_t>(z)].fill_(std::nan(""));
+    const std::vector<char> out = torch::pickle_save(dict);
+    test::write_file(ckpt + "/model.pt", std::string(out.begin(), out.end()));
+  }
+  sw::Config r = sw::resume_config(dir);
+  r.train.steps = 200;
+  r.train.eval_every = 1000;  // evaluated once, at the end
+  sw::TrainOptions opt;
+  opt.out_dir = dir;
+  opt.quiet = true;
+  opt.resume = true;
+  // Stopping: the run ends at the first batch with a Z.
+  const std::string e = test::error_of([&] { sw::train(r, opt); });
+  CHECK(test::contains(e, "the loss is not finite"));
+  CHECK(test::contains(e, "the embeddings"));
+  // Skipping: it finishes.
+  r.train.on_nonfinite = sw::OnNonfinite::Skip;
+  const nlohmann::ordered_json summary = sw::train(r, opt);
+  CHECK(summary["steps"] == 200);
+  const int64_t skipped = summary["skipped_steps"].get<int64_t>();
+  CHECK(skipped >= 1);
+  CHECK(skipped <= 40);  // rare: about one batch in twenty holds a Z
+  CHECK(std::isfinite(summary["final_train_loss"].get<double>()));
+  // The train records carry the count so far, rising to the same total; every train loss
+  // they average is finite (a skipped step's loss is not in it).
+  int64_t recorded = 0, last_step = 0;
+  for (const auto& rec : sw::read_metrics(dir + "/metrics.jsonl")) {
+    if (rec["kind"] != "train" || rec["step"].get<int64_t>() <= last_step) continue;
+    last_step = rec["step"].get<int64_t>();
+    const int64_t count = rec.value("skipped_steps", int64_t{0});
+    CHECK(count >= recorded);
+    recorded = count;
+    CHECK(std::isfinite(rec["loss"].get<double>()));
+  }
+  CHECK(last_step == 200);
+  CHECK(recorded == skipped);
+  // Only Z's row is NaN in the end: nothing else was touched by a skipped step.
+  sw::Transformer model(r, static_cast<int64_t>(state["vocab"].get<std::string>().size()));
+  sw::load_weights(dir + "/ckpt-000200", *model);
+  for (const auto& p : model->named_parameters()) {
+    CAPTURE(p.key());
+    if (p.key() == "tok_emb.weight") {
+      CHECK(torch::isnan(p.value()[static_cast<int64_t>(z)]).all().item<bool>());
+      const torch::Tensor others = torch::cat({p.value().slice(0, 0, static_cast<int64_t>(z)),
+                                               p.value().slice(0, static_cast<int64_t>(z) + 1)});
+      CHECK(torch::isfinite(others).all().item<bool>());
+    } else {
+      CHECK(torch::isfinite(p.value()).all().item<bool>());
+    }
+  }
+}
+
 TEST_CASE("moe.balance = bias: the biases are in the weights file and in every train record") {
   sw::Config c = test::tiny_config();
   c.moe.balance = sw::Balance::Bias;
