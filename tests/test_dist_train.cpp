@@ -90,7 +90,7 @@ TEST_CASE("switch-train --nproc 2 and 4 follow one process's loss curve on the s
   CHECK(diff < 1e-5);
 }
 
-TEST_CASE("a checkpoint of 2 ranks resumes in one process, and samples") {
+TEST_CASE("a checkpoint of 2 ranks resumes in one process, one of one process on 2 ranks") {
   const std::string base = test::scratch_dir("dist_resume");
   // The reference: one process, straight through.
   test::CmdResult r = test::run(kTrain + tiny_args(base + "/w1", true) + " -q");
@@ -107,6 +107,15 @@ TEST_CASE("a checkpoint of 2 ranks resumes in one process, and samples") {
   const double diff = max_loss_diff(base + "/w1/metrics.jsonl", base + "/w2to1/metrics.jsonl");
   MESSAGE("2 ranks to step 30, then 1 process: max |loss difference| vs one process: " << diff);
   CHECK(diff < 1e-5);
+
+  // Written by one process at step 30, continued by 2 ranks: the same curve.
+  copy_run_at(base + "/w1", base + "/w1to2", 30);
+  r = test::run(kTrain + " --out " + base + "/w1to2 --resume --nproc 2 -q");
+  INFO(r.output);
+  REQUIRE(r.rc == 0);
+  const double up = max_loss_diff(base + "/w1/metrics.jsonl", base + "/w1to2/metrics.jsonl");
+  MESSAGE("1 process to step 30, then 2 ranks: max |loss difference| vs one process: " << up);
+  CHECK(up < 1e-5);
 
   // The weights file holds whole layers: switch-sample reads it like any other.
   r = test::run(kSample + " --run " + base + "/w2 --chars 40 --seed 3");
@@ -241,6 +250,60 @@ TEST_CASE("a rank killed mid-run makes the other exit with an error, not hang") 
   const int seconds = std::stoi(r.output.substr(pos + 8));
   MESSAGE("rank 0 exited " << seconds << " s after rank 1 was killed");
   CHECK(seconds < 30);
+}
+
+// Two ranks started by hand, as torchrun or a scheduler would: RANK, WORLD_SIZE,
+// MASTER_ADDR and MASTER_PORT only.
+// `timeout` ends a rank that hangs (exit 124) where the test says so.
+std::string by_hand(int rank, int64_t port, const std::string& args, bool limit = true) {
+  return "RANK=" + std::to_string(rank) +
+         " WORLD_SIZE=2 MASTER_ADDR=127.0.0.1 MASTER_PORT=" + std::to_string(port) +
+         (limit ? " timeout 300 " : " ") + kTrain + args;
+}
+
+TEST_CASE("a run launched by hand from RANK and WORLD_SIZE ends as --nproc 2's, bit for bit") {
+  const std::string base = test::scratch_dir("dist_by_hand");
+  test::CmdResult r = test::run(kTrain + tiny_args(base + "/nproc", false) + " --nproc 2 -q");
+  INFO(r.output);
+  REQUIRE(r.rc == 0);
+  const sw::PortReservation reservation;
+  const std::string args = tiny_args(base + "/hand", false) + " -q";
+  r = test::run("(" + by_hand(1, reservation.port(), args) + " > " + base + "/rank1.log 2>&1 & " +
+                by_hand(0, reservation.port(), args) + "; echo rc0=$?; wait $!; echo rc1=$?)");
+  INFO(r.output);
+  INFO(test::read_file(base + "/rank1.log"));
+  CHECK(test::contains(r.output, "rc0=0"));
+  CHECK(test::contains(r.output, "rc1=0"));
+  CHECK(test::read_file(base + "/hand/summary.json").size() > 0);
+  CHECK(max_loss_diff(base + "/nproc/metrics.jsonl", base + "/hand/metrics.jsonl") == 0);
+  CHECK(test::read_file(base + "/nproc/ckpt-000060/model.pt") ==
+        test::read_file(base + "/hand/ckpt-000060/model.pt"));
+}
+
+TEST_CASE("a stalled rank makes the other fail after dist.timeout_s, naming the stall") {
+  const std::string base = test::scratch_dir("dist_stalled_rank");
+  const sw::PortReservation reservation;
+  const std::string args =
+      tiny_args(base + "/run", false) + " --set train.steps=1000000 --set dist.timeout_s=5 -q";
+  // Rank 1 is stopped (SIGSTOP: alive, silent) once both train; rank 0 must give up about
+  // dist.timeout_s later with exit 1, not wait for ever (`timeout` would end it with 124).
+  test::CmdResult r = test::run(
+      "(" + by_hand(0, reservation.port(), args) + " > " + base + "/rank0.log 2>&1 & p0=$!; " +
+      by_hand(1, reservation.port(), args, false) + " > /dev/null 2>&1 & p1=$!; " +
+      test::wait_for(base + "/run/metrics.jsonl", "\"kind\":\"train\"") +
+      "; kill -STOP $p1; t0=$(date +%s); wait $p0; echo rc0=$? seconds=$(($(date +%s) - t0)); "
+      "kill -9 $p1)");
+  const std::string log = test::read_file(base + "/rank0.log");
+  INFO(r.output);
+  INFO(log);
+  CHECK(test::contains(r.output, "rc0=1 "));
+  CHECK(test::contains(log, "failed (another rank died or stalled?)"));
+  const auto pos = r.output.find("seconds=");
+  REQUIRE(pos != std::string::npos);
+  const int seconds = std::stoi(r.output.substr(pos + 8));
+  MESSAGE("rank 0 exited " << seconds << " s after rank 1 stalled (dist.timeout_s = 5)");
+  CHECK(seconds >= 3);
+  CHECK(seconds < 60);
 }
 
 TEST_CASE("--nproc: a killed rank brings the run down with a non-zero exit naming it") {
