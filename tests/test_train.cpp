@@ -211,11 +211,11 @@ TEST_CASE("moe.balance and moe.score: the objective in the records is the one tr
         mean_ce(sw::Balance::Variance, 5.0, "balance_variance_5"));
 }
 
-TEST_CASE("micro-batches: the same bits on one thread and on two") {
+TEST_CASE("micro-batches: the same bits on one thread and on two, resumed on the other") {
   sw::Config c = test::tiny_config();
   c.train.steps = 20;
   c.train.eval_every = 10;
-  c.train.checkpoint_every = 20;
+  c.train.checkpoint_every = 10;
   c.train.micro_batches = 2;
   c.moe.jitter = 0.1;  // random draws in the router and the drop order, on every thread
   std::string weights[2];
@@ -237,6 +237,24 @@ TEST_CASE("micro-batches: the same bits on one thread and on two") {
   }
   // The routing counts of both micro-batches are in the record.
   CHECK(records[0][0]["layers"][0]["tokens"].get<int64_t>() == 10 * 8 * 32);
+
+  // Checkpointed at step 10 on one thread (the run above), resumed on two: the same bits.
+  const std::string one = (test::fs::current_path() / "scratch" / "micro_threads_1").string();
+  const std::string resumed = test::scratch_dir("micro_threads_resumed");
+  test::fs::copy(one + "/config.json", resumed + "/config.json");
+  test::fs::copy(one + "/ckpt-000010", resumed + "/ckpt-000010", test::fs::copy_options::recursive);
+  test::fs::copy(one + "/metrics.jsonl", resumed + "/metrics.jsonl");
+  sw::Config r = sw::resume_config(resumed);
+  r.train.threads = 2;
+  sw::TrainOptions opt;
+  opt.out_dir = resumed;
+  opt.quiet = true;
+  opt.resume = true;
+  opt.config_changed = true;
+  const nlohmann::ordered_json summary = sw::train(r, opt);
+  CHECK(summary["threads"] == 2);
+  CHECK_MESSAGE(test::read_file(resumed + "/ckpt-000020/model.pt") == weights[0],
+                "weights differ after resuming a 1-thread checkpoint on 2 threads");
 }
 
 TEST_CASE("held-back expert gradients: a step's gradient is the one of the old path") {
