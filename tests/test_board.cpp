@@ -259,8 +259,7 @@ TEST_CASE("run_status: training while a process holds the run's lock - then fini
     sw::DirLock lock = sw::DirLock::acquire(dir, "run directory", "");
     CHECK(sw::lock_held(dir));
     CHECK(sw::run_status(dir) == "training");
-    // Looking takes no lock: a second writer is still refused by the first alone, and the
-    // board's look leaves the lock as it was.
+    // Looking again leaves the lock as it was (it takes none itself: see the loop below).
     CHECK(sw::lock_held(dir));
   }
   CHECK(fs::exists(dir + "/.lock"));  // the lock file stays behind, the lock does not

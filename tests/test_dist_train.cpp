@@ -223,35 +223,6 @@ TEST_CASE("2 ranks with token dropping resume bitwise from their checkpoint") {
                 "weights after a 2-rank resume differ from the straight 2-rank run");
 }
 
-TEST_CASE("a rank killed mid-run makes the other exit with an error, not hang") {
-  const std::string base = test::scratch_dir("dist_dead_rank");
-  const sw::PortReservation reservation;
-  const int64_t port = reservation.port();
-  auto rank_cmd = [&](int rank) {
-    return "RANK=" + std::to_string(rank) +
-           " WORLD_SIZE=2 MASTER_ADDR=127.0.0.1 MASTER_PORT=" + std::to_string(port) +
-           (rank == 0 ? " timeout 120 " : " ") + kTrain + tiny_args(base + "/run", false) +
-           " --set train.steps=1000000 --set dist.timeout_s=100 -q";
-  };
-  // Rank 1 is killed once both are training; rank 0 must notice well before any timeout
-  // (`timeout` would end a hang with 124).
-  test::CmdResult r = test::run(
-      "(" + rank_cmd(0) + " > " + base + "/rank0.log 2>&1 & p0=$!; " + rank_cmd(1) +
-      " > /dev/null 2>&1 & p1=$!; " +
-      test::wait_for(base + "/run/metrics.jsonl", "\"kind\":\"train\"") + "; kill -9 $p1; " +
-      "t0=$(date +%s); wait $p0; echo rc0=$? seconds=$(($(date +%s) - t0)))");
-  const std::string log = test::read_file(base + "/rank0.log");
-  INFO(r.output);
-  INFO(log);
-  CHECK(test::contains(r.output, "rc0=1 "));
-  CHECK(test::contains(log, "failed (another rank died or stalled?)"));
-  const auto pos = r.output.find("seconds=");
-  REQUIRE(pos != std::string::npos);
-  const int seconds = std::stoi(r.output.substr(pos + 8));
-  MESSAGE("rank 0 exited " << seconds << " s after rank 1 was killed");
-  CHECK(seconds < 30);
-}
-
 // Two ranks started by hand, as torchrun or a scheduler would: RANK, WORLD_SIZE,
 // MASTER_ADDR and MASTER_PORT only.
 // `timeout` ends a rank that hangs (exit 124) where the test says so.
@@ -259,6 +230,35 @@ std::string by_hand(int rank, int64_t port, const std::string& args, bool limit 
   return "RANK=" + std::to_string(rank) +
          " WORLD_SIZE=2 MASTER_ADDR=127.0.0.1 MASTER_PORT=" + std::to_string(port) +
          (limit ? " timeout 300 " : " ") + kTrain + args;
+}
+
+// The end of a script that ends `echo rc0=$? seconds=N` after rank 0's other rank died or
+// stalled: rank 0 exited 1 naming that, N seconds later (returned).
+int rank0_failed_after(const test::CmdResult& r, const std::string& rank0_log) {
+  INFO(r.output);
+  INFO(test::read_file(rank0_log));
+  CHECK(test::contains(r.output, "rc0=1 "));
+  CHECK(test::contains(test::read_file(rank0_log), "failed (another rank died or stalled?)"));
+  const auto pos = r.output.find("seconds=");
+  REQUIRE(pos != std::string::npos);
+  return std::stoi(r.output.substr(pos + 8));
+}
+
+TEST_CASE("a rank killed mid-run makes the other exit with an error, not hang") {
+  const std::string base = test::scratch_dir("dist_dead_rank");
+  const sw::PortReservation reservation;
+  const std::string args =
+      tiny_args(base + "/run", false) + " --set train.steps=1000000 --set dist.timeout_s=100 -q";
+  // Rank 1 is killed once both are training; rank 0 must notice well before any timeout
+  // (`timeout` would end a hang with 124).
+  test::CmdResult r = test::run(
+      "(" + by_hand(0, reservation.port(), args) + " > " + base + "/rank0.log 2>&1 & p0=$!; " +
+      by_hand(1, reservation.port(), args, false) + " > /dev/null 2>&1 & p1=$!; " +
+      test::wait_for(base + "/run/metrics.jsonl", "\"kind\":\"train\"") + "; kill -9 $p1; " +
+      "t0=$(date +%s); wait $p0; echo rc0=$? seconds=$(($(date +%s) - t0)))");
+  const int seconds = rank0_failed_after(r, base + "/rank0.log");
+  MESSAGE("rank 0 exited " << seconds << " s after rank 1 was killed");
+  CHECK(seconds < 30);
 }
 
 TEST_CASE("a run launched by hand from RANK and WORLD_SIZE ends as --nproc 2's, bit for bit") {
@@ -293,14 +293,7 @@ TEST_CASE("a stalled rank makes the other fail after dist.timeout_s, naming the 
       test::wait_for(base + "/run/metrics.jsonl", "\"kind\":\"train\"") +
       "; kill -STOP $p1; t0=$(date +%s); wait $p0; echo rc0=$? seconds=$(($(date +%s) - t0)); "
       "kill -9 $p1)");
-  const std::string log = test::read_file(base + "/rank0.log");
-  INFO(r.output);
-  INFO(log);
-  CHECK(test::contains(r.output, "rc0=1 "));
-  CHECK(test::contains(log, "failed (another rank died or stalled?)"));
-  const auto pos = r.output.find("seconds=");
-  REQUIRE(pos != std::string::npos);
-  const int seconds = std::stoi(r.output.substr(pos + 8));
+  const int seconds = rank0_failed_after(r, base + "/rank0.log");
   MESSAGE("rank 0 exited " << seconds << " s after rank 1 stalled (dist.timeout_s = 5)");
   CHECK(seconds >= 3);
   CHECK(seconds < 60);

@@ -367,12 +367,17 @@ TEST_CASE("checkpoint errors: truncated weights, another architecture, another v
 namespace {
 
 // Sets one element of tensor `name` in a checkpoint's model.pt to NaN.
-void poison(const std::string& ckpt, const std::string& name) {
+// Sets a NaN in tensor `name` of a checkpoint's weights: its first element, or the whole
+// row `row`.
+void poison(const std::string& ckpt, const std::string& name, int64_t row = -1) {
   const std::string path = ckpt + "/model.pt";
   const std::string bytes = test::read_file(path);
   auto dict = torch::pickle_load(std::vector<char>(bytes.begin(), bytes.end())).toGenericDict();
   torch::Tensor t = dict.at(name).toTensor();
-  t.view({-1})[0] = std::nan("");
+  if (row < 0)
+    t.view({-1})[0] = std::nan("");
+  else
+    t[row].fill_(std::nan(""));
   const std::vector<char> out = torch::pickle_save(dict);
   test::write_file(path, std::string(out.begin(), out.end()));
 }
@@ -432,13 +437,7 @@ TEST_CASE("on_nonfinite = skip: steps a rare character poisons are skipped, the 
   const nlohmann::json state = nlohmann::json::parse(test::read_file(ckpt + "/state.json"));
   const size_t z = state["vocab"].get<std::string>().find('Z');
   REQUIRE(z != std::string::npos);
-  {
-    const std::string bytes = test::read_file(ckpt + "/model.pt");
-    auto dict = torch::pickle_load(std::vector<char>(bytes.begin(), bytes.end())).toGenericDict();
-    dict.at("tok_emb.weight").toTensor()[static_cast<int64_t>(z)].fill_(std::nan(""));
-    const std::vector<char> out = torch::pickle_save(dict);
-    test::write_file(ckpt + "/model.pt", std::string(out.begin(), out.end()));
-  }
+  poison(ckpt, "tok_emb.weight", static_cast<int64_t>(z));
   sw::Config r = sw::resume_config(dir);
   r.train.steps = 200;
   r.train.eval_every = 1000;  // evaluated once, at the end

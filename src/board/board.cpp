@@ -56,10 +56,6 @@ nlohmann::json read_json(const std::string& path) {
   return j.is_discarded() ? nlohmann::json() : j;
 }
 
-nlohmann::json finite_or_null(double v) {
-  return std::isfinite(v) ? nlohmann::json(v) : nlohmann::json();
-}
-
 // The keys whose values are not the same in every one of `configs` (a key one lacks
 // counts as differing).
 std::vector<std::string> differing_keys(const std::vector<const nlohmann::json*>& configs) {
@@ -240,14 +236,8 @@ Reply Board::sweep(const std::string& id, size_t max_points) {
   if (r.status != 200) return {r.status, {{"error", r.why}}};
   if (!is_sweep_dir(r.path)) return {404, {{"error", "not a sweep directory"}}};
   std::vector<std::string> names;
-  std::error_code ec;
-  for (fs::directory_iterator it(r.path, ec), end; !ec && it != end; it.increment(ec)) {
-    const std::string n = it->path().filename().string();
-    if (!servable_name(n) || it->is_symlink(ec) || !it->is_directory(ec)) continue;
-    if (is_run_dir(it->path().string())) names.push_back(n);
-  }
-  std::sort(names.begin(), names.end());
-  if (names.size() > max_runs_) names.resize(max_runs_);
+  for (const auto& n : child_folders(r.path))
+    if (names.size() < max_runs_ && is_run_dir((fs::path(r.path) / n).string())) names.push_back(n);
   std::lock_guard<std::mutex> lock(mu_);
   nlohmann::json points = nlohmann::json::array();
   for (const auto& n : names) {

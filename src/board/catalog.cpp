@@ -88,16 +88,7 @@ struct Scanner {
       inner = id;
     }
     if (depth >= kMaxDepth && !is_sweep) return;  // a sweep's points are always listed
-    std::vector<std::string> children;
-    std::error_code ec;
-    for (fs::directory_iterator it(dir, ec), end; !ec && it != end; it.increment(ec)) {
-      const std::string n = it->path().filename().string();
-      if (!servable_name(n)) continue;
-      if (it->is_symlink(ec) || !it->is_directory(ec)) continue;
-      children.push_back(n);
-    }
-    std::sort(children.begin(), children.end());
-    for (const auto& c : children)
+    for (const auto& c : child_folders(dir.string()))
       visit(root, dir / c, rel.empty() ? c : rel + "/" + c, depth + 1, inner);
   }
 };
@@ -156,6 +147,17 @@ Resolved resolve_id(const Roots& roots, const std::string& id) {
   std::error_code ec;
   if (!fs::is_directory(real, ec)) return {404, "", "not a directory"};
   return {200, real, ""};
+}
+
+std::vector<std::string> child_folders(const std::string& dir) {
+  std::vector<std::string> children;
+  std::error_code ec;
+  for (fs::directory_iterator it(dir, ec), end; !ec && it != end; it.increment(ec)) {
+    const std::string n = it->path().filename().string();
+    if (servable_name(n) && !it->is_symlink(ec) && it->is_directory(ec)) children.push_back(n);
+  }
+  std::sort(children.begin(), children.end());
+  return children;
 }
 
 bool is_run_dir(const std::string& dir) {

@@ -40,6 +40,9 @@ Resolved resolve_id(const Roots& roots, const std::string& id);
 // JSON), no control bytes, no backslash. Folders with other names are not listed.
 bool servable_name(const std::string& name);
 
+// The names of `dir`'s subfolders that can be listed (servable, not links), sorted.
+std::vector<std::string> child_folders(const std::string& dir);
+
 // A run directory: config.json beside metrics.jsonl, summary.json or a lock file, all
 // regular files (a link is not followed).
 bool is_run_dir(const std::string& dir);

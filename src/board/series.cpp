@@ -28,16 +28,16 @@ double number_or_nan(const nlohmann::json& r, const char* key) {
   return it != r.end() && it->is_number() ? it->get<double>() : kNaN;
 }
 
-nlohmann::json number_or_null(double v) {
-  return std::isfinite(v) ? nlohmann::json(v) : nlohmann::json();
-}
-
 const std::vector<std::string> kTrainNames = {"loss",      "ce",           "lb_loss",
                                               "z_loss",    "balance_loss", "lr",
                                               "drop_frac", "tokens_per_s", "grad_norm"};
 const std::vector<std::string> kEvalNames = {"val_loss", "train_loss"};
 
 }  // namespace
+
+nlohmann::json finite_or_null(double v) {
+  return std::isfinite(v) ? nlohmann::json(v) : nlohmann::json();
+}
 
 Series::Series(std::vector<std::string> n, size_t c)
     : names(std::move(n)), values(names.size()), cap(std::max<size_t>(c, 2)) {}
@@ -112,7 +112,7 @@ nlohmann::json Series::to_json(size_t max_points) const {
   for (size_t k = 0; k < names.size(); ++k) {
     nlohmann::json col = nlohmann::json::array();
     for (double v : d.values[k])
-      col.push_back(number_or_null(v));
+      col.push_back(finite_or_null(v));
     j[names[k]] = std::move(col);
   }
   return j;
@@ -160,9 +160,10 @@ bool MetricsTail::update(size_t max_bytes) {
   std::string buf;
   size_t read_now = 0;
   while (offset_ + buf.size() < size && read_now < max_bytes) {
-    const size_t want = static_cast<size_t>(std::min<uint64_t>(size - offset_, 1 << 20));
+    const uint64_t at = offset_ + buf.size();
+    const size_t want = static_cast<size_t>(std::min<uint64_t>(size - at, 1 << 20));
     std::string chunk(want, '\0');
-    const ssize_t got = ::pread(fd, chunk.data(), want, static_cast<off_t>(offset_ + buf.size()));
+    const ssize_t got = ::pread(fd, chunk.data(), want, static_cast<off_t>(at));
     if (got <= 0) break;
     chunk.resize(static_cast<size_t>(got));
     read_now += chunk.size();
@@ -255,11 +256,10 @@ void MetricsTail::take_train(const nlohmann::json& r, double step, double t) {
     if (it != layers_.end() && it->experts != experts) continue;  // not this run's layer
     if (it == layers_.end()) {
       if (layers_.size() >= kMaxLayers) continue;
-      std::vector<std::string> names;
-      for (int64_t e = 0; e < experts; ++e)
-        names.push_back("e" + std::to_string(e));
-      names.push_back("dropped");
-      layers_.push_back({block, Series(std::move(names), kHeatmapCap), experts});
+      // Unnamed values, read by index: E experts' fractions, then the dropped one.
+      layers_.push_back(
+          {block, Series(std::vector<std::string>(static_cast<size_t>(experts) + 1), kHeatmapCap),
+           experts});
       it = layers_.end() - 1;
     }
     double total = 0;
@@ -279,7 +279,6 @@ void MetricsTail::take_train(const nlohmann::json& r, double step, double t) {
 nlohmann::json MetricsTail::to_json(size_t max_points) const {
   nlohmann::json j = {{"records", records_},
                       {"malformed", malformed_},
-                      {"version", version_},
                       {"train", train_.to_json(max_points)},
                       {"eval", eval_.to_json(max_points)},
                       {"layers", nlohmann::json::array()}};
@@ -289,12 +288,12 @@ nlohmann::json MetricsTail::to_json(size_t max_points) const {
     for (size_t c = 0; c < d.size(); ++c) {
       nlohmann::json col = nlohmann::json::array();
       for (int64_t e = 0; e < m.experts; ++e)
-        col.push_back(number_or_null(d.values[static_cast<size_t>(e)][c]));
+        col.push_back(finite_or_null(d.values[static_cast<size_t>(e)][c]));
       load.push_back(std::move(col));
     }
     nlohmann::json dropped = nlohmann::json::array();
     for (double v : d.values.back())
-      dropped.push_back(number_or_null(v));
+      dropped.push_back(finite_or_null(v));
     j["layers"].push_back({{"layer", m.layer},
                            {"experts", m.experts},
                            {"step", d.step},

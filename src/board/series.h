@@ -26,6 +26,9 @@ inline constexpr size_t kMaxLineBytes = size_t{4} << 20;
 inline constexpr size_t kMaxLayers = 256;
 inline constexpr int64_t kMaxExperts = 4096;
 
+// `v` as JSON, null when it is not finite (absent, or NaN).
+nlohmann::json finite_or_null(double v);
+
 // Points of one or more named values over (step, time_s), merged pairwise past a cap.
 struct Series {
   std::vector<std::string> names;           // the values' names (loss, lr, ...)
@@ -50,7 +53,7 @@ struct Series {
 // layer's routed assignments each expert received, before dropping.
 struct LoadMap {
   int64_t layer = 0;    // block index
-  Series series;        // names "e0".."e{E-1}", plus "dropped" (fraction of assignments)
+  Series series;        // E + 1 unnamed values: each expert's fraction, then the dropped one
   int64_t experts = 0;  // E
 };
 
@@ -64,7 +67,7 @@ class MetricsTail {
   bool update(size_t max_bytes = size_t{64} << 20);
 
   // Everything, downsampled to at most `max_points` points a series:
-  // {records, malformed, version, train: {...}, eval: {...}, layers: [{layer, experts,
+  // {records, malformed, train: {...}, eval: {...}, layers: [{layer, experts,
   // step, time_s, load: [[E fractions] per column], dropped: [...]}]}.
   nlohmann::json to_json(size_t max_points) const;
 
