@@ -207,13 +207,18 @@ void serve(Board& board, const ServeOptions& opt, const OnListening& on_listenin
     std::unique_lock<std::mutex> lock(state->mu);
     state->cv.wait(lock, [&] { return state->requested || state->ended; });
   }
-  for (;;) {
+  // Stopped once, as soon as it runs (or not at all, when listening ended by itself).
+  for (bool stopped = false; !stopped;) {
     {
       std::lock_guard<std::mutex> lock(state->mu);
       if (state->ended) break;
     }
-    if (svr.is_running()) svr.stop();
-    std::this_thread::sleep_for(std::chrono::milliseconds(5));
+    if (svr.is_running()) {
+      svr.stop();
+      stopped = true;
+    } else {
+      std::this_thread::sleep_for(std::chrono::milliseconds(5));
+    }
   }
   listener.join();
 }
