@@ -5,7 +5,9 @@
 // out-of-bounds access or undefined behaviour is a bug. So is a broken round trip: a config
 // that parsed, written as JSON (as config.json is) and read back, must be the same config;
 // a parsed sweep, written back as one variant per point with every key set, must expand to
-// the same configs.
+// the same configs. And UTF-8 fed in pieces (cut where the input's first byte says) must
+// decode as the whole does: the same characters, or the same error at the same byte.
+#include <algorithm>
 #include <cstddef>
 #include <cstdint>
 #include <cstdlib>
@@ -13,6 +15,7 @@
 #include <string>
 
 #include "config/config.h"
+#include "data/vocab.h"
 #include "sweep/sweep.h"
 #include "train/checkpoint_state.h"
 #include "train/pickle_check.h"
@@ -63,6 +66,30 @@ void sweep_round_trip(const sw::Sweep& s) {
       broken("point " + s.points[i].name + " re-expanded to another config");
 }
 
+// The decode of `text` streamed in pieces of 1 + (first byte % 8) bytes is the whole decode.
+void utf8_stream_matches(const std::string& text) {
+  std::u32string whole, streamed;
+  std::string whole_error, streamed_error;
+  try {
+    whole = sw::utf8_decode(text, "f");
+  } catch (const sw::Error& e) {
+    whole_error = e.what();
+  }
+  const size_t piece = text.empty() ? 1 : 1 + static_cast<unsigned char>(text[0]) % 8;
+  try {
+    sw::Utf8Stream s("f");
+    for (size_t i = 0; i < text.size(); i += piece)
+      s.feed(reinterpret_cast<const unsigned char*>(text.data()) + i,
+             std::min(piece, text.size() - i), [&](char32_t c) { streamed.push_back(c); });
+    s.finish();
+  } catch (const sw::Error& e) {
+    streamed_error = e.what();
+  }
+  if (streamed_error != whole_error)
+    broken("streamed UTF-8 error: " + streamed_error + " vs " + whole_error);
+  if (whole_error.empty() && streamed != whole) broken("streamed UTF-8 decoded otherwise");
+}
+
 }  // namespace
 
 extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
@@ -101,5 +128,6 @@ extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
     sw::check_pickle(text, "data.pkl");
   } catch (const sw::Error&) {
   }
+  utf8_stream_matches(text);
   return 0;
 }

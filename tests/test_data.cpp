@@ -65,7 +65,7 @@ TEST_CASE("90/10 split by characters, and batches are shifted windows of their s
   CHECK(d.size(Split::Train) == 900);
   CHECK(d.size(Split::Val) == 100);
   // The val split starts at character 900, i.e. with letter 'a' (id 0).
-  CHECK(d.ids(Split::Val)[0].item<int64_t>() == 0);
+  CHECK(d.tokens(Split::Val).at(0) == 0);
 
   sw::Rng rng(7);
   sw::Batch b = d.sample(Split::Train, 5, rng);

@@ -378,3 +378,72 @@ TEST_CASE("switch-eval refuses bad input by name") {
   CHECK(test::contains(none.output, "has no complete checkpoint (ckpt-*/) to evaluate"));
   test::fs::remove("x.pt");
 }
+
+TEST_CASE("a multi-script text of 3,000 characters: train, sample and eval on its test split") {
+  // Words over Latin, Greek, Cyrillic, Hebrew, Arabic, Devanagari, kana, CJK, Hangul and
+  // emoji: 3,000 distinct characters (uint16 ids), each at least once, then a skewed draw.
+  std::u32string pool;
+  for (const auto& [first, count] : std::vector<std::pair<char32_t, int>>{{0xC0, 60},
+                                                                          {0x391, 50},
+                                                                          {0x410, 60},
+                                                                          {0x5D0, 27},
+                                                                          {0x628, 20},
+                                                                          {0x905, 50},
+                                                                          {0x3041, 80},
+                                                                          {0x4E00, 2400},
+                                                                          {0xAC00, 200},
+                                                                          {0x1F600, 53}})
+    for (int i = 0; i < count; ++i)
+      pool.push_back(first + static_cast<char32_t>(i));
+  REQUIRE(pool.size() == 3000);
+  std::u32string text = pool;
+  uint64_t state = 12345;
+  while (text.size() < 60000) {
+    state = state * 6364136223846793005ULL + 1442695040888963407ULL;
+    const uint64_t r = state >> 33;
+    text.push_back(r % 7 == 0 ? U' ' : r % 61 == 0 ? U'\n' : pool[(r % 3000) * (r % 3000) / 3000]);
+  }
+  const std::string dir = test::scratch_dir("eval_multiscript");
+  test::write_file(dir + "/scripts.txt", sw::utf8_encode(text));
+  const test::CmdResult t =
+      test::run(std::string(SWITCH_TRAIN_BIN) + " --config " +
+                test::quote(test::source_path("configs/tiny.json")) +
+                " --set data.path=" + test::quote(dir + "/scripts.txt") +
+                " --set data.test_fraction=0.1 --set train.steps=20 --set train.eval_every=10"
+                " --set train.checkpoint_every=20 --out " +
+                test::quote(dir + "/run"));
+  INFO(t.output);
+  REQUIRE(t.rc == 0);
+  CHECK(
+      test::contains(t.output, "vocabulary 3002, train 48000 / val 6000 / test 6000; uint16 ids"));
+
+  const sw::Vocab vocab = sw::Vocab::from_text(text);
+  const test::CmdResult s =
+      test::run(kSample + " --run " + test::quote(dir + "/run") + " --chars 300 --seed 5");
+  REQUIRE(s.rc == 0);
+  const std::u32string sampled = sw::utf8_decode(s.output, "sample");
+  CHECK(sampled.size() >= 300);
+  int outside_ascii = 0;
+  for (char32_t c : sampled) {
+    CHECK(vocab.contains(c));
+    outside_ascii += c >= 0x80;
+  }
+  CHECK(outside_ascii > 100);
+
+  const test::CmdResult e = test::run(kEval + " --run " + test::quote(dir + "/run") +
+                                      " --split test --batches all --json --no-plot");
+  REQUIRE(e.rc == 0);
+  const auto j = nlohmann::json::parse(e.output.substr(0, e.output.rfind("}\n") + 1));
+  CHECK(j["data"]["split"] == "test");
+  CHECK(j["data"]["characters"] == 5999);  // every character of the test part but the first
+  const double loss = j["loss"].get<double>();
+  CHECK(std::isfinite(loss));
+  CHECK(loss < std::log(3002.0));  // learnt something of the skewed draw in 20 steps
+
+  const test::CmdResult no_test =
+      test::run(kEval + " --run " + test::quote(tiny_run()) + " --split test");
+  CHECK(no_test.rc != 0);
+  CHECK(test::contains(no_test.output,
+                       "--split test: the run holds out no test part (its data.test_fraction "
+                       "is 0)"));
+}

@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Rebuilds the library and the library-level test suites with AddressSanitizer and
-# UndefinedBehaviorSanitizer (-DSWITCH_SANITIZE=ON) and runs them: the fast suites and
-# test_train, test_sample and test_eval (training, resume, checkpoints, non-finite detection,
-# sampling, switch-eval).
+# UndefinedBehaviorSanitizer (-DSWITCH_SANITIZE=ON) and runs them: the fast suites (prepared
+# token files among them) and test_train, test_sample and test_eval (training, resume,
+# checkpoints, non-finite detection, sampling, switch-eval).
 # Leak checking is off: LibTorch keeps allocations until exit.
 #
 # Usage: tools/sanitize.sh [--build-dir DIR]
@@ -17,7 +17,7 @@ while [ $# -gt 0 ]; do
     *) echo "sanitize: unknown argument '$1' (see --help)" >&2; exit 2 ;;
   esac
 done
-suites=(test_config test_data test_switch_ffn test_strategies test_model test_optimizer test_train test_sample
+suites=(test_config test_data test_corpus test_switch_ffn test_strategies test_model test_optimizer test_train test_sample
         test_eval)
 cmake -S "$ROOT" -B "$bdir" -DSWITCH_SANITIZE=ON -DCMAKE_BUILD_TYPE=Release >/dev/null
 cmake --build "$bdir" -j2 --target "${suites[@]}"

@@ -18,7 +18,7 @@ DATA_SHA256=86c4e6aa9db7c042ec79f339dcb96d42b0075e16b8fc2e86bf0ca57e2dc565ed
 PACKAGES=(build-essential cmake curl ca-certificates ccache libtorch-dev libgloo-dev
           libopenblas0-openmp libcli11-dev nlohmann-json3-dev libfmt-dev doctest-dev python3
           python3-matplotlib clang libxsmm-dev libdnnl-dev pkg-config libcpp-httplib-dev
-          libjs-chart.js chromium chromium-driver
+          libjs-chart.js chromium chromium-driver libssl-dev
           libjemalloc2)
 
 local_data=""

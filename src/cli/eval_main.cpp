@@ -34,8 +34,8 @@ void add_options(CLI::App& app, Args& a) {
   app.add_flag("--skip-unknown", a.opt.skip_unknown,
                "leave out characters outside the model's vocabulary instead of refusing the text");
   app.add_option("--split", a.split,
-                 "val | train: the run's split (default val), all: the whole text (default "
-                 "with --data)");
+                 "val | train | test: the run's split (default val; test needs a run trained with "
+                 "data.test_fraction > 0), all: the whole text (default with --data)");
   app.add_option("--batches", a.batches,
                  "N fixed batches (the run's evaluation batches: default train.eval_batches "
                  "for a split), or all: every window once (default for a whole text)");

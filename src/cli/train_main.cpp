@@ -12,7 +12,7 @@
 #include <CLI/CLI.hpp>
 
 #include "config/config.h"
-#include "data/dataset.h"
+#include "data/corpus.h"
 #include "distributed/comm.h"
 #include "distributed/launch.h"
 #include "train/footprint.h"
@@ -87,16 +87,22 @@ int launch(int argc, char** argv, int nproc, const std::string& out_dir, bool ad
   }
 }
 
-// The memory estimate of --print-config, from the data file's vocabulary and size when it
-// can be read (else 256 characters, said so).
+// The memory estimate of --print-config, from the prepared data file's vocabulary and size
+// when it is prepared (else its size in bytes and 256 characters, said so); nothing is
+// prepared here.
 std::string memory_line(const sw::Config& cfg, int64_t world) {
   int64_t vocab = 256, chars = 0;
   std::string note = "";
-  try {
-    const std::u32string text = sw::Dataset::read_text(cfg.data.path);
-    vocab = sw::Vocab::from_text(text).size();
-    chars = static_cast<int64_t>(text.size());
-  } catch (const sw::Error&) {
+  std::error_code ec;
+  if (auto info = sw::peek_corpus(cfg.data.path, cfg.data.cache_dir)) {
+    vocab = info->vocab_size;
+    chars = info->characters;
+  } else if (const auto bytes = std::filesystem::file_size(cfg.data.path, ec); !ec) {
+    chars = static_cast<int64_t>(bytes);
+    note =
+        " (data.path not prepared yet: as many characters as bytes and a vocabulary of 256 "
+        "assumed)";
+  } else {
     note = " (data.path unreadable: a vocabulary of 256 and no corpus assumed)";
   }
   const sw::MemoryEstimate need = sw::estimate_memory(cfg, vocab, world, chars);
@@ -110,7 +116,8 @@ std::string memory_line(const sw::Config& cfg, int64_t world) {
 struct Args {
   std::string config_file, out_dir, init_from;
   std::vector<std::string> overrides;
-  bool resume = false, quiet = false, print_config = false, keys = false, markdown = false;
+  bool resume = false, quiet = false, print_config = false, keys = false, markdown = false,
+       prepare = false;
   int nproc = 1;
   int64_t keep = 0;
 };
@@ -135,6 +142,8 @@ void add_options(CLI::App& app, Args& a) {
                  "start N ranks on this machine (expert + data parallel over c10d/Gloo)")
       ->check(CLI::Range(1, 1024));
   app.add_flag("--print-config", a.print_config, "print the resolved config as JSON and exit");
+  app.add_flag("--prepare-data", a.prepare,
+               "prepare data.path's token file (if it is missing or out of date) and exit");
   app.add_flag("--list-keys", a.keys, "list every config key with its default and exit");
   app.add_flag("--markdown", a.markdown, "with --list-keys: print docs/config.md instead")
       ->needs("--list-keys");
@@ -168,6 +177,26 @@ sw::Config resolve_config(const Args& a, int64_t& world) {
   }
   sw::validate_world(cfg, world);
   return cfg;
+}
+
+// --prepare-data: the token file of data.path, prepared or found up to date.
+int prepare_data(const sw::Config& cfg, bool quiet) {
+  try {
+    const sw::Corpus c =
+        sw::open_corpus(cfg.data.path, cfg.data.cache_dir, [&](const std::string& m) {
+          if (!quiet) std::cout << m << std::endl;
+        });
+    if (!quiet)
+      std::cout << fmt::format("data: {} {}: {} characters, vocabulary {}, {} ids, sha256 {}",
+                               c.files.tokens, c.prepared_now ? "prepared" : "up to date",
+                               c.tokens.size(), c.vocab.size(), sw::token_dtype(c.tokens.width()),
+                               c.sha256)
+                << std::endl;
+    return 0;
+  } catch (const sw::Error& e) {
+    std::cerr << "switch-train: error: " << e.what() << std::endl;
+    return 1;
+  }
 }
 
 // Trains in this process; the exit status says how it ended.
@@ -227,6 +256,7 @@ int run(int argc, char** argv) {
     std::cerr << memory_line(cfg, world) << std::endl;  // stdout stays a config file
     return 0;
   }
+  if (a.prepare) return prepare_data(cfg, a.quiet);
   sw::TrainOptions opt;
   opt.quiet = a.quiet;
   opt.out_dir = a.out_dir.empty() ? sw::default_run_dir() : a.out_dir;

@@ -136,7 +136,16 @@ const std::vector<Binding>& bindings() {
                     .doc("UTF-8 text file to train on (any UTF-8 corpus works)"));
     t.push_back(entry("data.val_fraction", &C::data, &DataConfig::val_fraction,
                       "fraction of characters (at the end) held out")
-                    .doc("fraction of characters, at the end, held out for validation"));
+                    .doc("fraction of characters held out for validation: the end of the text, "
+                         "or just before the test part"));
+    t.push_back(entry("data.test_fraction", &C::data, &DataConfig::test_fraction,
+                      "fraction of characters (at the very end) held out for testing")
+                    .doc("fraction of characters, at the very end, held out for testing "
+                         "(switch-eval --split test); 0: none"));
+    t.push_back(entry("data.cache_dir", &C::data, &DataConfig::cache_dir,
+                      "folder for prepared token files (empty: beside the text)")
+                    .doc("folder for prepared token files; empty: beside the text, or "
+                         "~/.cache/switch/tokens when its folder is read-only"));
     t.push_back(entry("model.d_model", &C::model, &MC::d_model, "model width"));
     t.push_back(entry("model.n_layers", &C::model, &MC::n_layers, "transformer blocks"));
     t.push_back(
@@ -366,6 +375,12 @@ constexpr double kInf = std::numeric_limits<double>::infinity();
 void validate_model(const Config& c) {
   if (c.data.path.empty()) fail("data.path", "''", "must name a UTF-8 text file");
   in_range("data.val_fraction", c.data.val_fraction, 0.0, 1.0, true, true);
+  in_range("data.test_fraction", c.data.test_fraction, 0.0, 1.0, false, true);
+  if (!(c.data.val_fraction + c.data.test_fraction < 1.0))
+    fail("data.test_fraction", fmt::format("{}", c.data.test_fraction),
+         fmt::format("must leave characters to train on: data.val_fraction + data.test_fraction = "
+                     "{} must be below 1",
+                     c.data.val_fraction + c.data.test_fraction));
   at_least("model.d_model", c.model.d_model, 1);
   at_least("model.n_layers", c.model.n_layers, 1);
   at_least("model.n_heads", c.model.n_heads, 1);

@@ -18,6 +18,8 @@ namespace sw {
 struct DataConfig {
   std::string path = "data/tinyshakespeare.txt";  // UTF-8 text file
   double val_fraction = 0.1;                      // the last 10 % of characters
+  double test_fraction = 0.0;                     // held out after validation, at the end
+  std::string cache_dir;                          // prepared token files ("": beside the text)
 };
 
 struct ModelConfig {

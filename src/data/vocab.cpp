@@ -8,49 +8,52 @@
 
 namespace sw {
 
+int Utf8Stream::decode_one(const unsigned char* s, size_t avail, uint64_t at, char32_t& cp) const {
+  auto invalid = [&](const char* why) {
+    return Error(fmt::format("{}: not valid UTF-8 at byte {} (0x{:02x}): {}", source_, at,
+                             static_cast<unsigned>(s[0]), why));
+  };
+  const unsigned char b = s[0];
+  int len;
+  if ((b & 0xE0) == 0xC0) {
+    len = 2;
+    cp = b & 0x1F;
+  } else if ((b & 0xF0) == 0xE0) {
+    len = 3;
+    cp = b & 0x0F;
+  } else if ((b & 0xF8) == 0xF0) {
+    len = 4;
+    cp = b & 0x07;
+  } else {
+    throw invalid((b & 0xC0) == 0x80 ? "unexpected continuation byte" : "invalid lead byte");
+  }
+  if (avail < static_cast<size_t>(len)) return 0;
+  for (int k = 1; k < len; ++k) {
+    if ((s[k] & 0xC0) != 0x80) throw invalid("truncated sequence");
+    cp = (cp << 6) | (s[k] & 0x3F);
+  }
+  static const char32_t min_for_len[5] = {0, 0, 0x80, 0x800, 0x10000};
+  if (cp < min_for_len[len]) throw invalid("overlong encoding");
+  if (cp >= 0xD800 && cp <= 0xDFFF) throw invalid("encoded surrogate");
+  if (cp > 0x10FFFF) throw invalid("code point above U+10FFFF");
+  return len;
+}
+
+void Utf8Stream::finish() const {
+  if (pending_ > 0)
+    throw Error(
+        fmt::format("{}: not valid UTF-8 at byte {} (0x{:02x}): truncated sequence at "
+                    "end of file",
+                    source_, held_at_, static_cast<unsigned>(held_[0])));
+}
+
 std::u32string utf8_decode(const std::string& bytes, const std::string& source) {
   std::u32string out;
   out.reserve(bytes.size());
-  const auto* s = reinterpret_cast<const unsigned char*>(bytes.data());
-  const size_t n = bytes.size();
-  size_t i = 0;
-  auto invalid = [&](size_t at, const char* why) {
-    return Error(fmt::format("{}: not valid UTF-8 at byte {} (0x{:02x}): {}", source, at,
-                             static_cast<unsigned>(s[at]), why));
-  };
-  while (i < n) {
-    unsigned char b = s[i];
-    if (b < 0x80) {
-      out.push_back(b);
-      ++i;
-      continue;
-    }
-    int len;
-    char32_t cp;
-    if ((b & 0xE0) == 0xC0) {
-      len = 2;
-      cp = b & 0x1F;
-    } else if ((b & 0xF0) == 0xE0) {
-      len = 3;
-      cp = b & 0x0F;
-    } else if ((b & 0xF8) == 0xF0) {
-      len = 4;
-      cp = b & 0x07;
-    } else {
-      throw invalid(i, (b & 0xC0) == 0x80 ? "unexpected continuation byte" : "invalid lead byte");
-    }
-    if (i + len > n) throw invalid(i, "truncated sequence at end of file");
-    for (int k = 1; k < len; ++k) {
-      if ((s[i + k] & 0xC0) != 0x80) throw invalid(i, "truncated sequence");
-      cp = (cp << 6) | (s[i + k] & 0x3F);
-    }
-    static const char32_t min_for_len[5] = {0, 0, 0x80, 0x800, 0x10000};
-    if (cp < min_for_len[len]) throw invalid(i, "overlong encoding");
-    if (cp >= 0xD800 && cp <= 0xDFFF) throw invalid(i, "encoded surrogate");
-    if (cp > 0x10FFFF) throw invalid(i, "code point above U+10FFFF");
-    out.push_back(cp);
-    i += len;
-  }
+  Utf8Stream stream(source);
+  stream.feed(reinterpret_cast<const unsigned char*>(bytes.data()), bytes.size(),
+              [&](char32_t c) { out.push_back(c); });
+  stream.finish();
   return out;
 }
 

@@ -2,10 +2,12 @@
 
 #include <cmath>
 #include <filesystem>
+#include <iostream>
 #include <map>
 
 #include <fmt/format.h>
 
+#include "data/corpus.h"
 #include "data/dataset.h"
 #include "eval/routing.h"
 #include "train/evaluate.h"
@@ -71,7 +73,24 @@ std::u32string checked_text(const std::u32string& text, const Vocab& vocab, bool
 }
 
 const char* split_name(EvalSplit s) {
-  return s == EvalSplit::Val ? "val" : s == EvalSplit::Train ? "train" : "all";
+  switch (s) {
+    case EvalSplit::Val:
+      return "val";
+    case EvalSplit::Train:
+      return "train";
+    case EvalSplit::Test:
+      return "test";
+    default:
+      return "all";
+  }
+}
+
+Split dataset_split(EvalSplit s) {
+  return s == EvalSplit::Val ? Split::Val : s == EvalSplit::Train ? Split::Train : Split::Test;
+}
+
+uint64_t split_salt(EvalSplit s) {
+  return s == EvalSplit::Val ? kValSalt : s == EvalSplit::Train ? kTrainSalt : kTestSalt;
 }
 
 // The evaluated text and its batches.
@@ -80,49 +99,69 @@ struct EvalData {
   EvalSplit split = EvalSplit::Val;
   int64_t batches = 0;  // fixed batches; 0: every window
   int64_t skipped = 0;
-  torch::Tensor ids;  // the text evaluated (the split's, or the whole file's)
+  Tokens ids;  // the text evaluated (the split's, or the whole file's)
   std::vector<Batch> list;
 };
+
+// A text read whole, its characters outside `vocab` refused or (skip) left out.
+Tokens text_tokens(const std::string& file, const Vocab& vocab, bool skip, int64_t& skipped) {
+  const std::string source = "data file '" + file + "'";
+  const std::u32string text = checked_text(Dataset::read_text(file), vocab, skip, source, skipped);
+  return encode_tokens(text, vocab, source);
+}
+
+// The run's own text: its prepared token file, mapped (prepared first if need be), or read
+// whole when its vocabulary is not the model's (a text changed since).
+Tokens run_tokens(const Config& cfg, const Vocab& vocab, bool skip, int64_t& skipped) {
+  const std::string& file = cfg.data.path;
+  try {
+    Corpus c = open_corpus(file, cfg.data.cache_dir,
+                           [](const std::string& m) { std::cerr << m << std::endl; });
+    if (c.vocab == vocab) return c.tokens;
+    return text_tokens(file, vocab, skip, skipped);
+  } catch (const Error& e) {
+    if (std::filesystem::is_regular_file(file)) throw;
+    throw Error(
+        fmt::format("{}; it is the run's data.path, read from the current folder: run "
+                    "switch-eval where the run was trained, or give the file with --data",
+                    e.what()));
+  }
+}
 
 EvalData load_data(const EvalOptions& opt, const Config& cfg, const Vocab& vocab) {
   EvalData d;
   d.file = opt.data_file.empty() ? cfg.data.path : opt.data_file;
   d.split = opt.split.value_or(opt.data_file.empty() ? EvalSplit::Val : EvalSplit::All);
   d.batches = opt.batches.value_or(d.split == EvalSplit::All ? 0 : cfg.train.eval_batches);
-  std::u32string text;
-  try {
-    text = Dataset::read_text(d.file);
-  } catch (const Error& e) {
-    if (!opt.data_file.empty()) throw;
+  if (d.split == EvalSplit::Test && !(cfg.data.test_fraction > 0))
     throw Error(
-        fmt::format("{}; it is the run's data.path, read from the current folder: run "
-                    "switch-eval where the run was trained, or give the file with --data",
-                    e.what()));
-  }
+        fmt::format("--split test: the run holds out no test part (its "
+                    "data.test_fraction is {}); train with data.test_fraction > 0",
+                    cfg.data.test_fraction));
   const std::string source = "data file '" + d.file + "'";
-  text = checked_text(text, vocab, opt.skip_unknown, source, d.skipped);
+  const Tokens all = opt.data_file.empty()
+                         ? run_tokens(cfg, vocab, opt.skip_unknown, d.skipped)
+                         : text_tokens(d.file, vocab, opt.skip_unknown, d.skipped);
   const int64_t S = cfg.model.seq_len, B = cfg.train.batch_size;
   std::optional<Dataset> data;
   if (d.split == EvalSplit::All) {
-    const std::vector<int64_t> ids = vocab.encode(text);
-    d.ids = torch::tensor(ids, torch::kInt64);
+    d.ids = all;
   } else {
-    data.emplace(text, vocab, cfg.data.val_fraction, S, source);
-    d.ids = data->ids(d.split == EvalSplit::Val ? Split::Val : Split::Train);
+    data.emplace(all, vocab, cfg.data.val_fraction, cfg.data.test_fraction, S, source);
+    d.ids = data->tokens(dataset_split(d.split));
   }
-  const int64_t n = d.ids.size(0);
+  const int64_t n = d.ids.size();
   if (d.batches == 0) {
     if (n < 2)
       throw Error(
           fmt::format("{} holds {} character{} (after leaving out unknown ones): "
                       "nothing to predict",
                       source, n, n == 1 ? "" : "s"));
-    d.list = all_windows(d.ids, S, B);
+    d.list = all_windows(d.ids.to_int64(), S, B);
   } else if (data) {
     TrainConfig t = cfg.train;
     t.eval_batches = d.batches;  // the first N of the run's batches
-    d.list = fixed_batches(*data, d.split == EvalSplit::Val ? Split::Val : Split::Train, t,
-                           d.split == EvalSplit::Val ? kValSalt : kTrainSalt);
+    d.list = fixed_batches(*data, dataset_split(d.split), t, split_salt(d.split));
   } else {
     if (n < S + 1)
       throw Error(
@@ -211,8 +250,8 @@ nlohmann::ordered_json write_logits(TrainedModel& t, const EvalData& d, const Ev
       throw Error(
           fmt::format("--prompt holds {} characters: give 1 to {} (model.seq_len)", ids.size(), S));
   } else {
-    const torch::Tensor w = d.ids.narrow(0, 0, std::min<int64_t>(S, d.ids.size(0))).contiguous();
-    ids.assign(w.data_ptr<int64_t>(), w.data_ptr<int64_t>() + w.numel());
+    ids.resize(static_cast<size_t>(std::min<int64_t>(S, d.ids.size())));
+    d.ids.copy_to(0, static_cast<int64_t>(ids.size()), ids.data());
   }
   const MoeConfig before = model->cfg.moe;
   model->configure_moe([](MoeConfig& m) { m.drop_tokens = false; });
@@ -279,8 +318,9 @@ std::vector<DropPolicy> parse_drop_policies(const std::string& list) {
 EvalSplit parse_split(const std::string& s) {
   if (s == "val") return EvalSplit::Val;
   if (s == "train") return EvalSplit::Train;
+  if (s == "test") return EvalSplit::Test;
   if (s == "all") return EvalSplit::All;
-  throw Error(fmt::format("--split '{}': give val, train or all", printable(s)));
+  throw Error(fmt::format("--split '{}': give val, train, test or all", printable(s)));
 }
 
 int64_t parse_batches(const std::string& s) {

@@ -16,7 +16,7 @@
 
 namespace sw {
 
-enum class EvalSplit { Val, Train, All };
+enum class EvalSplit { Val, Train, Test, All };
 
 struct EvalOptions {
   std::string run_dir;
@@ -39,7 +39,7 @@ struct EvalOptions {
 std::vector<std::optional<double>> parse_capacity_factors(const std::string& list);
 // "random,position" (--drop-policies): names of moe.drop_policy.
 std::vector<DropPolicy> parse_drop_policies(const std::string& list);
-// "val" | "train" | "all" (--split); "all" | N > 0 (--batches, "all" as 0).
+// "val" | "train" | "test" | "all" (--split); "all" | N > 0 (--batches, "all" as 0).
 EvalSplit parse_split(const std::string& s);
 int64_t parse_batches(const std::string& s);
 

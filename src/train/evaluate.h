@@ -15,9 +15,11 @@ namespace sw {
 // train.eval_batches batches of `split`, drawn from a generator seeded by train.seed ^ salt.
 std::vector<Batch> fixed_batches(const Dataset& data, Split split, const TrainConfig& t,
                                  uint64_t salt);
-// The salts of the run's two evaluation sets: val_loss and train_loss in metrics.jsonl.
+// The salts of the run's evaluation sets: val_loss and train_loss in metrics.jsonl, and the
+// test part's (switch-eval --split test).
 constexpr uint64_t kValSalt = 0x76616cULL;
 constexpr uint64_t kTrainSalt = 0x747261ULL;
+constexpr uint64_t kTestSalt = 0x746573ULL;
 
 // Mean cross-entropy over `batches`, in eval mode. The batches run at once, each alone on
 // one thread and with a generator of its own, except with expert parallelism, whose forward

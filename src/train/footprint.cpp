@@ -9,6 +9,7 @@
 
 #include <fmt/format.h>
 
+#include "data/tokens.h"
 #include "util/error.h"
 
 namespace sw {
@@ -195,9 +196,9 @@ MemoryEstimate estimate_memory(const Config& c, int64_t vocab, int64_t world,
                                         2 * gated * Fs
                                   : 0.0);
   m.eval = (3 * eval_block + 4 * V) * batch_tokens * kFloat;
-  // The text as read (UTF-32), its ids (int64), the two splits' ids, and the fixed
-  // evaluation batches (inputs and targets, for both splits).
-  m.data = 28 * static_cast<double>(corpus_chars) +
+  // The prepared token file as mapped (its pages shared with every process reading it), and
+  // the fixed evaluation batches (inputs and targets, for both splits).
+  m.data = token_width(vocab) * static_cast<double>(corpus_chars) +
            4 * static_cast<double>(c.train.eval_batches) * batch_tokens * 8;
   m.runtime = 256.0 * 1024 * 1024;
   return m;

@@ -11,6 +11,7 @@
 
 #include <fmt/format.h>
 
+#include "data/corpus.h"
 #include "data/dataset.h"
 #include "distributed/comm.h"
 #include "model/transformer.h"
@@ -124,21 +125,30 @@ void find_checkpoint(Run& r) {
   }
 }
 
-// The data, before anything is written: a resumed or upcycled run keeps its checkpoint's
-// vocabulary.
+// The data, before anything is written: the text's prepared token file, mapped (prepared
+// first if need be); a resumed or upcycled run keeps its checkpoint's vocabulary.
 void load_data(Run& r) {
   const DataConfig& d = r.cfg.data;
-  const std::u32string text = Dataset::read_text(d.path);
+  Corpus corpus = open_corpus(d.path, d.cache_dir, [&](const std::string& m) { r.say(m); });
   const std::string source = "data file '" + d.path + "'";
   const CheckpointMeta* from = r.resumed ? &*r.resumed : r.dense ? &r.dense->meta : nullptr;
-  if (from)
-    r.data.emplace(text, from->vocab, d.val_fraction, r.cfg.model.seq_len, source);
-  else
-    r.data.emplace(text, d.val_fraction, r.cfg.model.seq_len, source);
-  r.corpus_chars = static_cast<int64_t>(text.size());
-  r.say(fmt::format("data: {} ({} characters, vocabulary {}, train {} / val {})", d.path,
-                    text.size(), r.data->vocab().size(), r.data->size(Split::Train),
-                    r.data->size(Split::Val)));
+  Tokens ids = corpus.tokens;
+  Vocab vocab = corpus.vocab;
+  const bool remapped = from && !(from->vocab == vocab);
+  if (remapped) {  // another text's vocabulary: ids remapped in memory
+    ids = remap_tokens(ids, vocab, from->vocab, source);
+    vocab = from->vocab;
+  }
+  r.data.emplace(std::move(ids), std::move(vocab), d.val_fraction, d.test_fraction,
+                 r.cfg.model.seq_len, source);
+  r.corpus_chars = corpus.tokens.size();
+  r.say(fmt::format("data: {} ({} characters, vocabulary {}, train {} / val {}{}; {} ids {} {})",
+                    d.path, r.corpus_chars, r.data->vocab().size(), r.data->size(Split::Train),
+                    r.data->size(Split::Val),
+                    d.test_fraction > 0 ? fmt::format(" / test {}", r.data->size(Split::Test)) : "",
+                    token_dtype(r.data->tokens(Split::Train).width()),
+                    remapped ? "remapped to the checkpoint's vocabulary from" : "mapped from",
+                    corpus.files.tokens));
 }
 
 // Refuses a run this machine cannot hold, before the model is allocated and before a new
