@@ -15,6 +15,7 @@
 #include <fmt/format.h>
 #include <nlohmann/json.hpp>
 
+#include "data/dataset.h"
 #include "util/error.h"
 #include "util/fs.h"
 #include "util/sha256.h"
@@ -53,13 +54,6 @@ struct Meta {
   int width = 1;
   Vocab vocab;
 };
-
-std::string missing_text_message(const std::string& path) {
-  return fmt::format(
-      "data file '{}' does not exist or cannot be read (tools/setup.sh fetches Tiny "
-      "Shakespeare into data/; or set data.path)",
-      path);
-}
 
 // Opens the text and checks it is a non-empty regular file.
 int open_text(const std::string& path, struct stat& st) {

@@ -112,12 +112,15 @@ const Tokens& Dataset::tokens(Split s) const {
   return s == Split::Train ? train_ : s == Split::Val ? val_ : test_;
 }
 
+std::string missing_text_message(const std::string& path) {
+  return fmt::format(
+      "data file '{}' does not exist or cannot be read (tools/setup.sh fetches Tiny "
+      "Shakespeare into data/; or set data.path)",
+      path);
+}
+
 std::u32string Dataset::read_text(const std::string& path) {
-  if (!std::filesystem::is_regular_file(path))
-    throw Error(
-        fmt::format("data file '{}' does not exist or cannot be read (tools/setup.sh "
-                    "fetches Tiny Shakespeare into data/; or set data.path)",
-                    path));
+  if (!std::filesystem::is_regular_file(path)) throw Error(missing_text_message(path));
   const std::string bytes = read_file(path, "data file");
   if (bytes.empty()) throw Error(fmt::format("data file '{}' is empty", path));
   return utf8_decode(bytes, "data file '" + path + "'");

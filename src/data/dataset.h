@@ -71,6 +71,9 @@ class Dataset {
   Tokens train_, val_, test_;
 };
 
+// "data file 'PATH' does not exist or cannot be read (...)": a text that cannot be opened.
+std::string missing_text_message(const std::string& path);
+
 // The ids of `text` over `vocab`, compact; a character outside it is an error naming
 // `source` and its position.
 Tokens encode_tokens(const std::u32string& text, const Vocab& vocab, const std::string& source);
