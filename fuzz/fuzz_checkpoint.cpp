@@ -1,11 +1,11 @@
 // libFuzzer target: the checkpoint readers, as resuming and sampling use them. Each input
 // is one checkpoint file: its first byte picks which (0 model.pt, 1 optim.pt, 2 rng.pt,
-// 3 state.json, 4 the pickle inside model.pt, put in the real archive's place), the rest
-// are its bytes; the other files come from a real checkpoint
-// (SWITCH_FUZZ_CKPT, made by tools/fuzz.sh with switch-train). They are read into the
-// model and the optimizer switch builds for that checkpoint's config, as --resume does.
-// Rejecting an input with sw::Error is the expected outcome; any other exception, a crash
-// or a sanitizer report is a bug.
+// 3 state.json, 4 the pickle inside model.pt, put in the real archive's place, 5
+// model.safetensors, read in a checkpoint without model.pt), the rest are its bytes; the other
+// files come from a real checkpoint (SWITCH_FUZZ_CKPT, made by tools/fuzz.sh with switch-train).
+// They are read into the model and the optimizer switch builds for that checkpoint's config, as
+// --resume does. Rejecting an input with sw::Error is the expected outcome; any other exception, a
+// crash or a sanitizer report is a bug.
 #include <unistd.h>
 
 #include <cstddef>
@@ -30,9 +30,10 @@ namespace fs = std::filesystem;
 
 namespace {
 
-const char* const kFiles[] = {"model.pt", "optim.pt", "rng.pt", "state.json"};
+const char* const kFiles[] = {"model.pt", "optim.pt", "rng.pt", "state.json", "model.safetensors"};
+constexpr size_t kNumFiles = 5;
 std::string g_ref, g_dir;
-std::string g_ref_bytes[4];  // the reference checkpoint's files
+std::string g_ref_bytes[kNumFiles];  // the reference checkpoint's files
 sw::Transformer g_model{nullptr};
 
 }  // namespace
@@ -80,7 +81,7 @@ extern "C" int LLVMFuzzerInitialize(int*, char***) {
   }
   g_dir = tmpl;
   std::atexit(remove_dir);
-  for (size_t i = 0; i < 4; ++i)
+  for (size_t i = 0; i < kNumFiles; ++i)
     g_ref_bytes[i] = sw::read_file(g_ref + "/" + kFiles[i], "reference checkpoint");
   const sw::CheckpointMeta meta = sw::read_checkpoint_meta(g_ref);
   g_model = sw::Transformer(meta.config, meta.vocab.size());
@@ -89,14 +90,16 @@ extern "C" int LLVMFuzzerInitialize(int*, char***) {
 
 extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
   if (size == 0) return 0;
-  const size_t which = data[0] % 5;
+  const size_t which = data[0] % 6;
   const std::string input(reinterpret_cast<const char*>(data) + 1, size - 1);
-  for (size_t i = 0; i < 4; ++i) {
+  for (size_t i = 0; i < kNumFiles; ++i) {
     const std::string bytes = which == 4 && i == 0 ? with_pickle(g_ref_bytes[0], input)
-                              : i == which         ? input
-                                                   : g_ref_bytes[i];
+                              : (which < 4 && i == which) || (which == 5 && i == 4)
+                                  ? input
+                                  : g_ref_bytes[i];
     std::ofstream(g_dir + "/" + kFiles[i], std::ios::binary | std::ios::trunc) << bytes;
   }
+  if (which == 5) fs::remove(g_dir + "/model.pt");
   try {
     const sw::CheckpointMeta meta = sw::read_checkpoint_meta(g_dir);
     (void)meta;

@@ -1,6 +1,9 @@
 // End to end through the library: a tiny run whose loss falls, its files, exact resume,
 // micro-batches, checkpoint errors and non-finite steps.
 #include <cmath>
+#include <sstream>
+
+#include <caffe2/serialize/inline_container.h>
 
 #include <doctest/doctest.h>
 
@@ -9,6 +12,7 @@
 #include "train/checkpoint.h"
 #include "train/metrics.h"
 #include "train/schedule.h"
+#include "train/tensor_files.h"
 #include "train/trainer.h"
 #include "train/upcycle.h"
 #include "util/error.h"
@@ -362,6 +366,63 @@ TEST_CASE("checkpoint errors: truncated weights, another architecture, another v
     std::string e = test::error_of([&] { sw::read_checkpoint_meta(ckpt); });
     CHECK(test::contains(e, "format version 99"));
   }
+}
+
+TEST_CASE("checkpoint weights: torch.save's dict, safetensors and the older model.pt load alike") {
+  const std::string dir = test::scratch_dir("ckpt_weight_files");
+  sw::Config c = test::tiny_config();
+  c.train.steps = 10;
+  train_tiny(dir, c);
+  const std::string ckpt = dir + "/ckpt-000010";
+  const sw::CheckpointMeta meta = sw::read_checkpoint_meta(ckpt);
+  sw::Transformer ref(meta.config, meta.vocab.size());
+  sw::load_weights(ckpt, *ref);
+  const auto want = sw::state_dict(*ref);
+  REQUIRE(want.size() > 10);
+  auto loads_as_ref = [&](const std::string& what) {
+    CAPTURE(what);
+    sw::Transformer m(meta.config, meta.vocab.size());
+    sw::load_weights(ckpt, *m);
+    const auto got = sw::state_dict(*m);
+    for (const auto& e : want)
+      CHECK(torch::equal(got.at(e.key()), e.value()));
+  };
+
+  // model.pt: the pickle Python's torch.save writes for a plain dict; no TorchScript type tag.
+  std::istringstream in(test::read_file(ckpt + "/model.pt"));
+  caffe2::serialize::PyTorchStreamReader reader(&in);
+  at::DataPtr pkl;
+  size_t pkl_size = 0;
+  std::tie(pkl, pkl_size) = reader.getRecord("data.pkl");
+  const std::string pickle(static_cast<const char*>(pkl.get()), pkl_size);
+  CHECK(pickle.rfind(std::string("\x80\x02}(X", 5), 0) == 0);  // PROTO 2, EMPTY_DICT, MARK, str
+  CHECK_FALSE(test::contains(pickle, "restore_type_tag"));
+  CHECK(test::contains(pickle, "torch._utils\n_rebuild_tensor_v2\n"));
+  CHECK(reader.hasRecord("byteorder"));
+  CHECK(reader.getAllRecords().size() == want.size() + 3);  // data.pkl, byteorder, version
+
+  // model.safetensors: the same tensors, the config and vocabulary in its metadata.
+  const std::string st_path = ckpt + "/model.safetensors";
+  const sw::Safetensors st = sw::read_safetensors(test::read_file(st_path), st_path);
+  REQUIRE(st.tensors.size() == want.size());
+  for (const auto& [name, t] : st.tensors)
+    CHECK(torch::equal(t, want.at(name)));
+  CHECK(st.metadata.at("format") == "pt");
+  CHECK(st.metadata.at("step") == "10");
+  CHECK(nlohmann::json::parse(st.metadata.at("config")) == sw::to_json(meta.config));
+  CHECK(sw::utf8_decode(st.metadata.at("vocab"), "vocab") == meta.vocab.chars());
+
+  // Without model.pt the weights come from model.safetensors; the older c10::Dict pickle
+  // (torch::pickle_save, the model.pt of earlier versions) still loads.
+  test::fs::remove(ckpt + "/model.pt");
+  loads_as_ref("model.safetensors");
+  const std::vector<char> older = torch::pickle_save(want);
+  test::write_file(ckpt + "/model.pt", std::string(older.begin(), older.end()));
+  loads_as_ref("the older model.pt");
+  test::fs::remove(ckpt + "/model.safetensors");
+  loads_as_ref("the older model.pt alone");
+  test::fs::remove(ckpt + "/model.pt");
+  CHECK(test::contains(test::error_of([&] { sw::load_weights(ckpt, *ref); }), ckpt + "/model.pt"));
 }
 
 namespace {

@@ -196,10 +196,10 @@ TEST_CASE("untrusted: forged tensor records in model.pt and rng.pt are refused")
   size_t patched = 0;
   rewrite_archive(ck + "/model.pt", [&](const std::string& name, std::string& bytes) {
     if (name != "data.pkl") return;
-    // The first tensor: BINPERSID, BINPUT n, then the offset as BININT1 0.
-    const size_t at = bytes.find("Qq");
-    if (at == std::string::npos || bytes.compare(at + 3, 2, std::string("K\x00", 2)) != 0) return;
-    bytes.replace(at + 3, 2, std::string("J\xff\xff\xff\x7f", 5));
+    // The first tensor: BINPERSID, then the offset as BININT1 0.
+    const size_t at = bytes.find(std::string("QK\x00", 3));
+    if (at == std::string::npos) return;
+    bytes.replace(at + 1, 2, std::string("J\xff\xff\xff\x7f", 5));
     ++patched;
   });
   REQUIRE(patched == 1);
@@ -490,6 +490,87 @@ TEST_CASE("untrusted: optim.pt is a plain dict, and the older module format is r
   CHECK(test::contains(r.output, "TorchScript code, which switch does not run"));
   CHECK(lines(r.output) == 1);
   CHECK_FALSE(test::fs::exists(dir + "/run/ckpt-000020"));
+}
+
+TEST_CASE("untrusted: a malformed model.safetensors is refused, naming what is wrong") {
+  const std::string dir = test::scratch_dir("untrusted_safetensors");
+  const std::string ck = tiny_run(dir + "/run", 5);
+  const std::string path = ck + "/model.safetensors";
+  const std::string good = test::read_file(path);
+  test::fs::remove(ck + "/model.pt");  // the weights then come from model.safetensors
+  sw::CheckpointMeta meta = sw::read_checkpoint_meta(ck);
+  sw::Transformer m(meta.config, meta.vocab.size());
+  REQUIRE_NOTHROW(sw::load_weights(ck, *m));
+  // A file of `header` (padded to 8) and `data` bytes.
+  auto file = [](std::string header, const std::string& data) {
+    header.append((8 - header.size() % 8) % 8, ' ');
+    std::string out;
+    for (int i = 0; i < 8; ++i)
+      out.push_back(static_cast<char>((header.size() >> (8 * i)) & 0xff));
+    return out + header + data;
+  };
+  const std::string f8(8, '\0');
+  struct Case {
+    std::string bytes, expect;
+  };
+  const std::vector<Case> cases = {
+      {"abc", "3 bytes, shorter than the 8-byte header length"},
+      {good.substr(0, 100), "a header of "},
+      {std::string("\xff\xff\xff\xff\xff\xff\xff\x7f", 8) + "{}", "a header of "},
+      {file("not json", ""), "the header is not JSON"},
+      {file("[1, 2]", ""), "the header is not a JSON object"},
+      {file(R"({"a": {"dtype": "F99", "shape": [2], "data_offsets": [0, 8]}})", f8),
+       "tensor 'a': dtype \"F99\" is not one of F64, F32"},
+      {file(R"({"a": {"dtype": "F32", "shape": [3], "data_offsets": [0, 8]}})", f8),
+       "tensor 'a': shape [3] of F32 takes 12 bytes, data_offsets [0,8] hold 8"},
+      {file(R"({"a": {"dtype": "F32", "shape": [4], "data_offsets": [0, 16]}})", f8),
+       "reach past the 8 bytes of data (truncated?)"},
+      {file(R"({"a": {"dtype": "F32", "shape": [1], "data_offsets": [4, 8]}})", f8),
+       "tensor 'a' starts at data byte 4, where 0 were expected"},
+      {file(R"({"a": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]},)"
+            R"( "b": {"dtype": "F32", "shape": [1], "data_offsets": [4, 8]}})",
+            f8),
+       "starts at data byte 4, where 8 were expected"},
+      {file(R"({"a": {"dtype": "F32", "shape": [1], "data_offsets": [0, 4]}})", f8),
+       "the tensors cover 4 of the 8 bytes of data"},
+      {file(R"({"a": {"dtype": "F32", "shape": [-2], "data_offsets": [0, 8]}})", f8),
+       "holds a size that is not an integer in [0, 2^48]"},
+      {file(R"({"a": {"dtype": "F32", "shape": [4294967296, 4294967296], "data_offsets": [0, 8]}})",
+            f8),
+       "spans more than 2^62 elements"},
+      {file(R"({"a": {"dtype": "F32", "shape": [281474976710656, 281474976710656, 0],)"
+            R"( "data_offsets": [0, 0]}})",
+            ""),
+       "spans more than 2^62 elements"},
+      {file(
+           R"({"__metadata__": null, "a": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]}})",
+           f8),
+       "has no tensor 'tok_emb.weight' that this model needs"},  // null metadata: none
+      {file(R"({"a": {"dtype": "F32", "shape": [2], "data_offsets": [8, 0]}})", f8),
+       "is not [begin, end] with begin <= end"},
+      {file(R"({"__metadata__": {"k": 1}})", ""), "__metadata__ entry 'k' is not a string"},
+      {file(R"({"tok_emb.weight": {"dtype": "F64", "shape": [1], "data_offsets": [0, 8]}})", f8),
+       "tensor 'tok_emb.weight' has dtype Double; switch's weights are float32"},
+      {file(R"({"extra": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]}})", f8),
+       "has no tensor 'tok_emb.weight' that this model needs"},
+  };
+  for (const auto& c : cases) {
+    CAPTURE(c.expect);
+    test::write_file(path, c.bytes);
+    const std::string msg = test::error_of([&] { sw::load_weights(ck, *m); });
+    CHECK(test::contains(msg, path + ": "));
+    CHECK(test::contains(msg, c.expect));
+    CHECK(lines(msg) == 0);
+  }
+  // Through the binaries: one line, exit 1; the good file samples again.
+  test::write_file(path, cases[3].bytes);
+  const test::CmdResult r = test::run(kSample + " --run " + dir + "/run --chars 5");
+  INFO(r.output);
+  CHECK(r.rc == 1);
+  CHECK(test::contains(r.output, "not a valid safetensors file"));
+  CHECK(lines(r.output) == 1);
+  test::write_file(path, good);
+  CHECK(test::run(kSample + " --run " + dir + "/run --chars 5").rc == 0);
 }
 
 TEST_CASE("untrusted: a malformed data.pkl never reaches LibTorch's unpickler") {

@@ -50,6 +50,8 @@ z = zipfile.ZipFile(sys.argv[1])
 name = next(n for n in z.namelist() if n.endswith("/data.pkl"))
 sys.stdout.buffer.write(b"\x04" + z.read(name))
 PY
+# 5: model.safetensors, read where a checkpoint has no model.pt.
+{ printf "\\x05"; cat "$ckpt/model.safetensors"; } > "$bdir/corpus-checkpoint/seed-5"
 echo "fuzz: the checkpoint readers, $seconds s"
 # LibTorch keeps allocations for the life of the process by design: leaks are not looked for.
 SWITCH_FUZZ_CKPT="$ckpt" ASAN_OPTIONS=detect_leaks=0 "$bdir/switch-fuzz-checkpoint" \

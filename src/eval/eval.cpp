@@ -11,6 +11,7 @@
 #include "data/dataset.h"
 #include "eval/routing.h"
 #include "train/evaluate.h"
+#include "train/tensor_files.h"
 #include "train/trained_model.h"
 #include "util/error.h"
 #include "util/fs.h"
@@ -265,12 +266,10 @@ nlohmann::ordered_json write_logits(TrainedModel& t, const EvalData& d, const Ev
   std::vector<int64_t> points;
   for (char32_t c : vocab.chars())
     points.push_back(static_cast<int64_t>(c));
-  c10::Dict<std::string, at::Tensor> dict;
-  dict.insert("logits", logits);
-  dict.insert("input_ids", idx);
-  dict.insert("vocab", torch::tensor(points, torch::kInt64));
-  const std::vector<char> bytes = torch::pickle_save(dict);
-  write_file_atomic(opt.logits_file, bytes);
+  write_file_atomic(opt.logits_file,
+                    torch_save_bytes({{"logits", logits},
+                                      {"input_ids", idx},
+                                      {"vocab", torch::tensor(points, torch::kInt64)}}));
   return {{"file", opt.logits_file},
           {"characters", static_cast<int64_t>(ids.size())},
           {"text", vocab.decode(ids)},

@@ -17,6 +17,7 @@
 
 #include "train/adamw_state.h"
 #include "train/pickle_check.h"
+#include "train/tensor_files.h"
 #include "util/error.h"
 #include "util/fs.h"
 #include "util/json_depth.h"
@@ -147,16 +148,21 @@ void save_checkpoint(const std::string& run_dir, const Config& cfg, const Vocab&
     throw Error(fmt::format("cannot create checkpoint directory '{}': {}", tmp_dir.string(),
                             ec ? ec.message() : "unknown error"));
   try {
-    write_file_atomic((tmp_dir / "model.pt").string(), torch::pickle_save(state_dict(model)));
-
     // Serialized in memory, then written like every other file: a full disk is an error
     // of that write, not a throw from LibTorch's file writer as it closes.
-    write_file_atomic((tmp_dir / "optim.pt").string(), torch::pickle_save(optimizer_dict(opt)));
+    const NamedTensors weights = named_tensors(state_dict(model));
+    write_file_atomic((tmp_dir / "model.pt").string(), torch_save_bytes(weights));
+    write_file_atomic((tmp_dir / "model.safetensors").string(),
+                      safetensors_bytes(weights, {{"format", "pt"},
+                                                  {"config", to_json(cfg).dump()},
+                                                  {"vocab", utf8_encode(vocab.chars())},
+                                                  {"step", std::to_string(state.step)}}));
+    write_file_atomic((tmp_dir / "optim.pt").string(),
+                      torch_save_bytes(named_tensors(optimizer_dict(opt))));
 
-    c10::Dict<std::string, at::Tensor> rng;
-    rng.insert("torch_cpu", at::detail::getDefaultCPUGenerator().get_state());
-    if (rank_rng.defined()) rng.insert("torch_cpu_ranks", rank_rng);
-    write_file_atomic((tmp_dir / "rng.pt").string(), torch::pickle_save(rng));
+    NamedTensors rng = {{"torch_cpu", at::detail::getDefaultCPUGenerator().get_state()}};
+    if (rank_rng.defined()) rng.emplace_back("torch_cpu_ranks", rank_rng);
+    write_file_atomic((tmp_dir / "rng.pt").string(), torch_save_bytes(rng));
 
     write_file_atomic((tmp_dir / "state.json").string(), checkpoint_state_json(cfg, vocab, state));
   } catch (const c10::Error& e) {
@@ -206,22 +212,30 @@ CheckpointMeta read_checkpoint_meta(const std::string& ckpt_dir) {
   return m;
 }
 
-void load_weights(const std::string& ckpt_dir, torch::nn::Module& model) {
-  const std::string path = (fs::path(ckpt_dir) / "model.pt").string();
-  // At most what this model's tensors take, with room for the archive's names and headers:
-  // a larger file is not this model's (and a sparse one could claim any size).
-  uint64_t expected = 0;
-  for (const auto& t : model.parameters())
-    expected += static_cast<uint64_t>(t.numel()) * 4;
-  for (const auto& t : model.buffers())
-    expected += static_cast<uint64_t>(t.numel()) * 4;
+namespace {
+
+// The tensors of a checkpoint's weights: model.pt, or model.safetensors where there is no
+// model.pt. `path` is set to the file read.
+std::map<std::string, at::Tensor> read_weights_file(const std::string& ckpt_dir, uint64_t limit,
+                                                    std::string& path) {
+  std::map<std::string, at::Tensor> out;
+  const fs::path pt = fs::path(ckpt_dir) / "model.pt";
+  const fs::path st = fs::path(ckpt_dir) / "model.safetensors";
+  std::error_code ec1, ec2;
+  if (!fs::exists(pt, ec1) && fs::exists(st, ec2)) {
+    path = st.string();
+    for (auto& [name, t] :
+         read_safetensors(read_file(path, "checkpoint weights", limit), path).tensors)
+      out.emplace(name, std::move(t));
+    return out;
+  }
+  path = pt.string();
   const c10::IValue archive =
-      read_pickle_archive(read_file(path, "checkpoint weights", 2 * expected + (16u << 20)), path);
+      read_pickle_archive(read_file(path, "checkpoint weights", limit), path);
   if (!archive.isGenericDict())
     throw Error(fmt::format("{}: not a weights file: it holds a {}, not a dict of tensors", path,
                             archive.tagKind()));
-  const c10::impl::GenericDict dict = archive.toGenericDict();
-  for (const auto& entry : dict) {
+  for (const auto& entry : archive.toGenericDict()) {
     if (!entry.key().isString())
       throw Error(fmt::format("{}: holds an entry with a key of type {}, not a parameter name",
                               path, entry.key().tagKind()));
@@ -229,10 +243,28 @@ void load_weights(const std::string& ckpt_dir, torch::nn::Module& model) {
     if (!entry.value().isTensor())
       throw Error(fmt::format("{}: entry '{}' holds a {}, not a tensor", path, name,
                               entry.value().tagKind()));
-    if (entry.value().toTensor().scalar_type() != at::kFloat)
-      throw Error(fmt::format("{}: tensor '{}' has dtype {}; switch's weights are float32", path,
-                              name, c10::toString(entry.value().toTensor().scalar_type())));
+    out.emplace(name, entry.value().toTensor());
   }
+  return out;
+}
+
+}  // namespace
+
+void load_weights(const std::string& ckpt_dir, torch::nn::Module& model) {
+  // At most what this model's tensors take, with room for the archive's names and headers:
+  // a larger file is not this model's (and a sparse one could claim any size).
+  uint64_t expected = 0;
+  for (const auto& t : model.parameters())
+    expected += static_cast<uint64_t>(t.numel()) * 4;
+  for (const auto& t : model.buffers())
+    expected += static_cast<uint64_t>(t.numel()) * 4;
+  std::string path;
+  const std::map<std::string, at::Tensor> dict =
+      read_weights_file(ckpt_dir, 2 * expected + (16u << 20), path);
+  for (const auto& [name, t] : dict)
+    if (t.scalar_type() != at::kFloat)
+      throw Error(fmt::format("{}: tensor '{}' has dtype {}; switch's weights are float32", path,
+                              name, c10::toString(t.scalar_type())));
   torch::NoGradGuard no_grad;
   auto params = model.named_parameters();
   auto buffers = model.named_buffers();
@@ -244,7 +276,7 @@ void load_weights(const std::string& ckpt_dir, torch::nn::Module& model) {
           fmt::format("{}: has no tensor '{}' that this model needs (a checkpoint of "
                       "another architecture?)",
                       path, name));
-    const at::Tensor src = it->value().toTensor();
+    const at::Tensor& src = it->second;
     if (src.sizes() != dst.sizes())
       throw Error(fmt::format("{}: tensor '{}' has shape {} but the model expects {}", path, name,
                               fmt::join(src.sizes(), "x"), fmt::join(dst.sizes(), "x")));
@@ -256,13 +288,11 @@ void load_weights(const std::string& ckpt_dir, torch::nn::Module& model) {
   for (auto& item : buffers)
     load_one(item.key(), item.value());
   if (matched != dict.size()) {
-    for (const auto& entry : dict) {
-      const std::string name = entry.key().toStringRef();
+    for (const auto& [name, t] : dict)
       if (!params.contains(name) && !buffers.contains(name))
         throw Error(fmt::format(
             "{}: holds tensor '{}' that this model does not have (another architecture?)", path,
             name));
-    }
   }
 }
 

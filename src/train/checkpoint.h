@@ -1,5 +1,7 @@
 // Checkpoints: one directory per checkpoint, ckpt-<step>/, holding
-//   model.pt   the weights as a plain {name: tensor} dict (torch.load reads it in Python),
+//   model.pt   the weights as a plain {name: tensor} dict, the file Python's torch.save
+//              writes for one (torch.load(path, weights_only=True) reads it),
+//   model.safetensors  the same tensors, with the config and vocabulary in its metadata,
 //   optim.pt   the AdamW state as a plain {name: tensor} dict (optimizer_dict),
 //   rng.pt     the torch CPU generator state (of every rank, in a run of several),
 //   state.json format version, step, wall time, data-sampler state, vocabulary, config.
@@ -44,8 +46,9 @@ int64_t checkpoint_world(const std::string& ckpt_dir);
 // Reads <ckpt_dir>/state.json (parse_checkpoint_state).
 CheckpointMeta read_checkpoint_meta(const std::string& ckpt_dir);
 
-// Loads weights into a model built from the checkpoint's config: a missing, extra or
-// mis-shaped tensor is an error that names it.
+// Loads weights into a model built from the checkpoint's config, from model.pt or, where a
+// checkpoint has none, model.safetensors: a missing, extra or mis-shaped tensor is an error
+// that names it.
 void load_weights(const std::string& ckpt_dir, torch::nn::Module& model);
 // Restores the optimizer and, for rank `rank` of `world`, the generator state. Returns
 // false when the checkpoint has none for this rank (it was written by another number of
