@@ -19,7 +19,7 @@ PACKAGES=(build-essential cmake curl ca-certificates ccache libtorch-dev libgloo
           libopenblas0-openmp libcli11-dev nlohmann-json3-dev libfmt-dev doctest-dev python3
           python3-matplotlib clang libxsmm-dev libdnnl-dev pkg-config libcpp-httplib-dev
           libjs-chart.js chromium chromium-driver libssl-dev
-          libjemalloc2)
+          libjemalloc2 python3-torch)
 
 local_data=""
 build=1
