@@ -26,6 +26,7 @@ except ImportError:
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.join(ROOT, "python"))
+sys.dont_write_bytecode = True  # nothing written into the source tree
 import switch_torch  # noqa: E402
 
 TINY = os.path.join(ROOT, "configs", "tiny.json")
