@@ -342,12 +342,10 @@ class SwitchFFN(torch.nn.Module):
         expert_A = torch.tensor(ex, dtype=torch.int64)
         if not moved:
             return expert_A, order_N, torch.tensor(still, dtype=torch.int64)
-        # Kept seats first in their order, then the moved ones in the order they moved.
-        seat_N = torch.arange(len(order_N)) - (
-            torch.bincount(expert_A[order_N], minlength=E).cumsum(0) -
-            torch.bincount(expert_A[order_N], minlength=E))[expert_A[order_N]]
+        # Per expert, the kept seats first in their order (order_N is grouped by expert, by
+        # seat), then the moved ones in the order they moved.
         key = torch.full((A,), -1, dtype=torch.int64)
-        key[order_N] = expert_A[order_N] * (2 * A) + seat_N
+        key[order_N] = expert_A[order_N] * (2 * A) + torch.arange(len(order_N))
         moved_t = torch.tensor(moved, dtype=torch.int64)
         key[moved_t] = expert_A[moved_t] * (2 * A) + A + torch.arange(len(moved))
         kept = (key >= 0).nonzero().squeeze(1)

@@ -116,16 +116,11 @@ class Pickle {
   std::string out_;
 };
 
-size_t element_size(const std::string& dtype) {
+// The entry of a safetensors dtype name, null for one outside kDtypes.
+const DtypeNames* safetensors_dtype(const std::string& dtype) {
   for (const DtypeNames& d : kDtypes)
-    if (dtype == d.safetensors) return c10::elementSize(d.type);
-  return 0;
-}
-
-at::ScalarType safetensors_type(const std::string& dtype) {
-  for (const DtypeNames& d : kDtypes)
-    if (dtype == d.safetensors) return d.type;
-  return at::kFloat;
+    if (dtype == d.safetensors) return &d;
+  return nullptr;
 }
 
 constexpr uint64_t kMaxHeaderBytes = 100000000;    // the format's own bound
@@ -226,14 +221,16 @@ Entry parse_entry(const std::string& name, const nlohmann::json& v, uint64_t dat
   const auto bad = [&](const std::string& why) { fail(fmt::format("tensor '{}': {}", name, why)); };
   if (!v.is_object() || !v.contains("dtype") || !v.contains("shape") || !v.contains("data_offsets"))
     bad("not an object with dtype, shape and data_offsets");
-  if (!v["dtype"].is_string() || element_size(v["dtype"].get<std::string>()) == 0)
+  const DtypeNames* type =
+      v["dtype"].is_string() ? safetensors_dtype(v["dtype"].get<std::string>()) : nullptr;
+  if (type == nullptr)
     bad(fmt::format("dtype {} is not one of F64, F32, F16, BF16, I64, I32, I16, I8, U8, BOOL",
                     v["dtype"].dump()));
-  const std::string dtype = v["dtype"].get<std::string>();
+  const std::string dtype = type->safetensors;
   const nlohmann::json& shape = v["shape"];
   const nlohmann::json& offsets = v["data_offsets"];
   if (!shape.is_array() || shape.size() > 16) bad("shape is not an array of at most 16 sizes");
-  Entry e{name, safetensors_type(dtype), {}, 0, 0};
+  Entry e{name, type->type, {}, 0, 0};
   // The product of the sizes, zeros counted as ones, stays within 2^62: no element count and
   // no stride overflows, even for a shape with a 0 in it.
   uint64_t elements = 1, span = 1;
@@ -248,7 +245,7 @@ Entry parse_entry(const std::string& name, const nlohmann::json& v, uint64_t dat
     e.shape.push_back(static_cast<int64_t>(d));
   }
   const unsigned __int128 bytes_needed =
-      static_cast<unsigned __int128>(elements) * element_size(dtype);
+      static_cast<unsigned __int128>(elements) * c10::elementSize(type->type);
   if (!offsets.is_array() || offsets.size() != 2 || !offsets[0].is_number_unsigned() ||
       !offsets[1].is_number_unsigned() || offsets[0].get<uint64_t>() > offsets[1].get<uint64_t>())
     bad(fmt::format("data_offsets {} is not [begin, end] with begin <= end", offsets.dump()));

@@ -134,8 +134,9 @@ def one_case(name, config, sets, ranks, args, work):
     for k in pt:
         check(st[k].shape == pt[k].shape and torch.equal(st[k], pt[k]),
               f"tensor {k} differs between model.pt and model.safetensors")
-    mine, _ = switch_torch.read_safetensors(os.path.join(ckpt, "model.safetensors"))
-    check(all(torch.equal(mine[k], pt[k]) for k in pt), "switch_torch's safetensors reader differs")
+    module_st, _ = switch_torch.read_safetensors(os.path.join(ckpt, "model.safetensors"))
+    check(all(torch.equal(module_st[k], pt[k]) for k in pt),
+          "switch_torch's safetensors reader differs")
     with open(os.path.join(ckpt, "state.json"), encoding="utf-8") as f:
         state = json.load(f)
     check(json.loads(meta["config"]) == state["config"], "metadata config != state.json's")
