@@ -5,9 +5,13 @@
 #include <sys/socket.h>
 #include <unistd.h>
 
+#include <algorithm>
+#include <atomic>
 #include <cerrno>
+#include <cmath>
 #include <cstdlib>
 #include <mutex>
+#include <optional>
 #include <thread>
 
 #include <doctest/doctest.h>
@@ -18,6 +22,7 @@
 #include "model/expert_parallel.h"
 #include "model/experts.h"
 #include "model/switch_ffn.h"
+#include "train/lanes.h"
 
 namespace {
 
@@ -246,4 +251,111 @@ TEST_CASE("one Switch layer over 2 and 4 ranks equals one process on the same gl
                          }),
                          "moe.n_experts = 6 is not divisible by the 4"));
   });
+}
+
+TEST_CASE("lanes: collectives of their own, counted with their Comm, hidden while another works") {
+  // Two ranks, two lanes each, one thread per lane: a lane's collectives pair with the same
+  // lane on the other rank whatever the timing, and land in the parent's stats.
+  std::vector<sw::CommStats> seen(2);
+  std::vector<double> sums(4, 0.0);
+  on_ranks(2, [&](int64_t r, sw::Comm& comm) {
+    std::vector<std::shared_ptr<sw::Comm>> lanes = {comm.split("lane0/"), comm.split("lane1/")};
+    // Alone, with no worker registered: every second in a collective is exposed.
+    torch::Tensor t = torch::ones({4});
+    comm.all_reduce_sum(t);
+    const sw::CommStats alone = comm.stats();
+    CHECK(alone.all_reduce_calls == 1);
+    CHECK(alone.exposed_seconds == alone.seconds);
+    comm.reset_stats();
+    // Lane 0 waits in a barrier for rank 1, which arrives 300 ms late; meanwhile rank 0's
+    // lane 1 works (sleeps) outside any collective: rank 0's wait is hidden behind it.
+    std::vector<std::optional<sw::CommWorker>> working(2);
+    working[0].emplace(comm);
+    working[1].emplace(comm);
+    std::string lane1_error;
+    std::thread lane1([&] {
+      try {
+        if (r == 0) std::this_thread::sleep_for(std::chrono::milliseconds(600));
+        torch::Tensor v = torch::full({1}, 10.0 * static_cast<double>(r + 1));
+        lanes[1]->all_reduce_sum(v);
+        sums[static_cast<size_t>(2 * r + 1)] = v.item<double>();
+      } catch (const std::exception& e) {
+        lane1_error = e.what();
+      }
+      working[1].reset();
+    });
+    try {
+      if (r == 1) std::this_thread::sleep_for(std::chrono::milliseconds(300));
+      lanes[0]->barrier();
+      torch::Tensor v = torch::full({1}, static_cast<double>(r + 1));
+      lanes[0]->all_reduce_sum(v);
+      sums[static_cast<size_t>(2 * r)] = v.item<double>();
+    } catch (...) {
+      working[0].reset();
+      lane1.join();
+      throw;
+    }
+    working[0].reset();
+    lane1.join();
+    if (!lane1_error.empty()) throw std::runtime_error("lane 1: " + lane1_error);
+    seen[static_cast<size_t>(r)] = comm.stats();
+  });
+  CHECK(sums == std::vector<double>{3, 30, 3, 30});
+  for (const sw::CommStats& s : seen) {
+    CHECK(s.all_reduce_calls == 2);  // one per lane, counted in the Comm they were split from
+    CHECK(s.exposed_seconds <= s.seconds);
+  }
+  // Rank 0 waited ~0.3 s in lane 0's barrier while its lane 1 slept (worked): hidden; its
+  // lane 1 came last to its all-reduce and barely waited.
+  CHECK(seen[0].seconds - seen[0].exposed_seconds > 0.2);
+  CHECK(seen[0].exposed_seconds < 0.2);
+  // Rank 1's lane 1 waited ~0.6 s for rank 0's: hidden while rank 1's lane 0 slept, then
+  // ~0.3 s alone once lane 0 had finished: exposed.
+  CHECK(seen[1].seconds - seen[1].exposed_seconds > 0.2);
+  CHECK(seen[1].exposed_seconds > 0.2);
+}
+
+TEST_CASE("Lanes: threads kept across runs, each on its own lane, a failure rethrown after all") {
+  std::vector<std::vector<double>> sums(2, std::vector<double>(3, 0.0));
+  std::vector<std::string> failure(2);
+  std::vector<int> distinct(2, 0), grad_on(2, 0);
+  on_ranks(2, [&](int64_t r, sw::Comm& comm) {
+    const auto u = static_cast<size_t>(r);
+    sw::Lanes lanes(comm, 3);
+    CHECK(lanes.size() == 3);
+    std::vector<sw::Comm*> seen(3, nullptr);
+    std::atomic<int> with_grad{0};
+    const torch::NoGradGuard no_grad;  // the caller's grad mode reaches the lanes
+    for (int run = 0; run < 2; ++run)  // the same threads run again
+      lanes.run([&](int64_t i) {
+        // Rank 0 starts its lanes in reverse order: each still meets its own partner.
+        if (r == 0) std::this_thread::sleep_for(std::chrono::milliseconds(40 * (2 - i)));
+        seen[static_cast<size_t>(i)] = sw::CommLane::current();
+        if (torch::GradMode::is_enabled()) ++with_grad;
+        torch::Tensor v = torch::full({1}, std::pow(10.0, static_cast<double>(i)) * (r + 1));
+        sw::CommLane::current()->all_reduce_sum(v);
+        sums[u][static_cast<size_t>(i)] += v.item<double>();
+      });
+    grad_on[u] = with_grad.load();
+    std::sort(seen.begin(), seen.end());
+    distinct[u] = static_cast<int>(std::unique(seen.begin(), seen.end()) - seen.begin());
+    // Lane 1 fails on both ranks; lanes 0 and 2 finish their exchange before run rethrows.
+    try {
+      lanes.run([&](int64_t i) {
+        if (i == 1) throw std::runtime_error("lane 1 gave up");
+        torch::Tensor v = torch::ones({1});
+        sw::CommLane::current()->all_reduce_sum(v);
+        sums[u][static_cast<size_t>(i)] += v.item<double>();
+      });
+    } catch (const std::exception& e) {
+      failure[u] = e.what();
+    }
+  });
+  for (size_t r = 0; r < 2; ++r) {
+    CAPTURE(r);
+    CHECK(sums[r] == std::vector<double>{2 * 3 + 2, 2 * 30, 2 * 300 + 2});
+    CHECK(distinct[r] == 3);
+    CHECK(grad_on[r] == 0);
+    CHECK(failure[r] == "lane 1 gave up");
+  }
 }

@@ -272,6 +272,14 @@ const std::vector<Binding>& bindings() {
                     .doc("ranks sharing each layer's experts: 0 = all ranks (expert parallel), "
                          "1 = every rank holds every expert (data parallel only)")
                     .resumable());
+    t.push_back(
+        entry("dist.overlap", &C::dist, &DistConfig::overlap,
+              "expert parallel: micro-batches on threads of their own, hiding the all-to-alls")
+            .doc("with expert parallelism and train.micro_batches > 1, the micro-batches run at "
+                 "once, each on a thread with its own process group, so that one computes while "
+                 "another waits in an all-to-all; false runs them one after another. The same "
+                 "bits either way")
+            .resumable());
     t.push_back(entry("dist.timeout_s", &C::dist, &DistConfig::timeout_s,
                       "seconds a rank waits for the others before failing")
                     .doc("seconds a rank waits at rendezvous or in a collective before failing")

@@ -85,6 +85,7 @@ struct TrainConfig {
 // only its slice of every MoE layer's experts.
 struct DistConfig {
   int64_t expert_parallel = 0;  // ranks sharing one set of experts: 0 = all, 1 = none
+  bool overlap = true;          // expert parallel: micro-batches at once on their own lanes
   double timeout_s = 300;       // rendezvous and collective timeout
 };
 

@@ -5,9 +5,12 @@
 #include <sys/socket.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <cstdlib>
+#include <mutex>
 
 #include <fmt/format.h>
+#include <torch/csrc/distributed/c10d/PrefixStore.hpp>
 #include <torch/csrc/distributed/c10d/ProcessGroupGloo.hpp>
 #include <torch/csrc/distributed/c10d/TCPStore.hpp>
 
@@ -16,6 +19,29 @@
 namespace sw {
 
 namespace {
+
+using Clock = std::chrono::steady_clock;
+
+// A Gloo process group of `size` ranks meeting through `store`; `threads` of its own, or
+// Gloo's default for 0.
+c10::intrusive_ptr<c10d::ProcessGroupGloo> make_gloo(const c10::intrusive_ptr<c10d::Store>& store,
+                                                     int64_t rank, int64_t size,
+                                                     const std::string& addr,
+                                                     std::chrono::milliseconds timeout,
+                                                     int threads) {
+  auto opts = c10d::ProcessGroupGloo::Options::create(timeout);
+  opts->devices.push_back(c10d::ProcessGroupGloo::createDeviceForHostname(addr));
+  if (threads > 0) opts->threads = threads;
+  return c10::make_intrusive<c10d::ProcessGroupGloo>(store, static_cast<int>(rank),
+                                                     static_cast<int>(size), opts);
+}
+
+std::string message_of(const std::exception& e) {
+  if (const auto* ce = dynamic_cast<const c10::Error*>(&e)) return ce->what_without_backtrace();
+  return e.what();
+}
+
+thread_local Comm* t_lane = nullptr;
 
 std::optional<int64_t> env_int(const char* name, int64_t lo, int64_t hi) {
   const char* v = std::getenv(name);
@@ -29,6 +55,41 @@ std::optional<int64_t> env_int(const char* name, int64_t lo, int64_t hi) {
 }
 
 }  // namespace
+
+// The account of a Comm and its lanes: what their collectives moved, and which threads
+// were in one, to tell the time they hid behind computation from the time they cost.
+struct Comm::Ledger {
+  std::mutex mu;
+  CommStats stats;
+  int workers = 0;    // live CommWorkers
+  int in_flight = 0;  // threads inside a collective
+  Clock::time_point since = Clock::now();
+
+  // Books the time since the last change under the state that held meanwhile; then `apply`.
+  template <typename F>
+  void change(F&& apply) {
+    const std::lock_guard<std::mutex> lock(mu);
+    const auto now = Clock::now();
+    if (in_flight > 0) {
+      const double dt = std::chrono::duration<double>(now - since).count();
+      stats.seconds += dt;
+      if (in_flight >= std::max(workers, 1)) stats.exposed_seconds += dt;
+    }
+    since = now;
+    apply();
+  }
+};
+
+CommStats operator-(const CommStats& a, const CommStats& b) {
+  CommStats d;
+  d.all_to_all_calls = a.all_to_all_calls - b.all_to_all_calls;
+  d.all_to_all_bytes = a.all_to_all_bytes - b.all_to_all_bytes;
+  d.all_reduce_calls = a.all_reduce_calls - b.all_reduce_calls;
+  d.all_reduce_bytes = a.all_reduce_bytes - b.all_reduce_bytes;
+  d.seconds = a.seconds - b.seconds;
+  d.exposed_seconds = a.exposed_seconds - b.exposed_seconds;
+  return d;
+}
 
 std::optional<DistEnv> dist_env_from_environment() {
   auto world = env_int("WORLD_SIZE", 1, 1 << 16);
@@ -69,6 +130,8 @@ std::shared_ptr<Comm> Comm::connect(const DistEnv& env, std::chrono::millisecond
   std::shared_ptr<Comm> c(new Comm());
   c->rank_ = env.rank;
   c->size_ = env.world_size;
+  c->addr_ = env.master_addr;
+  c->timeout_ = timeout;
   try {
     c10d::TCPStoreOptions so;
     so.port = static_cast<std::uint16_t>(env.master_port);
@@ -77,20 +140,62 @@ std::shared_ptr<Comm> Comm::connect(const DistEnv& env, std::chrono::millisecond
     so.waitWorkers = true;
     so.timeout = timeout;
     c->store_ = c10::make_intrusive<c10d::TCPStore>(env.master_addr, so);
-    auto opts = c10d::ProcessGroupGloo::Options::create(timeout);
-    opts->devices.push_back(c10d::ProcessGroupGloo::createDeviceForHostname(env.master_addr));
-    c->pg_ = c10::make_intrusive<c10d::ProcessGroupGloo>(c->store_, static_cast<int>(env.rank),
-                                                         static_cast<int>(env.world_size), opts);
+    c->pg_ = make_gloo(c->store_, env.rank, env.world_size, env.master_addr, timeout,
+                       /*threads=*/0);
   } catch (const std::exception& e) {
-    std::string msg = e.what();
-    if (const auto* ce = dynamic_cast<const c10::Error*>(&e)) msg = ce->what_without_backtrace();
     throw Error(fmt::format("rank {} of {}: cannot join the process group at {}:{}: {}", env.rank,
-                            env.world_size, env.master_addr, env.master_port, first_line(msg)));
+                            env.world_size, env.master_addr, env.master_port,
+                            first_line(message_of(e))));
   }
   return c;
 }
 
+Comm::Comm() : ledger_(std::make_shared<Ledger>()) {}
 Comm::~Comm() = default;
+
+std::shared_ptr<Comm> Comm::split(const std::string& tag) {
+  std::shared_ptr<Comm> c(new Comm());
+  c->rank_ = rank_;
+  c->size_ = size_;
+  c->addr_ = addr_;
+  c->timeout_ = timeout_;
+  c->ledger_ = ledger_;
+  try {
+    c->store_ = c10::make_intrusive<c10d::PrefixStore>(tag, store_);
+    c->pg_ = make_gloo(c->store_, rank_, size_, addr_, timeout_, /*threads=*/1);
+  } catch (const std::exception& e) {
+    throw Error(fmt::format("rank {} of {}: cannot open the process group '{}': {}", rank_, size_,
+                            tag, first_line(message_of(e))));
+  }
+  return c;
+}
+
+CommStats Comm::stats() const {
+  const std::lock_guard<std::mutex> lock(ledger_->mu);
+  return ledger_->stats;
+}
+
+void Comm::reset_stats() {
+  ledger_->change([&] { ledger_->stats = CommStats{}; });
+}
+
+CommWorker::CommWorker(Comm& comm) : ledger_(comm.ledger_) {
+  ledger_->change([&] { ++ledger_->workers; });
+}
+
+CommWorker::~CommWorker() {
+  ledger_->change([&] { --ledger_->workers; });
+}
+
+CommLane::CommLane(Comm* lane) : previous_(t_lane) {
+  t_lane = lane;
+}
+CommLane::~CommLane() {
+  t_lane = previous_;
+}
+Comm* CommLane::current() {
+  return t_lane;
+}
 
 void Comm::all_to_all(torch::Tensor& out, const torch::Tensor& in,
                       const std::vector<int64_t>& out_splits,
@@ -102,15 +207,19 @@ void Comm::all_to_all(torch::Tensor& out, const torch::Tensor& in,
   int64_t rows_out = 0;
   for (size_t p = 0; p < i.size(); ++p)
     if (static_cast<int64_t>(p) != rank_) rows_out += i[p];
-  ++stats_.all_to_all_calls;
-  stats_.all_to_all_bytes += rows_out * row_bytes;
+  ledger_->change([&] {
+    ++ledger_->stats.all_to_all_calls;
+    ledger_->stats.all_to_all_bytes += rows_out * row_bytes;
+  });
   guard("all-to-all", [&] { pg_->alltoall_base(out, src, o, i)->wait(); });
 }
 
 void Comm::all_reduce_sum(torch::Tensor& t) {
   std::vector<at::Tensor> v{t};
-  ++stats_.all_reduce_calls;
-  stats_.all_reduce_bytes += t.numel() * static_cast<int64_t>(t.element_size());
+  ledger_->change([&] {
+    ++ledger_->stats.all_reduce_calls;
+    ledger_->stats.all_reduce_bytes += t.numel() * static_cast<int64_t>(t.element_size());
+  });
   guard("all-reduce", [&] { pg_->allreduce(v)->wait(); });
 }
 
@@ -120,17 +229,16 @@ void Comm::barrier() {
 
 template <typename F>
 void Comm::guard(const char* what, F&& f) {
-  const auto t0 = std::chrono::steady_clock::now();
+  ledger_->change([&] { ++ledger_->in_flight; });
   try {
     f();
-    stats_.seconds += std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+    ledger_->change([&] { --ledger_->in_flight; });
   } catch (const std::exception& e) {
+    ledger_->change([&] { --ledger_->in_flight; });
     // Gloo reports a dead peer as a closed connection and a stuck one as a timeout; either
     // way this rank cannot go on, and the message says which collective failed.
-    std::string msg = e.what();
-    if (const auto* ce = dynamic_cast<const c10::Error*>(&e)) msg = ce->what_without_backtrace();
     throw Error(fmt::format("rank {} of {}: {} failed (another rank died or stalled?): {}", rank_,
-                            size_, what, first_line(msg)));
+                            size_, what, first_line(message_of(e))));
   }
 }
 

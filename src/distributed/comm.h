@@ -47,14 +47,19 @@ class PortReservation {
   int64_t port_ = 0;
 };
 
-// What this rank's collectives moved and cost since the counters were last reset.
+// What this rank's collectives (its Comm's and its lanes') moved and cost since the
+// counters were last reset.
 struct CommStats {
   int64_t all_to_all_calls = 0;
   int64_t all_to_all_bytes = 0;  // sent to other ranks (rows kept on this rank not counted)
   int64_t all_reduce_calls = 0;
   int64_t all_reduce_bytes = 0;  // size of the reduced buffers
-  double seconds = 0;            // wall time inside collectives, waiting included
+  double seconds = 0;            // wall time with a collective in flight, waiting included
+  // Of `seconds`, the time no working thread computed beside the collectives (see
+  // CommWorker): all of it when one thread does the work, what overlap leaves over.
+  double exposed_seconds = 0;
 };
+CommStats operator-(const CommStats& a, const CommStats& b);
 
 class Comm {
  public:
@@ -72,18 +77,57 @@ class Comm {
   void all_reduce_sum(torch::Tensor& t);
   void barrier();
 
-  const CommStats& stats() const { return stats_; }
-  void reset_stats() { stats_ = CommStats{}; }
+  // A second process group of the same ranks (collective: every rank calls it with the same
+  // tag, which must be new). Its collectives are ordered on their own, so threads can hold
+  // one each at once without their exchanges meeting the wrong partner; they are counted
+  // in this Comm's stats.
+  std::shared_ptr<Comm> split(const std::string& tag);
+
+  CommStats stats() const;
+  void reset_stats();
 
  private:
-  Comm() = default;
+  friend class CommWorker;
+  struct Ledger;
+  Comm();
   // Runs a collective, turning its failure (a peer died, a timeout) into sw::Error.
   template <typename F>
   void guard(const char* what, F&& f);
   int64_t rank_ = 0, size_ = 1;
+  std::string addr_;
+  std::chrono::milliseconds timeout_{0};
   c10::intrusive_ptr<c10d::Store> store_;
   c10::intrusive_ptr<c10d::ProcessGroupGloo> pg_;
-  CommStats stats_;
+  std::shared_ptr<Ledger> ledger_;  // shared with the lanes split from this Comm
+};
+
+// While it lives, the calling thread is one of the threads doing a step's work beside
+// others (micro-batches on their own lanes): time in collectives counts as exposed only
+// while every such thread waits in one. Without any, the one thread calling collectives
+// computes nothing beside them, so all of their time is exposed.
+class CommWorker {
+ public:
+  explicit CommWorker(Comm& comm);
+  ~CommWorker();
+  CommWorker(const CommWorker&) = delete;
+  CommWorker& operator=(const CommWorker&) = delete;
+
+ private:
+  std::shared_ptr<Comm::Ledger> ledger_;
+};
+
+// The lane the calling thread's MoE layers exchange rows on instead of their own Comm,
+// while it lives (micro-batches overlapping on several threads), else none.
+class CommLane {
+ public:
+  explicit CommLane(Comm* lane);
+  ~CommLane();
+  CommLane(const CommLane&) = delete;
+  CommLane& operator=(const CommLane&) = delete;
+  static Comm* current();
+
+ private:
+  Comm* previous_;
 };
 
 }  // namespace sw

@@ -70,10 +70,11 @@ torch::Tensor SwitchFFNImpl::combine(const torch::Tensor& x_TD, const Routing& r
 
   torch::Tensor token_N = d.token_N();
   torch::Tensor x_ND = x_TD.index_select(0, token_N);
-  torch::Tensor y_ND =
-      comm ? expert_parallel_ffn(*comm, x_ND, d.offsets, experts->w_in, experts->b_in,
-                                 experts->w_out, experts->b_out, experts->act, experts->deferred)
-           : experts->forward(x_ND, d, cfg.strategy);
+  Comm* lane = comm ? CommLane::current() : nullptr;  // a micro-batch's own, if overlapping
+  torch::Tensor y_ND = comm ? expert_parallel_ffn(lane ? *lane : *comm, x_ND, d.offsets,
+                                                  experts->w_in, experts->b_in, experts->w_out,
+                                                  experts->b_out, experts->act, experts->deferred)
+                            : experts->forward(x_ND, d, cfg.strategy);
   torch::Tensor y_TD = torch::zeros_like(x_TD).index_add(
       0, token_N, y_ND * scale_A.index_select(0, d.order_N).unsqueeze(1));
   if (d.n_dropped() > 0 && cfg.dropped == DroppedOutput::Pass) {

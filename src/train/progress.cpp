@@ -1,5 +1,6 @@
 #include "train/progress.h"
 
+#include <algorithm>
 #include <cmath>
 
 #include <fmt/format.h>
@@ -29,6 +30,7 @@ void Interval::add(const StepResult& s) {
   comm.all_reduce_calls += s.comm.all_reduce_calls;
   comm.all_reduce_bytes += s.comm.all_reduce_bytes;
   comm.seconds += s.comm.seconds;
+  comm.exposed_seconds += s.comm.exposed_seconds;
   lr = s.lr;
   grad_norm = s.grad_norm;
   if (!s.applied) return;
@@ -67,6 +69,9 @@ nlohmann::ordered_json train_record(const Interval& in, const MoeConfig& moe, in
   if (skipped_steps > 0) rec["skipped_steps"] = skipped_steps;
   if (comm)
     rec["comm"] = {{"ms", 1000.0 * in.comm.seconds / n},
+                   {"exposed_ms", 1000.0 * in.comm.exposed_seconds / n},
+                   {"hidden_ms",  // differences of running totals: no -1e-14 for 0
+                    1000.0 * std::max(0.0, in.comm.seconds - in.comm.exposed_seconds) / n},
                    {"all_to_all_calls", static_cast<double>(in.comm.all_to_all_calls) / n},
                    {"all_to_all_bytes", static_cast<double>(in.comm.all_to_all_bytes) / n},
                    {"all_reduce_calls", static_cast<double>(in.comm.all_reduce_calls) / n},

@@ -13,6 +13,7 @@
 
 #include "distributed/comm.h"
 #include "model/transformer.h"
+#include "train/lanes.h"
 
 namespace sw {
 
@@ -20,6 +21,9 @@ struct Ranks {
   std::shared_ptr<Comm> comm;    // null: a single process
   int64_t rank = 0, world = 1;   // this rank, number of ranks
   bool expert_parallel = false;  // experts sharded over the ranks
+  // dist.overlap: one lane per micro-batch, on which they run at once; null: the
+  // micro-batches of an expert-parallel step run one after another.
+  std::shared_ptr<Lanes> lanes;
   bool root() const { return rank == 0; }
   // This rank's rows [rank*n/W, (rank+1)*n/W) of a global batch of n rows.
   torch::Tensor share(const torch::Tensor& rows) const;

@@ -64,11 +64,12 @@ Passes whole_batch(Transformer& model, const torch::Tensor& x_BS, const torch::T
 }
 
 // train.micro_batches routing groups. They run at once, each alone on one thread, except
-// with expert parallelism, whose forward and backward hold collectives; each draws from its
-// own generator, seeded from the default one, and their gradients are summed in
-// micro-batch order, so the step does not depend on the thread count.
+// with expert parallelism, whose forward and backward hold collectives: there they run at
+// once on their own lanes (dist.overlap), else one after another. Each draws from its own
+// generator, seeded from the default one, and their gradients are summed in micro-batch
+// order, so the step depends neither on the thread count nor on the overlap.
 Passes micro_batches(Transformer& model, const torch::Tensor& x_BS, const torch::Tensor& y_BS,
-                     const Config& cfg, bool expert_parallel) {
+                     const Config& cfg, const Ranks& ranks) {
   const int64_t m = cfg.train.micro_batches;
   const auto n = static_cast<size_t>(m);
   const std::vector<torch::Tensor> xs = x_BS.chunk(m), ys = y_BS.chunk(m);
@@ -77,33 +78,38 @@ Passes micro_batches(Transformer& model, const torch::Tensor& x_BS, const torch:
   std::vector<std::vector<torch::Tensor>> grads(n);
   std::vector<Passes> each(n);
   model->zero_grad(/*set_to_none=*/true);
-  auto run = [&](int64_t begin, int64_t end) {
-    for (int64_t i = begin; i < end; ++i) {
-      const auto u = static_cast<size_t>(i);
-      const auto t0 = Clock::now();
-      GeneratorScope scope(at::make_generator<at::CPUGeneratorImpl>(
-          static_cast<uint64_t>(seeds[i].item<int64_t>())));
-      const MicroBatchScope tag(i);
-      ModelOutput out = model->forward(xs[u]);
-      const StepLoss l = step_loss(out, ys[u], cfg);
-      const auto t1 = Clock::now();
-      grads[u] = torch::autograd::grad({l.total / static_cast<double>(m)}, params,
-                                       /*grad_outputs=*/{},
-                                       /*retain_graph=*/false, /*create_graph=*/false,
-                                       /*allow_unused=*/true);
-      each[u].forward_s = std::chrono::duration<double>(t1 - t0).count();
-      each[u].backward_s = seconds_since(t1);
-      each[u].ce = l.ce.item<double>();
-      each[u].lb = l.aux.lb.item<double>();
-      each[u].z = l.aux.z.item<double>();
-      each[u].balance = l.aux.balance.item<double>();
-      each[u].moe.push_back(std::move(out.moe));
-    }
+  auto one = [&](int64_t i) {
+    const auto u = static_cast<size_t>(i);
+    const auto t0 = Clock::now();
+    GeneratorScope scope(
+        at::make_generator<at::CPUGeneratorImpl>(static_cast<uint64_t>(seeds[i].item<int64_t>())));
+    const MicroBatchScope tag(i);
+    ModelOutput out = model->forward(xs[u]);
+    const StepLoss l = step_loss(out, ys[u], cfg);
+    const auto t1 = Clock::now();
+    grads[u] = torch::autograd::grad({l.total / static_cast<double>(m)}, params,
+                                     /*grad_outputs=*/{},
+                                     /*retain_graph=*/false, /*create_graph=*/false,
+                                     /*allow_unused=*/true);
+    each[u].forward_s = std::chrono::duration<double>(t1 - t0).count();
+    each[u].backward_s = seconds_since(t1);
+    each[u].ce = l.ce.item<double>();
+    each[u].lb = l.aux.lb.item<double>();
+    each[u].z = l.aux.z.item<double>();
+    each[u].balance = l.aux.balance.item<double>();
+    each[u].moe.push_back(std::move(out.moe));
   };
-  if (expert_parallel)
-    run(0, m);
-  else
-    sw::parallel_for(0, m, 1, run);
+  if (ranks.lanes) {
+    ranks.lanes->run(one);
+  } else if (ranks.expert_parallel) {
+    for (int64_t i = 0; i < m; ++i)
+      one(i);
+  } else {
+    sw::parallel_for(0, m, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t i = begin; i < end; ++i)
+        one(i);
+    });
+  }
   for (size_t j = 0; j < params.size(); ++j) {
     torch::Tensor g;
     for (size_t i = 0; i < n; ++i) {  // in micro-batch order
@@ -189,16 +195,6 @@ void update_expert_biases(StepContext& c, const std::vector<std::vector<MoeStats
     if (b->switch_) b->switch_->update_bias(load_LE[l++], c.cfg.moe.bias_rate);
 }
 
-CommStats operator-(const CommStats& a, const CommStats& b) {
-  CommStats d;
-  d.all_to_all_calls = a.all_to_all_calls - b.all_to_all_calls;
-  d.all_to_all_bytes = a.all_to_all_bytes - b.all_to_all_bytes;
-  d.all_reduce_calls = a.all_reduce_calls - b.all_reduce_calls;
-  d.all_reduce_bytes = a.all_reduce_bytes - b.all_reduce_bytes;
-  d.seconds = a.seconds - b.seconds;
-  return d;
-}
-
 }  // namespace
 
 void defer_expert_weight_grads(Transformer& model) {
@@ -234,9 +230,8 @@ StepResult train_step(StepContext& c, int64_t step) {
 
   const Batch batch = c.data.sample(Split::Train, c.cfg.train.batch_size, c.data_rng);
   const torch::Tensor x_BS = c.ranks.share(batch.x_BS), y_BS = c.ranks.share(batch.y_BS);
-  Passes p = c.cfg.train.micro_batches == 1
-                 ? whole_batch(c.model, x_BS, y_BS, c.cfg)
-                 : micro_batches(c.model, x_BS, y_BS, c.cfg, c.ranks.expert_parallel);
+  Passes p = c.cfg.train.micro_batches == 1 ? whole_batch(c.model, x_BS, y_BS, c.cfg)
+                                            : micro_batches(c.model, x_BS, y_BS, c.cfg, c.ranks);
   for (Block& b : c.model->block_list)  // the weight gradients held back by the backward passes
     if (b->switch_) b->switch_->experts->flush_weight_grads();
   // The step's wall time so far, split between the passes as their own times were (with

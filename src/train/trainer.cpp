@@ -177,14 +177,18 @@ void join_ranks(Run& r) {
   {
     const StopAtOnce at_once(r.opt.stop);  // nothing to save while waiting for the others
     r.ranks.comm = Comm::connect(*r.env, timeout);
+    if (r.ranks.expert_parallel && r.cfg.dist.overlap && r.cfg.train.micro_batches > 1)
+      r.ranks.lanes = std::make_shared<Lanes>(*r.ranks.comm, r.cfg.train.micro_batches);
   }
   const int64_t W = r.ranks.world;
-  r.say(fmt::format("ranks: {} joined at {}:{} ({}; global batch {} = {} per rank)", W,
-                    r.env->master_addr, r.env->master_port,
-                    r.ranks.expert_parallel
-                        ? fmt::format("{} experts per rank per layer", r.cfg.moe.n_experts / W)
-                        : std::string("experts replicated"),
-                    r.cfg.train.batch_size, r.cfg.train.batch_size / W));
+  r.say(fmt::format(
+      "ranks: {} joined at {}:{} ({}; global batch {} = {} per rank{})", W, r.env->master_addr,
+      r.env->master_port,
+      r.ranks.expert_parallel
+          ? fmt::format("{} experts per rank per layer", r.cfg.moe.n_experts / W)
+          : std::string("experts replicated"),
+      r.cfg.train.batch_size, r.cfg.train.batch_size / W,
+      r.ranks.lanes ? fmt::format(", {} micro-batches overlapped", r.ranks.lanes->size()) : ""));
 }
 
 // The model and optimizer, fresh or from the checkpoint, with this rank's experts.
@@ -317,6 +321,7 @@ nlohmann::ordered_json finish(Run& r) {
       {"skipped_steps", r.state.skipped_steps},
       {"ranks", r.ranks.world},
       {"expert_parallel", r.ranks.expert_parallel},
+      {"overlap", r.ranks.lanes != nullptr},
   };
   if (r.ranks.root())
     write_file_atomic((fs::path(r.opt.out_dir) / "summary.json").string(), summary.dump(2) + "\n");
