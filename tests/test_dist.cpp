@@ -184,6 +184,61 @@ TEST_CASE("expert-parallel FFN over Gloo equals the single-process grouped FFN")
   }
 }
 
+TEST_CASE("expert-parallel FFN with a capacity: one all-to-all less, bitwise the counted one's") {
+  // D = 1 at W = 4: the counts of 2 local experts take 2 header rows of one float each.
+  for (const auto& wd : {std::pair<int64_t, int64_t>{2, 6}, std::pair<int64_t, int64_t>{4, 1}}) {
+    const int64_t W = wd.first, D = wd.second, F = 5, E = 8, T_rank = 12, C = 3;
+    CAPTURE(W);
+    const int64_t El = E / W;
+    torch::manual_seed(29 + W);
+    torch::Tensor w_in = torch::randn({E, D, F}), b_in = torch::randn({E, F});
+    torch::Tensor w_out = torch::randn({E, F, D}), b_out = torch::randn({E, D});
+    torch::Tensor x = torch::randn({W * T_rank, D}), R = torch::randn({W * T_rank, D});
+    // Expert 0 is wanted by every token of rank 0 (it drops all but C), expert 5 by none.
+    torch::Tensor expert_T = torch::randint(1, E - 1, {W * T_rank}, torch::kInt64);
+    expert_T = expert_T + (expert_T >= 5).to(torch::kInt64);
+    expert_T.slice(0, 0, T_rank).fill_(0);
+
+    std::vector<int> same(static_cast<size_t>(W), 0);
+    std::vector<int64_t> calls_counted(static_cast<size_t>(W)), calls_padded(calls_counted);
+    on_ranks(W, [&](int64_t r, sw::Comm& comm) {
+      torch::Tensor e_r = expert_T.slice(0, r * T_rank, (r + 1) * T_rank);
+      sw::Dispatch d = sw::make_dispatch(e_r.unsqueeze(1), torch::ones({T_rank, 1}), E, C,
+                                         sw::DropPolicy::Position);
+      std::vector<torch::Tensor> outs;  // output, input gradient, 4 weight gradients; twice
+      for (int64_t capacity : {int64_t{-1}, C}) {
+        torch::Tensor x_r = x.slice(0, r * T_rank, (r + 1) * T_rank).clone().requires_grad_();
+        std::vector<torch::Tensor> p;
+        for (const auto& t : {w_in, b_in, w_out, b_out})
+          p.push_back(t.slice(0, r * El, (r + 1) * El).clone().requires_grad_());
+        const sw::CommStats before = comm.stats();
+        torch::Tensor y =
+            sw::expert_parallel_ffn(comm, x_r.index_select(0, d.token_N()), d.offsets, p[0], p[1],
+                                    p[2], p[3], sw::Activation::Gelu, {}, capacity);
+        (y * R.slice(0, r * T_rank, (r + 1) * T_rank).index_select(0, d.token_N()))
+            .sum()
+            .backward();
+        const int64_t calls = (comm.stats() - before).all_to_all_calls;
+        (capacity < 0 ? calls_counted : calls_padded)[static_cast<size_t>(r)] = calls;
+        outs.push_back(y.detach());
+        outs.push_back(x_r.grad());
+        for (const auto& t : p)
+          outs.push_back(t.grad());
+      }
+      bool all = true;
+      for (size_t i = 0; i < 6; ++i)
+        all = all && torch::equal(outs[i], outs[i + 6]);
+      same[static_cast<size_t>(r)] = all ? 1 : 0;
+    });
+    for (int64_t r = 0; r < W; ++r) {
+      CAPTURE(r);
+      CHECK(same[static_cast<size_t>(r)] == 1);
+      CHECK(calls_counted[static_cast<size_t>(r)] == 5);  // counts, rows, back; 2 backward
+      CHECK(calls_padded[static_cast<size_t>(r)] == 4);
+    }
+  }
+}
+
 TEST_CASE("one Switch layer over 2 and 4 ranks equals one process on the same global batch") {
   // Dropless: capacity is decided per rank on its own tokens, so with dropping the ranks
   // and one process would legitimately drop different tokens.

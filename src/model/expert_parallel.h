@@ -1,7 +1,9 @@
 // Expert parallelism: each of W ranks owns a contiguous slice of the E experts (rank r owns
-// [r*E/W, (r+1)*E/W)). Kept assignments travel to their expert's rank by a variable-split
-// all-to-all (counts first, then rows), run through the same grouped computation as in one
-// process, and come back by the reverse all-to-all; backward sends gradients the same ways.
+// [r*E/W, (r+1)*E/W)). Kept assignments travel to their expert's rank by an all-to-all
+// (an all-to-all of counts first, then the rows by variable splits; or, with a capacity,
+// the rows in blocks of a known size with the counts in a header), run through the same
+// grouped computation as in one process, and come back by the reverse all-to-all;
+// backward sends gradients the same ways.
 #pragma once
 
 #include <vector>
@@ -32,11 +34,14 @@ torch::Tensor all_to_all_rows(Comm& comm, const torch::Tensor& x,
 // The experts' FFN over this rank's kept rows x_ND, sorted by global expert with
 // offsets (E + 1 bounds over all experts), computed on the experts' owners. w_in etc. hold
 // this rank's E/W experts; `deferred` as for grouped_ffn. Returns the rows' outputs in
-// x_ND's order.
+// x_ND's order. With capacity >= 0 (every rank's dispatch keeps at most `capacity` rows an
+// expert, and every rank passes the same capacity) the rows travel in blocks of that many
+// seats an expert, and the all-to-all of counts before them is saved.
 torch::Tensor expert_parallel_ffn(Comm& comm, const torch::Tensor& x_ND,
                                   const std::vector<int64_t>& offsets, const torch::Tensor& w_in,
                                   const torch::Tensor& b_in, const torch::Tensor& w_out,
                                   const torch::Tensor& b_out, Activation act,
-                                  const c10::intrusive_ptr<DeferredGrads>& deferred = {});
+                                  const c10::intrusive_ptr<DeferredGrads>& deferred = {},
+                                  int64_t capacity = -1);
 
 }  // namespace sw

@@ -56,6 +56,20 @@ Dispatch SwitchFFNImpl::dispatch(const Routing& r, int64_t tokens) {
                        random_rank, preference_TE);
 }
 
+namespace {
+
+// The seats per expert of the blocks an expert-parallel exchange sends its rows in (the
+// counts in their header), or -1 to send the counts first. Every rank decides alike: its
+// capacity comes from its token count, the same on every rank (equal shares of the batch,
+// equal micro-batches). Blocks while they hold at most twice the assignments (capacity
+// factor <= 2); past that their empty seats cost more bytes than one collective saves.
+int64_t block_seats(const Dispatch& d, int64_t tokens, const MoeConfig& cfg) {
+  if (d.capacity < 0) return -1;
+  return cfg.n_experts * d.capacity <= 2 * cfg.top_k * tokens ? d.capacity : -1;
+}
+
+}  // namespace
+
 torch::Tensor SwitchFFNImpl::combine(const torch::Tensor& x_TD, const Routing& r,
                                      const Dispatch& d) {
   // Each assignment contributes scale * (expert output, or for a dropped one its input
@@ -71,10 +85,11 @@ torch::Tensor SwitchFFNImpl::combine(const torch::Tensor& x_TD, const Routing& r
   torch::Tensor token_N = d.token_N();
   torch::Tensor x_ND = x_TD.index_select(0, token_N);
   Comm* lane = comm ? CommLane::current() : nullptr;  // a micro-batch's own, if overlapping
-  torch::Tensor y_ND = comm ? expert_parallel_ffn(lane ? *lane : *comm, x_ND, d.offsets,
-                                                  experts->w_in, experts->b_in, experts->w_out,
-                                                  experts->b_out, experts->act, experts->deferred)
-                            : experts->forward(x_ND, d, cfg.strategy);
+  torch::Tensor y_ND =
+      comm ? expert_parallel_ffn(lane ? *lane : *comm, x_ND, d.offsets, experts->w_in,
+                                 experts->b_in, experts->w_out, experts->b_out, experts->act,
+                                 experts->deferred, block_seats(d, x_TD.size(0), cfg))
+           : experts->forward(x_ND, d, cfg.strategy);
   torch::Tensor y_TD = torch::zeros_like(x_TD).index_add(
       0, token_N, y_ND * scale_A.index_select(0, d.order_N).unsqueeze(1));
   if (d.n_dropped() > 0 && cfg.dropped == DroppedOutput::Pass) {
