@@ -71,24 +71,18 @@ torch::Tensor all_to_all_rows(Comm& comm, const torch::Tensor& x,
 namespace {
 
 // The rows this rank received for its experts: counts_WE[p * El + j] from rank p for local
-// expert j, rank p's rows for expert j starting at row at_WE[p * El + j] of `rows`; and the
-// splits of the compact exchange back (send[p] rows this rank sent to p, recv[p] it got).
+// expert j, rank p's rows for expert j starting at row at_WE[p * El + j] of `rows`; recv[p]
+// rows from rank p in all.
 struct Received {
   torch::Tensor rows;
-  std::vector<int64_t> counts_WE, at_WE, send, recv;
+  std::vector<int64_t> counts_WE, at_WE, recv;
 };
 
-std::vector<int64_t> sent_per_rank(const std::vector<int64_t>& offsets, int64_t W, int64_t El) {
-  std::vector<int64_t> send(static_cast<size_t>(W));
-  for (int64_t p = 0; p < W; ++p)
-    send[p] = offsets[(p + 1) * El] - offsets[p * El];
-  return send;
-}
-
 // Without a capacity: the counts first (an all-to-all of El integers a peer), then the rows
-// by variable splits.
+// by variable splits, send[p] of them to rank p.
 Received exchange_counted(Comm& comm, const torch::Tensor& x_ND,
-                          const std::vector<int64_t>& offsets, int64_t El) {
+                          const std::vector<int64_t>& offsets, const std::vector<int64_t>& send,
+                          int64_t El) {
   const int64_t W = comm.size(), E = El * W;
   torch::Tensor send_counts_E = torch::empty({E}, torch::kInt64);
   for (int64_t e = 0; e < E; ++e)
@@ -99,7 +93,6 @@ Received exchange_counted(Comm& comm, const torch::Tensor& x_ND,
   Received r;
   const int64_t* rc = recv_counts_WE.data_ptr<int64_t>();
   r.counts_WE.assign(rc, rc + W * El);
-  r.send = sent_per_rank(offsets, W, El);
   r.recv.assign(static_cast<size_t>(W), 0);
   r.at_WE.resize(static_cast<size_t>(W * El));
   for (int64_t p = 0, pos = 0; p < W; ++p)
@@ -108,7 +101,7 @@ Received exchange_counted(Comm& comm, const torch::Tensor& x_ND,
       pos += rc[p * El + j];
       r.recv[p] += rc[p * El + j];
     }
-  r.rows = all_to_all_rows(comm, x_ND, r.send, r.recv);
+  r.rows = all_to_all_rows(comm, x_ND, send, r.recv);
   return r;
 }
 
@@ -145,7 +138,6 @@ Received exchange_padded(Comm& comm, const torch::Tensor& x_ND, const std::vecto
   Received r;
   r.rows = all_to_all_rows(comm, padded, blocks, blocks);
   const auto* got = static_cast<const char*>(r.rows.data_ptr());
-  r.send = sent_per_rank(offsets, W, El);
   r.recv.assign(static_cast<size_t>(W), 0);
   r.counts_WE.resize(static_cast<size_t>(W * El));
   r.at_WE.resize(static_cast<size_t>(W * El));
@@ -177,8 +169,11 @@ torch::Tensor expert_parallel_ffn(Comm& comm, const torch::Tensor& x_ND,
   const int64_t W = comm.size(), El = w_in.size(0), E = El * W;
   TORCH_CHECK(static_cast<int64_t>(offsets.size()) == E + 1,
               "expert_parallel_ffn: offsets must have E + 1 = ", E + 1, " entries");
+  std::vector<int64_t> send(static_cast<size_t>(W));  // rows this rank sends to each rank
+  for (int64_t p = 0; p < W; ++p)
+    send[p] = offsets[(p + 1) * El] - offsets[p * El];
   const Received in = capacity >= 0 ? exchange_padded(comm, x_ND, offsets, El, capacity)
-                                    : exchange_counted(comm, x_ND, offsets, El);
+                                    : exchange_counted(comm, x_ND, offsets, send, El);
   // Regroup the rows by local expert (they arrive by source rank): `take` picks them from
   // what arrived, `place` puts each output where the compact exchange back expects it (by
   // source rank, then local expert).
@@ -199,12 +194,10 @@ torch::Tensor expert_parallel_ffn(Comm& comm, const torch::Tensor& x_ND,
   }
   torch::Tensor y_local = grouped_ffn(in.rows.index_select(0, torch::tensor(take, torch::kInt64)),
                                       w_in, b_in, w_out, b_out, local_offsets, act, deferred);
-  int64_t n_recv = 0;
-  for (int64_t n : in.recv)
-    n_recv += n;
+  const auto n_recv = static_cast<int64_t>(place.size());
   torch::Tensor y_recv = torch::zeros({n_recv, w_out.size(2)}, y_local.options())
                              .index_copy(0, torch::tensor(place, torch::kInt64), y_local);
-  return all_to_all_rows(comm, y_recv, in.recv, in.send);
+  return all_to_all_rows(comm, y_recv, in.recv, send);
 }
 
 }  // namespace sw
