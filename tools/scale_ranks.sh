@@ -86,7 +86,7 @@ print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
 for (E, W, O) in sorted(runs):
     m = {k: statistics.median(r[k] for r in runs[(E, W, O)]) for k in runs[(E, W, O)][0]}
     base = runs.get((E, 1, "na"))
-    rel = m["tok_s"] / statistics.median(r["tok_s"] for r in base) if base else float("nan")
-    print(f"| {E} | {W} | {'-' if O == 'na' else O} | {m['tok_s']:.0f} | {rel:.2f}x | {m['fwd']:.1f} | {m['bwd']:.1f} | {m['opt']:.1f} | "
+    rel = f"{m['tok_s'] / statistics.median(r['tok_s'] for r in base):.2f}x" if base else "-"
+    print(f"| {E} | {W} | {'-' if O == 'na' else O} | {m['tok_s']:.0f} | {rel} | {m['fwd']:.1f} | {m['bwd']:.1f} | {m['opt']:.1f} | "
           f"{m['comm_ms']:.1f} | {m['exposed_ms']:.1f} | {m['hidden_ms']:.1f} | {m['a2a_calls']:.0f} | {m['a2a_mb']:.3f} | {m['ar_mb']:.3f} |")
 PY
