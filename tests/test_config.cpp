@@ -185,6 +185,9 @@ TEST_CASE("an enumerated key takes the names of its table and nothing else") {
 
 TEST_CASE("validation: every out-of-range value names its key") {
   CHECK(test::contains(validate_error("moe.n_experts=0"), "moe.n_experts = 0: must be >= 1"));
+  CHECK(test::contains(validate_error("dist.spin_us=-1"), "dist.spin_us = -1: must be >= 0"));
+  CHECK(test::contains(validate_error("dist.spin_us=2000000"),
+                       "dist.spin_us = 2000000: must be <= 1000000"));
   CHECK(test::contains(validate_error("moe.capacity_factor=0"), "moe.capacity_factor"));
   CHECK(test::contains(validate_error("moe.capacity_factor=-1"), "moe.capacity_factor"));
   CHECK(test::contains(validate_error("model.n_heads=3"), "divisible by model.n_heads = 3"));

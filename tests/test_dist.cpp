@@ -2,6 +2,7 @@
 // hand-worked example, and W = 2 and 4 ranks (threads of this process, each with its own
 // process group) against the single-process grouped computation, outputs and gradients.
 #include <netinet/in.h>
+#include <sys/resource.h>
 #include <sys/socket.h>
 #include <unistd.h>
 
@@ -368,6 +369,87 @@ TEST_CASE("lanes: collectives of their own, counted with their Comm, hidden whil
   // ~0.3 s alone once lane 0 had finished: exposed.
   CHECK(seen[1].seconds - seen[1].exposed_seconds > 0.2);
   CHECK(seen[1].exposed_seconds > 0.2);
+}
+
+TEST_CASE(
+    "PendingSum: the sum runs while the caller computes, and only waiting for it is exposed") {
+  std::vector<sw::CommStats> computed(2), waited(2);
+  std::vector<double> sums(6, 0.0);
+  on_ranks(2, [&](int64_t r, sw::Comm& comm) {
+    const auto i = static_cast<size_t>(r);
+    // Rank 1 starts 300 ms late; rank 0 computes (sleeps) 500 ms before it waits, so the
+    // sum finishes meanwhile: in flight ~0.3 s (until it completes, not until the wait),
+    // none of it exposed.
+    torch::Tensor a = torch::full({3}, static_cast<double>(r + 1));
+    if (r == 1) std::this_thread::sleep_for(std::chrono::milliseconds(300));
+    {
+      sw::PendingSum sum(comm, a);
+      if (r == 0) std::this_thread::sleep_for(std::chrono::milliseconds(500));
+      sum.wait();
+      sum.wait();  // a second wait returns at once
+    }
+    computed[i] = comm.stats();
+    comm.barrier();  // both ranks start the second part together
+    comm.reset_stats();
+    // Now rank 0 waits at once for rank 1, 600 ms late: all of it exposed. The handle is
+    // dropped unwaited; its destructor waits, so the sum is there after the scope.
+    torch::Tensor b = torch::full({1}, 10.0 * static_cast<double>(r + 1));
+    if (r == 1) std::this_thread::sleep_for(std::chrono::milliseconds(600));
+    {
+      sw::PendingSum sum(comm, b);
+      if (r == 0) sum.wait();
+    }
+    waited[i] = comm.stats();
+    sums[3 * i] = a[0].item<double>();
+    sums[3 * i + 1] = a[2].item<double>();
+    sums[3 * i + 2] = b[0].item<double>();
+  });
+  CHECK(sums == std::vector<double>{3, 3, 30, 3, 3, 30});
+  for (size_t r = 0; r < 2; ++r) {
+    CHECK(computed[r].all_reduce_calls == 1);
+    CHECK(computed[r].all_reduce_bytes == 3 * 4);
+    CHECK(waited[r].all_reduce_calls == 1);
+  }
+  CHECK(computed[0].seconds > 0.25);
+  CHECK(computed[0].seconds < 0.45);  // not the 0.5 s until the wait
+  CHECK(computed[0].exposed_seconds < 0.1);
+  CHECK(waited[0].seconds > 0.25);
+  CHECK(waited[0].exposed_seconds > 0.25);
+}
+
+// CPU seconds the calling thread has used.
+double thread_cpu_seconds() {
+  rusage u{};
+  getrusage(RUSAGE_THREAD, &u);
+  return static_cast<double>(u.ru_utime.tv_sec + u.ru_stime.tv_sec) +
+         static_cast<double>(u.ru_utime.tv_usec + u.ru_stime.tv_usec) * 1e-6;
+}
+
+TEST_CASE("Comm::set_spin: a waiting thread polls for at most the spin, then sleeps") {
+  // Rank 1 arrives 1 s late at each all-reduce. Rank 0 waits once sleeping at once and once
+  // polling for up to 100 ms: the poll shows as the waiting thread's CPU time (a yielding
+  // poller gets at least its share of a core), and stops long before the second (a poll
+  // that went on would cost several times more).
+  std::vector<double> cpu(2, -1.0);
+  std::vector<double> sums(4, 0.0);
+  on_ranks(2, [&](int64_t r, sw::Comm& comm) {
+    for (size_t i = 0; i < 2; ++i) {
+      comm.set_spin(std::chrono::microseconds(i == 0 ? 0 : 100000));
+      comm.barrier();
+      torch::Tensor t = torch::full({1}, static_cast<double>(r + 1));
+      if (r == 1) std::this_thread::sleep_for(std::chrono::milliseconds(1000));
+      const double before = thread_cpu_seconds();
+      comm.all_reduce_sum(t);
+      if (r == 0) cpu[i] = thread_cpu_seconds() - before;
+      sums[static_cast<size_t>(2 * r) + i] = t.item<double>();
+    }
+  });
+  CHECK(sums == std::vector<double>{3, 3, 3, 3});
+  MESSAGE("rank 0's CPU seconds waiting 1 s: " << cpu[0] << " sleeping, " << cpu[1]
+                                               << " polling first for 100 ms");
+  CHECK(cpu[0] < 0.005);
+  CHECK(cpu[1] > 0.01);
+  CHECK(cpu[1] < 0.3);
 }
 
 TEST_CASE("Lanes: threads kept across runs, each on its own lane, a failure rethrown after all") {

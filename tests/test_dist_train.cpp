@@ -138,7 +138,9 @@ TEST_CASE("switch-eval gives back the val_loss 2 expert-parallel ranks recorded,
                           "all_reduce_calls", "all_reduce_bytes"})
     CHECK_MESSAGE(first["comm"].contains(key), key);
   CHECK(first["comm"]["all_to_all_bytes"].get<double>() > 0);
-  CHECK(first["comm"]["all_reduce_calls"].get<double>() >= 1);
+  // Two all-reduces a step: the replicated gradients with the losses, started beside the
+  // expert weight gradients, then the experts' squared gradient norm.
+  CHECK(first["comm"]["all_reduce_calls"].get<double>() == 2);
   // With a capacity the counts ride in the rows' blocks: 4 all-to-alls a step for each of
   // the 2 MoE layers and 2 micro-batches, not 5.
   CHECK(first["comm"]["all_to_all_calls"].get<double>() == 16);
@@ -261,15 +263,19 @@ TEST_CASE("dist.overlap: the same bits as micro-batches one after another, at 2 
       CHECK(nlohmann::json::parse(test::read_file(run + "-true/summary.json"))["overlap"] == true);
       CHECK(nlohmann::json::parse(test::read_file(run + "-false/summary.json"))["overlap"] ==
             false);
-      double hidden = 0;
-      for (const auto& rec : sw::read_metrics(run + "-false/metrics.jsonl"))
-        if (rec.contains("comm")) {  // one thread computing: nothing can hide
-          CHECK(rec["comm"]["hidden_ms"].get<double>() == 0);
-          CHECK(rec["comm"]["exposed_ms"] == rec["comm"]["ms"]);
-        }
-      for (const auto& rec : sw::read_metrics(run + "-true/metrics.jsonl"))
-        if (rec.contains("comm")) hidden += rec["comm"]["hidden_ms"].get<double>();
-      CHECK(hidden > 0);
+      // One thread computing hides only the gradients' sum, behind the expert weight
+      // gradients; the lanes also hide their all-to-alls behind each other.
+      auto hidden_ms = [](const std::string& metrics) {
+        double hidden = 0;
+        for (const auto& rec : sw::read_metrics(metrics))
+          if (rec.contains("comm")) {
+            CHECK(rec["comm"]["exposed_ms"].get<double>() > 0);
+            hidden += rec["comm"]["hidden_ms"].get<double>();
+          }
+        return hidden;
+      };
+      const double hidden_sync = hidden_ms(run + "-false/metrics.jsonl");
+      CHECK(hidden_ms(run + "-true/metrics.jsonl") > hidden_sync);
     }
 }
 

@@ -280,6 +280,14 @@ const std::vector<Binding>& bindings() {
                  "another waits in an all-to-all; false runs them one after another. The same "
                  "bits either way")
             .resumable());
+    t.push_back(
+        entry("dist.spin_us", &C::dist, &DistConfig::spin_us,
+              "microseconds a thread polls a collective before it sleeps on it (0 = at once)")
+            .doc("microseconds a rank's thread polls a collective for completion, yielding its "
+                 "core to any thread that wants it, before it sleeps on it: a sleeping wait "
+                 "costs a wake-up, which on a busy or virtual machine can take longer than the "
+                 "exchange; 0 sleeps at once. The same bits either way")
+            .resumable());
     t.push_back(entry("dist.timeout_s", &C::dist, &DistConfig::timeout_s,
                       "seconds a rank waits for the others before failing")
                     .doc("seconds a rank waits at rendezvous or in a collective before failing")
@@ -448,6 +456,9 @@ void validate_train(const Config& c) {
         c.train.micro_batches, c.train.batch_size));
   at_least("dist.expert_parallel", c.dist.expert_parallel, 0);
   in_range("dist.timeout_s", c.dist.timeout_s, 0.0, kInf, true, true);
+  at_least("dist.spin_us", c.dist.spin_us, 0);
+  if (c.dist.spin_us > 1000000)  // a second of polling per collective is a typo
+    fail("dist.spin_us", std::to_string(c.dist.spin_us), "must be <= 1000000");
 }
 
 }  // namespace

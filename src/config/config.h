@@ -86,6 +86,7 @@ struct TrainConfig {
 struct DistConfig {
   int64_t expert_parallel = 0;  // ranks sharing one set of experts: 0 = all, 1 = none
   bool overlap = true;          // expert parallel: micro-batches at once on their own lanes
+  int64_t spin_us = 10000;      // polling a collective before sleeping on it
   double timeout_s = 300;       // rendezvous and collective timeout
 };
 

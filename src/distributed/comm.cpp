@@ -8,6 +8,7 @@
 #include <algorithm>
 #include <cstdlib>
 #include <mutex>
+#include <thread>
 
 #include <fmt/format.h>
 #include <torch/csrc/distributed/c10d/PrefixStore.hpp>
@@ -62,7 +63,8 @@ struct Comm::Ledger {
   std::mutex mu;
   CommStats stats;
   int workers = 0;    // live CommWorkers
-  int in_flight = 0;  // threads inside a collective
+  int in_flight = 0;  // collectives started and not yet waited for
+  int waiting = 0;    // threads blocked in a collective
   Clock::time_point since = Clock::now();
 
   // Books the time since the last change under the state that held meanwhile; then `apply`.
@@ -73,7 +75,7 @@ struct Comm::Ledger {
     if (in_flight > 0) {
       const double dt = std::chrono::duration<double>(now - since).count();
       stats.seconds += dt;
-      if (in_flight >= std::max(workers, 1)) stats.exposed_seconds += dt;
+      if (waiting >= std::max(workers, 1)) stats.exposed_seconds += dt;
     }
     since = now;
     apply();
@@ -159,6 +161,7 @@ std::shared_ptr<Comm> Comm::split(const std::string& tag) {
   c->size_ = size_;
   c->addr_ = addr_;
   c->timeout_ = timeout_;
+  c->spin_ = spin_;
   c->ledger_ = ledger_;
   try {
     c->store_ = c10::make_intrusive<c10d::PrefixStore>(tag, store_);
@@ -211,7 +214,7 @@ void Comm::all_to_all(torch::Tensor& out, const torch::Tensor& in,
     ++ledger_->stats.all_to_all_calls;
     ledger_->stats.all_to_all_bytes += rows_out * row_bytes;
   });
-  guard("all-to-all", [&] { pg_->alltoall_base(out, src, o, i)->wait(); });
+  guard("all-to-all", [&] { finish(pg_->alltoall_base(out, src, o, i)); });
 }
 
 void Comm::all_reduce_sum(torch::Tensor& t) {
@@ -220,26 +223,92 @@ void Comm::all_reduce_sum(torch::Tensor& t) {
     ++ledger_->stats.all_reduce_calls;
     ledger_->stats.all_reduce_bytes += t.numel() * static_cast<int64_t>(t.element_size());
   });
-  guard("all-reduce", [&] { pg_->allreduce(v)->wait(); });
+  guard("all-reduce", [&] { finish(pg_->allreduce(v)); });
 }
 
 void Comm::barrier() {
-  guard("barrier", [&] { pg_->barrier()->wait(); });
+  guard("barrier", [&] { finish(pg_->barrier()); });
 }
 
 template <typename F>
 void Comm::guard(const char* what, F&& f) {
-  ledger_->change([&] { ++ledger_->in_flight; });
+  ledger_->change([&] {
+    ++ledger_->in_flight;
+    ++ledger_->waiting;
+  });
+  auto done = [&] {
+    ledger_->change([&] {
+      --ledger_->in_flight;
+      --ledger_->waiting;
+    });
+  };
   try {
     f();
-    ledger_->change([&] { --ledger_->in_flight; });
   } catch (const std::exception& e) {
-    ledger_->change([&] { --ledger_->in_flight; });
-    // Gloo reports a dead peer as a closed connection and a stuck one as a timeout; either
-    // way this rank cannot go on, and the message says which collective failed.
-    throw Error(fmt::format("rank {} of {}: {} failed (another rank died or stalled?): {}", rank_,
-                            size_, what, first_line(message_of(e))));
+    done();
+    throw Error(failure(what, e));
   }
+  done();
+}
+
+void Comm::finish(const c10::intrusive_ptr<c10d::Work>& work) const {
+  // A thread that sleeps on the work is woken by Gloo's when it completes: a wake-up that,
+  // on a busy or virtual machine, can take longer than the exchange. Polling first, yielding
+  // the core to any thread that wants it, answers at once.
+  if (spin_.count() > 0) {
+    const auto until = Clock::now() + spin_;
+    while (!work->isCompleted() && Clock::now() < until)
+      std::this_thread::yield();
+  }
+  work->wait();
+}
+
+std::string Comm::failure(const char* what, const std::exception& e) const {
+  // Gloo reports a dead peer as a closed connection and a stuck one as a timeout; either
+  // way this rank cannot go on, and the message says which collective failed.
+  return fmt::format("rank {} of {}: {} failed (another rank died or stalled?): {}", rank_, size_,
+                     what, first_line(message_of(e)));
+}
+
+PendingSum::PendingSum(Comm& comm, torch::Tensor& t) : comm_(comm), tensors_{t} {
+  Comm::Ledger& l = *comm_.ledger_;
+  l.change([&] {
+    ++l.stats.all_reduce_calls;
+    l.stats.all_reduce_bytes += t.numel() * static_cast<int64_t>(t.element_size());
+    ++l.in_flight;
+  });
+  try {
+    work_ = comm_.pg_->allreduce(tensors_);
+  } catch (const std::exception& e) {
+    l.change([&] { --l.in_flight; });
+    throw Error(comm_.failure("all-reduce", e));
+  }
+  // In flight until it completes (on Gloo's thread, or here if it already has), not until
+  // someone waits: what the caller computes meanwhile is not time in a collective.
+  work_->getFuture()->addCallback([ledger = comm_.ledger_](c10::ivalue::Future&) {
+    ledger->change([&] { --ledger->in_flight; });
+  });
+}
+
+PendingSum::~PendingSum() {
+  try {
+    wait();
+  } catch (...) {  // the caller is already leaving by another exception
+  }
+}
+
+void PendingSum::wait() {
+  if (!work_) return;
+  const c10::intrusive_ptr<c10d::Work> work = std::move(work_);
+  Comm::Ledger& l = *comm_.ledger_;
+  l.change([&] { ++l.waiting; });
+  try {
+    comm_.finish(work);
+  } catch (const std::exception& e) {
+    l.change([&] { --l.waiting; });
+    throw Error(comm_.failure("all-reduce", e));
+  }
+  l.change([&] { --l.waiting; });
 }
 
 }  // namespace sw

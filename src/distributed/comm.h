@@ -14,6 +14,7 @@
 namespace c10d {
 class Store;
 class ProcessGroupGloo;
+class Work;
 }  // namespace c10d
 
 namespace sw {
@@ -83,22 +84,49 @@ class Comm {
   // in this Comm's stats.
   std::shared_ptr<Comm> split(const std::string& tag);
 
+  // How long a thread polls a collective before it sleeps on it (0: sleeps at once).
+  // Copied by split: set it first.
+  void set_spin(std::chrono::microseconds spin) { spin_ = spin; }
+
   CommStats stats() const;
   void reset_stats();
 
  private:
   friend class CommWorker;
+  friend class PendingSum;
   struct Ledger;
   Comm();
   // Runs a collective, turning its failure (a peer died, a timeout) into sw::Error.
   template <typename F>
   void guard(const char* what, F&& f);
+  std::string failure(const char* what, const std::exception& e) const;  // sw::Error's text
+  void finish(const c10::intrusive_ptr<c10d::Work>& work) const;         // polls, then waits
   int64_t rank_ = 0, size_ = 1;
   std::string addr_;
   std::chrono::milliseconds timeout_{0};
+  std::chrono::microseconds spin_{0};
   c10::intrusive_ptr<c10d::Store> store_;
   c10::intrusive_ptr<c10d::ProcessGroupGloo> pg_;
   std::shared_ptr<Ledger> ledger_;  // shared with the lanes split from this Comm
+};
+
+// A sum over the ranks of `t`, in place, started by the constructor and left to run on the
+// process group's threads while the caller computes something else; `t` holds the sum once
+// wait() returns. Collective: every rank starts the same sums in the same order. Its time
+// counts as exposed only while a thread waits for it. Destroyed without wait(), it waits
+// (and drops a failure: the caller is already leaving by an exception).
+class PendingSum {
+ public:
+  PendingSum(Comm& comm, torch::Tensor& t);
+  ~PendingSum();
+  PendingSum(const PendingSum&) = delete;
+  PendingSum& operator=(const PendingSum&) = delete;
+  void wait();  // throws sw::Error as Comm::all_reduce_sum does
+
+ private:
+  Comm& comm_;
+  std::vector<at::Tensor> tensors_;
+  c10::intrusive_ptr<c10d::Work> work_;
 };
 
 // While it lives, the calling thread is one of the threads doing a step's work beside

@@ -68,38 +68,49 @@ void shard_experts(Transformer& model, torch::optim::Optimizer& opt,
   }
 }
 
-double reduce_gradients(Comm& comm, const ParamSplit& params, std::vector<double>& values) {
+GradientSum::GradientSum(Comm& comm, const ParamSplit& params, const std::vector<double>& values)
+    : comm_(comm), params_(params) {
   torch::NoGradGuard no_grad;
-  const double W = static_cast<double>(comm.size());
   std::vector<torch::Tensor> parts;
-  for (const auto& p : params.replicated) {
+  for (const auto& p : params_.replicated) {
     if (!p.grad().defined()) p.mutable_grad() = torch::zeros_like(p);
     parts.push_back(p.grad().reshape({-1}));
   }
-  double sharded_sq = 0;
-  for (const auto& p : params.sharded)
-    if (p.grad().defined()) sharded_sq += p.grad().pow(2).sum().item<double>();
-  std::vector<float> tail(values.begin(), values.end());
-  tail.push_back(static_cast<float>(sharded_sq));
+  const std::vector<float> tail(values.begin(), values.end());
   parts.push_back(torch::tensor(tail, torch::kFloat32));
-  torch::Tensor buf = torch::cat(parts);
-  comm.all_reduce_sum(buf);
+  buf_ = torch::cat(parts);
+  sum_.emplace(comm_, buf_);
+}
 
-  const int64_t n_grad = buf.numel() - static_cast<int64_t>(tail.size());
-  torch::Tensor grads = buf.narrow(0, 0, n_grad).div_(W);
+double GradientSum::finish(std::vector<double>& values) {
+  torch::NoGradGuard no_grad;
+  const double W = static_cast<double>(comm_.size());
+  double sharded_sq = 0;
+  if (!params_.sharded.empty()) {  // the same on every rank: set by the configuration
+    torch::Tensor sq = torch::zeros({1}, torch::kFloat64);
+    for (const auto& p : params_.sharded)
+      if (p.grad().defined()) sq += p.grad().square().sum(torch::kFloat64);
+    comm_.all_reduce_sum(sq);
+    sharded_sq = sq.item<double>();
+  }
+  sum_->wait();
+
+  const auto n_values = static_cast<int64_t>(values.size());
+  const int64_t n_grad = buf_.numel() - n_values;
+  torch::Tensor grads = buf_.narrow(0, 0, n_grad).div_(W);
   int64_t off = 0;
-  for (const auto& p : params.replicated) {
+  for (const auto& p : params_.replicated) {
     torch::Tensor g = p.grad();
     g.copy_(grads.narrow(0, off, g.numel()).view_as(g));
     off += g.numel();
   }
-  for (const auto& p : params.sharded)
+  for (const auto& p : params_.sharded)
     if (p.grad().defined()) p.grad().div_(W);
-  torch::Tensor t = buf.narrow(0, n_grad, static_cast<int64_t>(tail.size())).to(torch::kFloat64);
-  for (size_t i = 0; i < values.size(); ++i)
-    values[i] = t[static_cast<int64_t>(i)].item<double>();
+  torch::Tensor t = buf_.narrow(0, n_grad, n_values).to(torch::kFloat64);
+  for (int64_t i = 0; i < n_values; ++i)
+    values[static_cast<size_t>(i)] = t[i].item<double>();
   const double replicated_sq = grads.pow(2).sum().item<double>();
-  return replicated_sq + t[static_cast<int64_t>(values.size())].item<double>() / (W * W);
+  return replicated_sq + sharded_sq / (W * W);
 }
 
 void with_full_experts(Comm& comm, Transformer& model, torch::optim::Optimizer& opt,

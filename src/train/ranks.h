@@ -7,6 +7,7 @@
 
 #include <functional>
 #include <memory>
+#include <optional>
 #include <vector>
 
 #include <torch/torch.h>
@@ -41,11 +42,28 @@ ParamSplit split_parameters(Transformer& model, bool expert_parallel);
 void shard_experts(Transformer& model, torch::optim::Optimizer& opt,
                    const std::shared_ptr<Comm>& comm);
 
-// After backward, one all-reduce: replicated gradients become the mean over ranks, sharded
-// gradients are divided by W (the loss is the mean of W ranks' losses, and each of them
-// reaches this rank's experts), and `values` become their sums over ranks. Returns the
-// squared global gradient norm (the same on every rank).
-double reduce_gradients(Comm& comm, const ParamSplit& params, std::vector<double>& values);
+// After the backward passes, the gradients combined over the ranks: replicated gradients
+// become the mean over ranks, sharded gradients are divided by W (the loss is the mean of W
+// ranks' losses, and each of them reaches this rank's experts), and `values` become their
+// sums over ranks. The replicated gradients and `values` are summed by an all-reduce that
+// the constructor starts, so that it runs while the caller completes the sharded gradients
+// (ExpertsImpl::flush_weight_grads); finish() then sums their squared norm (a second,
+// one-number all-reduce, only with experts sharded) and waits. Collective.
+class GradientSum {
+ public:
+  GradientSum(Comm& comm, const ParamSplit& params, const std::vector<double>& values);
+  GradientSum(const GradientSum&) = delete;
+  GradientSum& operator=(const GradientSum&) = delete;
+  // Writes the combined gradients and `values`; returns the squared global gradient norm
+  // (the same on every rank).
+  double finish(std::vector<double>& values);
+
+ private:
+  Comm& comm_;
+  const ParamSplit& params_;
+  torch::Tensor buf_;  // the replicated gradients, then the values
+  std::optional<PendingSum> sum_;
+};
 
 // Runs `f` with each sharded expert parameter and its AdamW moments replaced by the whole
 // [E, ...] tensor gathered from all ranks, then restores this rank's slice (collective).

@@ -2,6 +2,7 @@
 
 #include <chrono>
 #include <cmath>
+#include <optional>
 
 #include <ATen/CPUGeneratorImpl.h>
 #include <fmt/format.h>
@@ -162,10 +163,11 @@ std::string describe_nonfinite(Transformer& model, const torch::Tensor& x_BS, co
 }
 
 // The global gradient norm and clip factor from this rank's gradients, or, with several
-// ranks, after one all-reduce that also sums `values` (the losses, then a stop request).
-GradNorm combine_over_ranks(StepContext& c, std::vector<double>& values) {
-  if (!c.ranks.comm) return sw::grad_norm(c.model->parameters(), c.cfg.train.grad_clip);
-  const double grad_sq = reduce_gradients(*c.ranks.comm, c.params, values);
+// ranks, from `sum`, which also sums `values` (the losses, then a stop request).
+GradNorm combine_over_ranks(StepContext& c, std::optional<GradientSum>& sum,
+                            std::vector<double>& values) {
+  if (!sum) return sw::grad_norm(c.model->parameters(), c.cfg.train.grad_clip);
+  const double grad_sq = sum->finish(values);
   for (size_t i = 0; i + 1 < values.size(); ++i)
     values[i] /= static_cast<double>(c.ranks.world);
   GradNorm g{};
@@ -232,8 +234,20 @@ StepResult train_step(StepContext& c, int64_t step) {
   const torch::Tensor x_BS = c.ranks.share(batch.x_BS), y_BS = c.ranks.share(batch.y_BS);
   Passes p = c.cfg.train.micro_batches == 1 ? whole_batch(c.model, x_BS, y_BS, c.cfg)
                                             : micro_batches(c.model, x_BS, y_BS, c.cfg, c.ranks);
-  for (Block& b : c.model->block_list)  // the weight gradients held back by the backward passes
-    if (b->switch_) b->switch_->experts->flush_weight_grads();
+  // The values over all ranks: losses averaged, and a stop request from any rank stops
+  // every rank after this same step. With several ranks their sum, and the replicated
+  // gradients', starts at once; with the experts sharded it runs while the expert weight
+  // gradients held back by the backward passes are computed.
+  std::vector<double> v = {p.ce, p.lb, p.z, p.balance,
+                           static_cast<double>(c.stop ? c.stop->load() : 0)};
+  auto flush = [&] {
+    for (Block& b : c.model->block_list)
+      if (b->switch_) b->switch_->experts->flush_weight_grads();
+  };
+  std::optional<GradientSum> sum;
+  if (!c.ranks.expert_parallel) flush();  // replicated experts: part of the sum
+  if (c.ranks.comm) sum.emplace(*c.ranks.comm, c.params, v);
+  if (c.ranks.expert_parallel) flush();
   // The step's wall time so far, split between the passes as their own times were (with
   // micro-batches they overlap on the threads).
   const double wall = seconds_since(t_step);
@@ -243,11 +257,7 @@ StepResult train_step(StepContext& c, int64_t step) {
   s.moe = std::move(p.moe);
   const auto t_optimizer = Clock::now();
 
-  // The values over all ranks: losses averaged, and a stop request from any rank stops
-  // every rank after this same step.
-  std::vector<double> v = {p.ce, p.lb, p.z, p.balance,
-                           static_cast<double>(c.stop ? c.stop->load() : 0)};
-  const GradNorm g = combine_over_ranks(c, v);
+  const GradNorm g = combine_over_ranks(c, sum, v);
   s.ce = v[0];
   s.lb = v[1];
   s.z = v[2];

@@ -177,6 +177,7 @@ void join_ranks(Run& r) {
   {
     const StopAtOnce at_once(r.opt.stop);  // nothing to save while waiting for the others
     r.ranks.comm = Comm::connect(*r.env, timeout);
+    r.ranks.comm->set_spin(std::chrono::microseconds(r.cfg.dist.spin_us));  // before the lanes
     if (r.ranks.expert_parallel && r.cfg.dist.overlap && r.cfg.train.micro_batches > 1)
       r.ranks.lanes = std::make_shared<Lanes>(*r.ranks.comm, r.cfg.train.micro_batches);
   }
