@@ -63,7 +63,7 @@ struct Comm::Ledger {
   std::mutex mu;
   CommStats stats;
   int workers = 0;    // live CommWorkers
-  int in_flight = 0;  // collectives started and not yet waited for
+  int in_flight = 0;  // collectives started and not yet completed
   int waiting = 0;    // threads blocked in a collective
   Clock::time_point since = Clock::now();
 
